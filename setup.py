@@ -1,0 +1,37 @@
+"""jax_introspect: concept-injection introspection experiments on Llama-3.1 in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="jax_introspect",
+    version="0.1.0",
+    description="Concept-injection introspection experiments (Lindsey 2026) on Llama-3.1 in JAX/Flax",
+    packages=find_packages(include=["jax_introspect", "jax_introspect.*", "launch", "launch.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "orbax-checkpoint>=0.12",
+        "optax",
+        "numpy",
+        "absl-py",
+        "safetensors",
+        "gguf>=0.19",
+        "tiktoken",
+        "tokenizers",
+        "ml-collections",
+        "tqdm",
+    ],
+    extras_require={
+        # torch is pinned to the CPU build that ships on this machine image; an unpinned torch
+        # pulls a multi-GB CUDA build. torch + transformers serve parity tests only.
+        "test": [
+            "pytest",
+            "pytest-xdist",
+            "psutil",
+            "torch==2.13.0",
+            "transformers>=5",
+            "accelerate",
+            "pillow",
+        ],
+    },
+)
