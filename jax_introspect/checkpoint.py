@@ -1,0 +1,201 @@
+"""Checkpoint layout: one orbax checkpoint per unit (globals, then one per decoder layer).
+
+    NAME/
+      manifest.json        written last; a folder without it is not a checkpoint
+      config.json          ModelConfig
+      tokenizer/           tokenizer files (optional)
+      params/globals/      orbax: embed, final_norm[, lm_head]
+      params/layer_000/    orbax: attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down
+      ...
+
+Why units: a stacked `[n_layers, ...]` array of a 405B model (e.g. 220 GB of MLP weights) cannot
+be assembled in host memory, while one layer (~6.4 GB in bf16) can. Conversion therefore writes
+layer by layer, and loading restores each layer straight into its target sharding and copies it
+into the stacked, donated device buffer. Conversion stages everything in `NAME.incomplete/`
+and renames it to NAME only when complete, so an interrupted run never looks finished; re-running
+the same conversion resumes from the layers already written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_introspect import model as model_lib
+from jax_introspect.config import ModelConfig
+
+FORMAT = "jax_introspect.checkpoint/v1"
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+TOKENIZER_DIR = "tokenizer"
+GLOBALS = "globals"
+STAGING_SUFFIX = ".incomplete"
+_JOB = "conversion.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be written or loaded; the message names the fix."""
+
+
+def layer_unit(index: int) -> str:
+    return f"layer_{index:03d}"
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+    return ocp.StandardCheckpointer()
+
+
+class CheckpointWriter:
+    """Stages a checkpoint unit by unit; `finalize` makes it visible atomically."""
+
+    def __init__(self, out: str, job: dict, overwrite: bool = False):
+        self.out = os.path.abspath(out.rstrip("/"))
+        self.staging = self.out + STAGING_SUFFIX
+        if os.path.exists(self.out) and not overwrite:
+            raise CheckpointError(f"{self.out} already exists; choose another --out or pass --overwrite")
+        previous = self._read_job()
+        if previous is not None and previous != job:
+            # Left by a conversion of other input or options: nothing in it can be reused.
+            shutil.rmtree(self.staging)
+        os.makedirs(os.path.join(self.staging, "params"), exist_ok=True)
+        with open(os.path.join(self.staging, _JOB), "w") as f:
+            json.dump(job, f, indent=2, sort_keys=True)
+        self.resumed = previous == job
+
+    def _read_job(self) -> Optional[dict]:
+        try:
+            with open(os.path.join(self.staging, _JOB)) as f:
+                return json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def _unit_path(self, unit: str) -> str:
+        return os.path.join(self.staging, "params", unit)
+
+    def has_unit(self, unit: str) -> bool:
+        # orbax writes into a temporary folder and renames it when committed.
+        return os.path.isdir(self._unit_path(unit))
+
+    def write_unit(self, unit: str, arrays: dict[str, np.ndarray]) -> None:
+        checkpointer = _checkpointer()
+        checkpointer.save(self._unit_path(unit), arrays)
+        checkpointer.wait_until_finished()
+
+    def finalize(self, cfg: ModelConfig, tokenizer, description: dict, dtype: str) -> str:
+        cfg.save(os.path.join(self.staging, CONFIG))
+        if tokenizer is not None:
+            tokenizer.save(os.path.join(self.staging, TOKENIZER_DIR))
+        units = [GLOBALS] + [layer_unit(i) for i in range(cfg.n_layers)]
+        absent = [u for u in units if not self.has_unit(u)]
+        if absent:
+            raise CheckpointError(f"cannot finalize {self.out}: units {absent[:3]} were never written")
+        manifest = {"format": FORMAT, "dtype": dtype, "units": units, "source": description,
+                    "tokenizer": tokenizer is not None}
+        with open(os.path.join(self.staging, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=2)
+        os.remove(os.path.join(self.staging, _JOB))
+        if os.path.exists(self.out):
+            shutil.rmtree(self.out)
+        os.rename(self.staging, self.out)
+        return self.out
+
+
+def read_manifest(path: str) -> dict:
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        hint = (f" (an interrupted conversion left {path + STAGING_SUFFIX}: re-run the same "
+                "`python -m launch.convert` command to finish it)") if os.path.isdir(path + STAGING_SUFFIX) else \
+            " ; create it with `python -m launch.convert --source=... --out=" + path + "`"
+        raise CheckpointError(f"checkpoint {path} does not exist{hint}")
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.exists(manifest_path):
+        raise CheckpointError(f"{path} has no {MANIFEST}: it is not a complete jax_introspect checkpoint; "
+                              "convert it again with `python -m launch.convert`")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def load_config(path: str) -> ModelConfig:
+    read_manifest(path)
+    return ModelConfig.load(os.path.join(path, CONFIG))
+
+
+def _restore(path: str, targets: dict) -> dict:
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is missing: the checkpoint is damaged; convert it again")
+    return _checkpointer().restore(path, targets)
+
+
+def _abstract(shapes: dict, dtype, sharding_of: Callable[[str], jax.sharding.Sharding]) -> dict:
+    return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_of(name))
+            for name, shape in shapes.items()}
+
+
+def load_params(path: str, cfg: ModelConfig, dtype=None,
+                shardings: Optional[model_lib.Params] = None) -> model_lib.Params:
+    """Restore a checkpoint as `Params` in `dtype` (default: as stored).
+
+    `shardings` is a `Params` of `jax.sharding.Sharding`s (default: all on the first device).
+    Each layer is restored straight into its target sharding (each host reads only its shards)
+    and copied into the stacked buffer in place, so no host ever holds the whole model.
+    """
+    manifest = read_manifest(path)
+    dtype = jnp.dtype(dtype or manifest["dtype"])
+    if shardings is None:
+        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: single, abstract_params(cfg, dtype))
+    params_dir = os.path.join(path, "params")
+
+    global_shapes = model_lib.global_param_shapes(cfg)
+    globals_ = _restore(os.path.join(params_dir, GLOBALS),
+                        _abstract(global_shapes, dtype, lambda n: getattr(shardings, n)))
+
+    layer_shardings = shardings.layers
+    unstacked_sharding = {name: _drop_leading_axis(getattr(layer_shardings, name))
+                          for name in model_lib.layer_param_shapes(cfg)}
+    stacked = _zeros_layers(cfg, dtype, layer_shardings)
+    for index in range(cfg.n_layers):
+        layer = _restore(os.path.join(params_dir, layer_unit(index)),
+                         _abstract(model_lib.layer_param_shapes(cfg), dtype, unstacked_sharding.get))
+        stacked = _insert_layer(stacked, model_lib.LayerParams(**layer), jnp.int32(index))
+    return model_lib.Params(embed=globals_["embed"], layers=stacked, final_norm=globals_["final_norm"],
+                            lm_head=globals_.get("lm_head"))
+
+
+def abstract_params(cfg: ModelConfig, dtype) -> model_lib.Params:
+    sds = lambda shape: jax.ShapeDtypeStruct(shape, dtype)
+    g = model_lib.global_param_shapes(cfg)
+    layers = model_lib.LayerParams(**{n: sds((cfg.n_layers,) + s)
+                                      for n, s in model_lib.layer_param_shapes(cfg).items()})
+    return model_lib.Params(embed=sds(g["embed"]), layers=layers, final_norm=sds(g["final_norm"]),
+                            lm_head=sds(g["lm_head"]) if "lm_head" in g else None)
+
+
+def _drop_leading_axis(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+    return sharding
+
+
+def _zeros_layers(cfg: ModelConfig, dtype, layer_shardings: model_lib.LayerParams) -> model_lib.LayerParams:
+    shapes = {n: (cfg.n_layers,) + s for n, s in model_lib.layer_param_shapes(cfg).items()}
+    make = jax.jit(lambda: model_lib.LayerParams(**{n: jnp.zeros(s, dtype) for n, s in shapes.items()}),
+                   out_shardings=layer_shardings)
+    return make()
+
+
+# Donating the stack lets XLA write the layer in place: peak device memory is model + one layer.
+def _insert_layer_impl(stacked, layer, index):
+    return jax.tree.map(lambda s, x: jax.lax.dynamic_update_index_in_dim(s, x, index, 0), stacked, layer)
+
+
+_insert_layer = jax.jit(_insert_layer_impl, donate_argnums=0)

@@ -1,0 +1,132 @@
+"""The user-facing model: `lm = jax_introspect.load(path)`; logits, residuals, generate."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_introspect import checkpoint as ckpt
+from jax_introspect import generate as generate_lib
+from jax_introspect import model as model_lib
+from jax_introspect.config import ModelConfig
+
+TokenBatch = Union[np.ndarray, Sequence[Sequence[int]]]
+_LENGTH_BUCKET = 32  # prompts are left-padded to a multiple of this, so lengths share compiles
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated tokens, EOS included when reached
+    text: str  # decoded generated tokens, without the EOS token
+    finished: bool  # True if an EOS token ended it
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "return_residuals"))
+def _prefill(params, cfg, tokens, token_valid, return_residuals):
+    cache = model_lib.init_cache(cfg, tokens.shape[0], tokens.shape[1], params.embed.dtype)
+    logits, _, residuals = model_lib.forward(params, cfg, tokens, model_lib.prompt_positions(token_valid),
+                                             token_valid, cache, return_residuals=return_residuals)
+    return logits, residuals
+
+
+def left_pad(token_ids: TokenBatch, pad_id: int, bucket: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged token lists -> ([B, T] ids, [B, T] valid mask), padded on the left to a multiple of `bucket`."""
+    if isinstance(token_ids, np.ndarray) and token_ids.ndim == 2:
+        rows = [list(r) for r in token_ids]
+    else:
+        rows = [list(r) for r in token_ids]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("token_ids must be a non-empty batch of non-empty sequences")
+    width = -(-max(len(r) for r in rows) // bucket) * bucket
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    valid = np.zeros((len(rows), width), bool)
+    for i, row in enumerate(rows):
+        tokens[i, width - len(row):] = row
+        valid[i, width - len(row):] = True
+    return tokens, valid
+
+
+class LanguageModel:
+    def __init__(self, config: ModelConfig, params: model_lib.Params, tokenizer=None, path: Optional[str] = None):
+        self.config = config
+        self.params = params
+        self._tokenizer = tokenizer
+        self.path = path
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            raise ValueError(f"checkpoint {self.path} has no tokenizer; convert it with "
+                             "`--tokenizer=PATH` or pass token ids")
+        return self._tokenizer
+
+    @property
+    def dtype(self):
+        return self.params.embed.dtype
+
+    def _pad_id(self) -> int:
+        return self._tokenizer.pad_id if self._tokenizer is not None else 0
+
+    def _batch(self, token_ids: TokenBatch, bucket: int = 1):
+        tokens, valid = left_pad(token_ids, self._pad_id(), bucket)
+        if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
+        return tokens, valid
+
+    def logits(self, token_ids: TokenBatch) -> np.ndarray:
+        """float32 logits [B, T, vocab]; ragged rows are left-padded (pad columns hold junk)."""
+        tokens, valid = self._batch(token_ids)
+        logits, _ = _prefill(self.params, self.config, tokens, valid, False)
+        return np.asarray(logits)
+
+    def residuals(self, token_ids: TokenBatch) -> np.ndarray:
+        """The raw residual stream after every decoder layer (before the final norm), float32
+        [layers, B, T, d_model]; ragged rows are left-padded."""
+        tokens, valid = self._batch(token_ids)
+        _, residuals = _prefill(self.params, self.config, tokens, valid, True)
+        return np.asarray(residuals, dtype=np.float32)
+
+    def generate(self, prompts: Union[Sequence[str], TokenBatch], max_new_tokens: int = 64) -> list[Generation]:
+        """Greedy continuations. `prompts`: texts (tokenized as given: use
+        `lm.tokenizer.chat_prompt(...)` for chat) or token id lists."""
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if len(prompts) and isinstance(prompts[0], str):
+            prompt_ids = [self.tokenizer.encode(p) for p in prompts]
+        else:
+            prompt_ids = [list(map(int, p)) for p in prompts]
+        tokens, valid = self._batch(prompt_ids, bucket=_LENGTH_BUCKET)
+        eos = np.asarray(self._tokenizer.eos_ids if self._tokenizer else [-1], np.int32)
+        out, lengths = generate_lib.greedy_generate(self.params, self.config, tokens, valid, eos,
+                                                    np.int32(self._pad_id()), max_new_tokens)
+        out, lengths = np.asarray(out), np.asarray(lengths)
+        results = []
+        for ids, row, n in zip(prompt_ids, out, lengths):
+            new = row[:n].tolist()
+            finished = bool(new) and new[-1] in set(eos.tolist())
+            text_ids = new[:-1] if finished else new
+            text = self._tokenizer.decode(text_ids) if self._tokenizer else ""
+            results.append(Generation(prompt_ids=ids, token_ids=new, text=text, finished=finished))
+        return results
+
+    def chat(self, question: str, max_new_tokens: int = 64, **chat_kw) -> str:
+        """One user turn, answered greedily."""
+        prompt = self.tokenizer.chat_prompt([{"role": "user", "content": question}], **chat_kw)
+        return self.generate([prompt], max_new_tokens=max_new_tokens)[0].text
+
+
+def load(path: str, dtype=None, shardings=None) -> LanguageModel:
+    """Load a checkpoint written by `python -m launch.convert`."""
+    config = ckpt.load_config(path)
+    params = ckpt.load_params(path, config, dtype=dtype, shardings=shardings)
+    tokenizer = None
+    if ckpt.read_manifest(path).get("tokenizer"):
+        from jax_introspect import tokenizer as tok_lib
+        tokenizer = tok_lib.load_tokenizer(os.path.join(path, ckpt.TOKENIZER_DIR))
+    return LanguageModel(config, params, tokenizer, path=os.path.abspath(path))

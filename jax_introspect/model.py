@@ -1,0 +1,199 @@
+"""Llama-3.x decoder as pure functions over stacked parameters.
+
+Every decoder layer's weights carry a leading `[n_layers]` axis and the layers run as one
+`jax.lax.scan`, so compile time does not grow with depth. The computation follows HF
+transformers' `LlamaForCausalLM` op for op (rotate-half RoPE, RMSNorm in float32, softmax in
+float32) so that float32 logits agree to round-off.
+
+Batches are left-padded: every row's last prompt token sits in the same column, so one cache
+index serves the whole batch. Pad slots are masked out of attention and do not advance RoPE
+positions.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_introspect.config import ModelConfig
+
+
+@flax.struct.dataclass
+class LayerParams:
+    """Weights of all decoder layers, stacked on a leading layer axis."""
+
+    attn_norm: jax.Array  # [L, D]
+    wq: jax.Array  # [L, D, H, hd]
+    wk: jax.Array  # [L, D, K, hd]
+    wv: jax.Array  # [L, D, K, hd]
+    wo: jax.Array  # [L, H, hd, D]
+    mlp_norm: jax.Array  # [L, D]
+    w_gate: jax.Array  # [L, D, F]
+    w_up: jax.Array  # [L, D, F]
+    w_down: jax.Array  # [L, F, D]
+
+
+@flax.struct.dataclass
+class Params:
+    embed: jax.Array  # [V, D]
+    layers: LayerParams
+    final_norm: jax.Array  # [D]
+    lm_head: Optional[jax.Array]  # [D, V]; None when tied to `embed`
+
+
+@flax.struct.dataclass
+class KVCache:
+    k: jax.Array  # [L, B, S, K, hd], keys after RoPE
+    v: jax.Array  # [L, B, S, K, hd]
+    valid: jax.Array  # [B, S] bool: slot holds a real (non-pad) token
+    length: jax.Array  # int32 scalar: slots written so far (same for every row)
+
+
+def layer_param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of one decoder layer's weights (without the layer axis)."""
+    D, H, K, hd, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+    return {
+        "attn_norm": (D,), "wq": (D, H, hd), "wk": (D, K, hd), "wv": (D, K, hd), "wo": (H, hd, D),
+        "mlp_norm": (D,), "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D),
+    }
+
+
+def global_param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the weights outside the layer stack."""
+    shapes = {"embed": (cfg.vocab_size, cfg.d_model), "final_norm": (cfg.d_model,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (cfg.d_model, cfg.vocab_size)
+    return shapes
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> KVCache:
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   valid=jnp.zeros((batch, max_len), bool), length=jnp.zeros((), jnp.int32))
+
+
+# --- building blocks ---------------------------------------------------------------------------
+
+def _precision(dtype):
+    # TPUs run float32 matmuls as bf16 passes unless told otherwise; float32 parity needs HIGHEST.
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
+def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """Per-pair inverse frequencies in float32, with Llama-3.1's piecewise scaling if configured."""
+    exponents = np.arange(0, cfg.head_dim, 2, dtype=np.int64).astype(np.float32) / cfg.head_dim
+    inv = (1.0 / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    wavelen = 2 * np.pi / inv
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    scaled = np.where(wavelen > low_freq_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(inv_freq: np.ndarray, positions: jax.Array, dtype):
+    """cos/sin tables [B, T, hd] for rotate-half RoPE (HF layout: both halves share frequencies)."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [B, T, heads, hd]; cos/sin: [B, T, hd]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def _attention(cfg: ModelConfig, q, k_cache, v_cache, mask):
+    """q: [B, T, H, hd]; caches: [B, S, K, hd]; mask: [B, T, S] bool -> [B, T, H, hd]."""
+    B, T, H, hd = q.shape
+    prec = _precision(q.dtype)
+    q = q.reshape(B, T, cfg.n_kv_heads, cfg.q_per_kv, hd)  # q head h uses kv head h // q_per_kv
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache, precision=prec) * (hd ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores.astype(jnp.float32), -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache, precision=prec)
+    return out.reshape(B, T, H, hd)
+
+
+def _mlp(x, layer: LayerParams):
+    prec = _precision(x.dtype)
+    gate = jnp.einsum("btd,df->btf", x, layer.w_gate, precision=prec)
+    up = jnp.einsum("btd,df->btf", x, layer.w_up, precision=prec)
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, layer.w_down, precision=prec)
+
+
+def attention_mask(cache_valid: jax.Array, start: jax.Array, num_queries: int) -> jax.Array:
+    """[B, T, S]: query t (at slot start+t) sees valid slots up to its own. A pad query also sees
+    its own slot, so no softmax row is empty (its output is never used)."""
+    S = cache_valid.shape[1]
+    query_slot = start + jnp.arange(num_queries)
+    slot = jnp.arange(S)
+    causal = slot[None, :] <= query_slot[:, None]
+    own = slot[None, :] == query_slot[:, None]
+    return (causal[None] & cache_valid[:, None, :]) | own[None]
+
+
+# --- the decoder ------------------------------------------------------------------------------
+
+def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
+            token_valid: jax.Array, cache: KVCache, return_residuals: bool = False):
+    """Run `tokens` [B, T] through the model, appending them to `cache` at slot `cache.length`.
+
+    positions: [B, T] RoPE positions (pad tokens: any value); token_valid: [B, T] bool.
+    Returns (logits float32 [B, T, V], updated cache, residuals [L, B, T, D] or None). The
+    residuals are the raw residual stream after each decoder layer (before the final norm).
+    """
+    B, T = tokens.shape
+    dtype = params.embed.dtype
+    prec = _precision(dtype)
+    start = cache.length
+    cache_valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, start))
+    mask = attention_mask(cache_valid, start, T)
+    cos, sin = rope_cos_sin(rope_inverse_frequencies(cfg), positions, dtype)
+
+    def layer_step(carry, layer_and_index):
+        h, k_all, v_all = carry
+        layer, index = layer_and_index
+        x = rms_norm(h, layer.attn_norm, cfg.rms_norm_eps)
+        q = apply_rope(jnp.einsum("btd,dhk->bthk", x, layer.wq, precision=prec), cos, sin)
+        k = apply_rope(jnp.einsum("btd,dhk->bthk", x, layer.wk, precision=prec), cos, sin)
+        v = jnp.einsum("btd,dhk->bthk", x, layer.wv, precision=prec)
+        # The whole cache rides in the carry and is updated in place at this layer's index.
+        k_all = jax.lax.dynamic_update_slice(k_all, k[None], (index, 0, start, 0, 0))
+        v_all = jax.lax.dynamic_update_slice(v_all, v[None], (index, 0, start, 0, 0))
+        attn = _attention(cfg, q, k_all[index], v_all[index], mask)
+        h = h + jnp.einsum("bthk,hkd->btd", attn, layer.wo, precision=prec)
+        h = h + _mlp(rms_norm(h, layer.mlp_norm, cfg.rms_norm_eps), layer)
+        return (h, k_all, v_all), (h if return_residuals else None)
+
+    h = params.embed[tokens]
+    (h, k_all, v_all), residuals = jax.lax.scan(
+        layer_step, (h, cache.k, cache.v), (params.layers, jnp.arange(cfg.n_layers)))
+    h = rms_norm(h, params.final_norm, cfg.rms_norm_eps)
+    head = params.embed.T if params.lm_head is None else params.lm_head
+    logits = jnp.einsum("btd,dv->btv", h, head, precision=prec).astype(jnp.float32)
+    new_cache = KVCache(k=k_all, v=v_all, valid=cache_valid, length=start + T)
+    return logits, new_cache, residuals
+
+
+def prompt_positions(token_valid: jax.Array) -> jax.Array:
+    """RoPE positions of a left-padded batch: each row counts from 0 at its first real token."""
+    return jnp.maximum(jnp.cumsum(token_valid.astype(jnp.int32), axis=1) - 1, 0)

@@ -1,0 +1,94 @@
+"""Reference side of the parity tests: tiny random Llama-3.1 models in HF transformers (torch)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64}
+
+# head_dim 16 -> 8 rotary frequencies; with original_max_position_embeddings=64 their wavelengths
+# (6.3 .. ~3e5 tokens) fall in all three llama3 regimes (kept / interpolated / divided by factor).
+TINY_CONFIGS = {
+    "gqa_untied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                       rope_scaling=_LLAMA3_ROPE),
+    "mha_tied": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
+                     rope_scaling=_LLAMA3_ROPE),
+    "gqa_plain_rope": dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
+                           rope_scaling=None),
+}
+
+
+def hf_config(name, **overrides):
+    from transformers import LlamaConfig
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, head_dim=16,
+              rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=512)
+    kw.update(TINY_CONFIGS[name])
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def build_hf_model(name, folder, seed=0, **overrides):
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(hf_config(name, **overrides)).eval()
+    with torch.no_grad():  # default init is tiny; scale up so logits are not all near zero
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(2.0)
+    model.save_pretrained(folder)
+    return model
+
+
+def run_convert(source, out, dtype="float32", extra=(), check=True):
+    cmd = [sys.executable, "-m", "launch.convert", f"--source={source}", f"--out={out}", f"--dtype={dtype}", *extra]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"convert failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def build_and_convert(name, root):
+    hf_dir = os.path.join(root, f"{name}_hf")
+    model = build_hf_model(name, hf_dir)
+    ckpt = os.path.join(root, f"{name}_ckpt")
+    run_convert(hf_dir, ckpt)
+    return hf_dir, ckpt, model
+
+
+def hf_logits_and_hidden(model, tokens, attention_mask=None):
+    with torch.no_grad():
+        ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+        kw = {}
+        if attention_mask is not None:
+            mask = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
+            kw = dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        out = model(ids, output_hidden_states=True, **kw)
+    return out.logits.float().numpy(), [h.float().numpy() for h in out.hidden_states]
+
+
+def hf_raw_residuals(model, tokens):
+    """The residual stream after every decoder layer, captured by our own forward hooks (HF's last
+    hidden_states entry is after the final norm)."""
+    captured = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: captured.append((o[0] if isinstance(o, tuple) else o).detach().float().numpy()))
+             for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            model(torch.as_tensor(np.asarray(tokens), dtype=torch.long))
+    finally:
+        for h in hooks:
+            h.remove()
+    return np.stack(captured)
+
+
+def hf_greedy(model, tokens, max_new_tokens, eos_token_id=None):
+    with torch.no_grad():
+        out = model.generate(torch.as_tensor(np.asarray(tokens), dtype=torch.long), do_sample=False,
+                             max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if eos_token_id is None else 0,
+                             eos_token_id=eos_token_id, pad_token_id=0, top_p=None, top_k=None, temperature=None)
+    return out[:, np.asarray(tokens).shape[1]:].numpy()
