@@ -148,6 +148,7 @@ def load_params(path: str, cfg: ModelConfig, dtype=None,
     Each layer is restored straight into its target sharding (each host reads only its shards)
     and copied into the stacked buffer in place, so no host ever holds the whole model.
     """
+    path = os.path.abspath(path)  # orbax requires absolute paths
     manifest = read_manifest(path)
     dtype = jnp.dtype(dtype or manifest["dtype"])
     if shardings is None:

@@ -116,7 +116,9 @@ class _TiktokenBackend:
             return None
 
     def save(self, directory: str) -> None:
-        shutil.copyfile(self.model_path, os.path.join(directory, TIKTOKEN_FILENAME))
+        destination = os.path.join(directory, TIKTOKEN_FILENAME)
+        if not (os.path.exists(destination) and os.path.samefile(self.model_path, destination)):
+            shutil.copyfile(self.model_path, destination)
 
 
 class _HFBackend:
@@ -431,27 +433,30 @@ def from_hf_json(path: str, *, kind: str | None = None) -> Tokenizer:
     return Tokenizer(
         backend,
         kind=kind,
-        default_system_message=_default_system_message(kind, config, os.path.dirname(path)),
+        default_system_message=_default_system_message(kind, config),
         **_special_ids(kind, backend.token_to_id, config),
     )
 
 
 def _sibling_config(path: str) -> dict:
-    config_path = os.path.join(os.path.dirname(path), CONFIG_FILENAME)
-    return _read_json(config_path) if os.path.isfile(config_path) else {}
+    """tokenizer_config.json beside `path` (empty if absent), with the chat template folded in."""
+    directory = os.path.dirname(path)
+    config_path = os.path.join(directory, CONFIG_FILENAME)
+    config = _read_json(config_path) if os.path.isfile(config_path) else {}
+    template_path = os.path.join(directory, "chat_template.jinja")  # where newer transformers save it
+    if "chat_template" not in config and os.path.isfile(template_path):
+        with open(template_path, encoding="utf-8") as f:
+            config["chat_template"] = f.read()
+    return config
 
 
-def _default_system_message(kind: str, config: Mapping[str, Any], directory: str) -> str | None:
+def _default_system_message(kind: str, config: Mapping[str, Any]) -> str | None:
     if kind != "chatml":
         return None
     section = config.get(_CONFIG_SECTION)
     if section:
         return section["default_system_message"]
     template = config.get("chat_template")
-    template_path = os.path.join(directory, "chat_template.jinja")  # where transformers>=4.50 saves it
-    if template is None and os.path.isfile(template_path):
-        with open(template_path, encoding="utf-8") as f:
-            template = f.read()
     return _chatml_default_system_message(template if isinstance(template, str) else None)
 
 
@@ -477,7 +482,7 @@ def from_gguf(path: str) -> Tokenizer:
     return Tokenizer(
         backend,
         kind=kind,
-        default_system_message=_default_system_message(kind, config, os.path.dirname(path)),
+        default_system_message=_default_system_message(kind, config),
         **_special_ids(kind, backend.token_to_id, config),
     )
 
@@ -592,7 +597,9 @@ def llama3_tokenizer_model_path() -> str:
     package_dir = _package_dir("llama_models")
     path = os.path.join(package_dir, "llama3", TIKTOKEN_FILENAME) if package_dir else None
     if path is None or not os.path.isfile(path):
-        raise FileNotFoundError(f"Llama-3 tokenizer.model not found (llama-models missing?). Run `{_LLAMA_MODELS_FIX}`.")
+        raise FileNotFoundError(
+            f"Llama-3 tokenizer.model not found (llama-models missing?). Run `{_LLAMA_MODELS_FIX}`."
+        )
     return path
 
 

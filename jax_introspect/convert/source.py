@@ -7,6 +7,7 @@ parameter layout, so the layout rules live in one place.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Callable, Optional
 
@@ -95,9 +96,11 @@ def validate(source: Source, config_file: str) -> None:
     for name, shape in expected.items():
         tensor = source.tensors[name]
         if tuple(tensor.shape) != tuple(shape):
-            raise ConversionError(
-                f"{tensor.file}: tensor {name} has shape {list(tensor.shape)} but {config_file} "
-                f"implies {list(shape)}; the weights and config.json belong to different models")
+            fix = (f"they do not belong to the same model. Use the config.json that came with these "
+                   f"weights, or re-download {os.path.basename(tensor.file)} if it is corrupt"
+                   if config_file.endswith("config.json") else "the file is corrupt — re-download it")
+            raise ConversionError(f"{tensor.file}: tensor {name} has shape {list(tensor.shape)} but "
+                                  f"{config_file} implies {list(shape)}: {fix}")
 
 
 def _load_checked(tensor: SourceTensor, expected_shape) -> np.ndarray:
