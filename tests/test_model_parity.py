@@ -1,5 +1,6 @@
 """Tiny random Llama-3.1 models: our converted checkpoint against HF transformers (torch)."""
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -115,3 +116,37 @@ def test_bfloat16_agrees_with_float32_hf(tmp_path, name):
     print(f"{name} bfloat16 vs float32 HF: top-1 agreement {top1:.4f}, mean KL {kl:.2e}")
     assert top1 >= 0.99
     assert kl <= 1e-2
+
+
+def test_llama3_tokenizer_travels_with_the_checkpoint(tmp_path):
+    """A tiny model with Llama-3's vocabulary, converted with Meta's tokenizer.model: the loaded
+    checkpoint tokenizes chat prompts exactly as Meta's reference tokenizer does."""
+    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
+
+    from jax_introspect.tokenizer import llama3_tokenizer_model_path
+    hf_dir = os.path.join(tmp_path, "hf")
+    ref.build_hf_model("gqa_untied", hf_dir, vocab_size=128256, num_hidden_layers=1)
+    ckpt = os.path.join(tmp_path, "ckpt")
+    ref.run_convert(hf_dir, ckpt, extra=[f"--tokenizer={llama3_tokenizer_model_path()}"])
+    lm = jax_introspect.load(ckpt)
+    meta = MetaTokenizer(pathlib.Path(llama3_tokenizer_model_path()))
+    text = "Tell me about dust."
+    header = meta.encode("Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024", bos=False, eos=False)
+    expected = ([128000, 128006] + meta.encode("system", bos=False, eos=False) + [128007]
+                + meta.encode("\n\n", bos=False, eos=False) + header + meta.encode("\n\n", bos=False, eos=False)
+                + [128009, 128006] + meta.encode("user", bos=False, eos=False) + [128007]
+                + meta.encode("\n\n", bos=False, eos=False) + meta.encode(text, bos=False, eos=False) + [128009, 128006]
+                + meta.encode("assistant", bos=False, eos=False) + [128007] + meta.encode("\n\n", bos=False, eos=False))
+    ours = lm.tokenizer.encode_chat([{"role": "user", "content": text}])
+    assert ours == expected
+    assert lm.tokenizer.eos_ids and 128009 in lm.tokenizer.eos_ids
+
+
+def test_tokenizer_from_another_model_is_refused(tmp_path):
+    from jax_introspect.tokenizer import llama3_tokenizer_model_path
+    hf_dir = os.path.join(tmp_path, "hf")
+    ref.build_hf_model("gqa_untied", hf_dir, num_hidden_layers=1)
+    proc = ref.run_convert(hf_dir, os.path.join(tmp_path, "ckpt"), check=False,
+                           extra=[f"--tokenizer={llama3_tokenizer_model_path()}"])
+    assert proc.returncode != 0 and "different models" in proc.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "ckpt"))

@@ -109,7 +109,7 @@ def test_llama3_special_tokens_match_meta(llama_ours, llama_ref):
 
 
 def _meta_dialog_ids(ref, dialog):
-    pytest.importorskip("PIL", reason="llama_models' ChatFormat imports pillow (pip install pillow)")
+    # llama_models' ChatFormat imports pillow, which the test extras install.
     from llama_models.datatypes import RawMessage
     from llama_models.llama3.chat_format import ChatFormat
 

@@ -34,6 +34,12 @@ def convert(spec: str, out: str, dtype: str = "float32", overwrite: bool = False
     source = open_source(spec)
     path = source.description["path"]  # an HF folder (its shapes come from config.json) or a .gguf file
     source_lib.validate(source, config_file=os.path.join(path, "config.json") if os.path.isdir(path) else path)
+    tokenizer = tokenizer or source.tokenizer
+    if tokenizer is not None and tokenizer.vocab_size > source.config.vocab_size:
+        raise ConversionError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model's embedding has "
+            f"{source.config.vocab_size} rows: they belong to different models; pass the model's own "
+            "tokenizer with --tokenizer")
     np_dtype = np.dtype(dtype)
     job = {"source": source.description, "dtype": dtype, "config": source.config.to_json_dict()}
     writer = ckpt.CheckpointWriter(out, job, overwrite=overwrite)
@@ -49,7 +55,7 @@ def convert(spec: str, out: str, dtype: str = "float32", overwrite: bool = False
         # staged layers so the same command resumes.
         shutil.rmtree(writer.staging, ignore_errors=True)
         raise
-    return writer.finalize(source.config, tokenizer or source.tokenizer, source.description, dtype)
+    return writer.finalize(source.config, tokenizer, source.description, dtype)
 
 
 def _progress(items, enabled: bool, desc: str):
