@@ -1,46 +1,115 @@
-"""Batched generation: prefill and the decode loop inside one jitted program."""
+"""Batched generation: prefill and the decode loop inside one jitted program.
+
+Every row carries its own sampling settings and PRNG key, and the key for step t is
+`fold_in(row_key, t)`: a trial's text depends on its key, not on which batch it lands in. Keys
+come from `trial_key(seed, trial_id)`. Temperature 0 means greedy.
+"""
 from __future__ import annotations
 
 import functools
+import hashlib
 
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jax_introspect import inject as inject_lib
 from jax_introspect import model as model_lib
 from jax_introspect.config import ModelConfig
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
-def greedy_generate(params: model_lib.Params, cfg: ModelConfig, tokens: jax.Array, token_valid: jax.Array,
-                    eos_ids: jax.Array, pad_id: jax.Array, max_new_tokens: int):
-    """Greedy continuation of a left-padded batch.
+@flax.struct.dataclass
+class Sampling:
+    temperature: jax.Array  # [B] float32; 0 = greedy
+    top_p: jax.Array  # [B] float32 in (0, 1]
+    keys: jax.Array  # [B, 2] uint32 raw PRNG keys
 
-    Returns (new_tokens [B, max_new_tokens], lengths [B]): each row stops after its first EOS
-    (kept in the output, counted in its length); the rest of the row is `pad_id`.
+
+def trial_key(seed: int, trial_id: str) -> np.ndarray:
+    """A raw PRNG key derived from the run seed and the trial's identity (stable across runs,
+    processes and batch layouts)."""
+    digest = int.from_bytes(hashlib.sha256(trial_id.encode()).digest()[:4], "little")
+    return np.asarray(jax.random.fold_in(jax.random.PRNGKey(seed), digest), np.uint32)
+
+
+def sampling(batch: int, temperature=0.0, top_p=1.0, keys=None) -> Sampling:
+    def rows(x):
+        x = np.asarray(x, np.float32)
+        return np.full((batch,), x, np.float32) if x.ndim == 0 else x
+    temperature, top_p = rows(temperature), rows(top_p)
+    if temperature.shape != (batch,) or top_p.shape != (batch,):
+        raise ValueError(f"temperature/top_p must be scalars or have {batch} entries")
+    if np.any(~np.isfinite(temperature)) or np.any(temperature < 0):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature.tolist()}")
+    if np.any(~(top_p > 0)) or np.any(top_p > 1):
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p.tolist()}")
+    if keys is None:
+        keys = np.stack([trial_key(0, str(i)) for i in range(batch)])
+    keys = np.asarray(keys, np.uint32)
+    if keys.shape != (batch, 2):
+        raise ValueError(f"keys must have shape ({batch}, 2), got {keys.shape}")
+    return Sampling(temperature=temperature, top_p=top_p, keys=keys)
+
+
+def _sample_row(logits, key, temperature, top_p):
+    """Temperature + nucleus (top-p) sampling of one row's float32 logits [V]."""
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    sorted_logits = jnp.sort(scaled)[::-1]
+    probs = jax.nn.softmax(sorted_logits)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    keep = (jnp.cumsum(probs) - probs) < top_p
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf))
+    return jax.random.categorical(key, jnp.where(scaled >= threshold, scaled, -jnp.inf))
+
+
+def next_tokens(logits: jax.Array, params: Sampling, step: jax.Array) -> jax.Array:
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(params.keys)
+    sampled = jax.vmap(_sample_row)(logits, keys, params.temperature, params.top_p)
+    greedy = jnp.argmax(logits, axis=-1)
+    return jnp.where(params.temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "return_logits"))
+def generate_tokens(params: model_lib.Params, cfg: ModelConfig, tokens: jax.Array, token_valid: jax.Array,
+                    injection: inject_lib.Injection, sample: Sampling, eos_ids: jax.Array, pad_id: jax.Array,
+                    max_new_tokens: int, return_logits: bool = False):
+    """Continue a left-padded batch, injecting in prefill and at every decode step.
+
+    Returns (new_tokens [B, max_new_tokens], lengths [B], step_logits): each row stops after its
+    first EOS (kept in the output, counted in its length); the rest of the row is `pad_id`.
+    step_logits: with `return_logits`, the float32 logits [B, max_new_tokens, V] each token was
+    chosen from (for parity checks); otherwise None.
     """
     batch, prompt_len = tokens.shape
     cache = model_lib.init_cache(cfg, batch, prompt_len + max_new_tokens, params.embed.dtype)
     positions = model_lib.prompt_positions(token_valid)
-    logits, cache, _ = model_lib.forward(params, cfg, tokens, positions, token_valid, cache)
-    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    logits, cache, _ = model_lib.forward(params, cfg, tokens, positions, token_valid, cache,
+                                         injection=injection)
+    last = logits[:, -1]
+    first = next_tokens(last, sample, jnp.int32(0))
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-    done = jnp.zeros((batch,), bool)
-    lengths = jnp.zeros((batch,), jnp.int32)
+    recorded = jnp.zeros((batch, max_new_tokens if return_logits else 0, cfg.vocab_size), jnp.float32)
 
     def keep_going(state):
-        step, _, _, _, done, _, _ = state
+        step, done = state[0], state[4]
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def decode_step(state):
-        step, token, position, out, done, lengths, cache = state
+        step, token, position, out, done, lengths, cache, last, recorded = state
         out = out.at[:, step].set(jnp.where(done, pad_id, token))
+        if return_logits:
+            recorded = recorded.at[:, step].set(last)
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(token, eos_ids)
         logits, cache, _ = model_lib.forward(params, cfg, token[:, None], position[:, None],
-                                             jnp.ones((batch, 1), bool), cache)
-        token = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-        return step + 1, token, position + 1, out, done, lengths, cache
+                                             jnp.ones((batch, 1), bool), cache, injection=injection)
+        last = logits[:, 0]
+        token = next_tokens(last, sample, step + 1)
+        return step + 1, token, position + 1, out, done, lengths, cache, last, recorded
 
-    state = (jnp.int32(0), first, positions[:, -1] + 1, out, done, lengths, cache)
-    _, _, _, out, _, lengths, _ = jax.lax.while_loop(keep_going, decode_step, state)
-    return out, lengths
+    state = (jnp.int32(0), first, positions[:, -1] + 1, out, jnp.zeros((batch,), bool),
+             jnp.zeros((batch,), jnp.int32), cache, last, recorded)
+    state = jax.lax.while_loop(keep_going, decode_step, state)
+    out, lengths, recorded = state[3], state[5], state[8]
+    return out, lengths, (recorded if return_logits else None)

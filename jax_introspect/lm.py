@@ -12,6 +12,7 @@ import numpy as np
 
 from jax_introspect import checkpoint as ckpt
 from jax_introspect import generate as generate_lib
+from jax_introspect import inject as inject_lib
 from jax_introspect import model as model_lib
 from jax_introspect.config import ModelConfig
 
@@ -25,22 +26,21 @@ class Generation:
     token_ids: list[int]  # generated tokens, EOS included when reached
     text: str  # decoded generated tokens, without the EOS token
     finished: bool  # True if an EOS token ended it
+    logits: Optional[np.ndarray] = None  # [len(token_ids), vocab] float32, when asked for
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "return_residuals"))
-def _prefill(params, cfg, tokens, token_valid, return_residuals):
+def _prefill(params, cfg, tokens, token_valid, injection, return_residuals):
     cache = model_lib.init_cache(cfg, tokens.shape[0], tokens.shape[1], params.embed.dtype)
     logits, _, residuals = model_lib.forward(params, cfg, tokens, model_lib.prompt_positions(token_valid),
-                                             token_valid, cache, return_residuals=return_residuals)
+                                             token_valid, cache, return_residuals=return_residuals,
+                                             injection=injection)
     return logits, residuals
 
 
 def left_pad(token_ids: TokenBatch, pad_id: int, bucket: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Ragged token lists -> ([B, T] ids, [B, T] valid mask), padded on the left to a multiple of `bucket`."""
-    if isinstance(token_ids, np.ndarray) and token_ids.ndim == 2:
-        rows = [list(r) for r in token_ids]
-    else:
-        rows = [list(r) for r in token_ids]
+    rows = [list(r) for r in token_ids]
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("token_ids must be a non-empty batch of non-empty sequences")
     width = -(-max(len(r) for r in rows) // bucket) * bucket
@@ -79,22 +79,38 @@ class LanguageModel:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
         return tokens, valid
 
-    def logits(self, token_ids: TokenBatch) -> np.ndarray:
+    def _injection(self, injection: Optional[inject_lib.Injection], batch: int) -> inject_lib.Injection:
+        # A clean run is an injection of strength 0: one compiled program serves both.
+        if injection is None:
+            return inject_lib.none(batch, self.config.d_model)
+        inject_lib.validate(injection, self.config, batch)
+        return injection
+
+    def logits(self, token_ids: TokenBatch, injection: Optional[inject_lib.Injection] = None) -> np.ndarray:
         """float32 logits [B, T, vocab]; ragged rows are left-padded (pad columns hold junk)."""
         tokens, valid = self._batch(token_ids)
-        logits, _ = _prefill(self.params, self.config, tokens, valid, False)
+        logits, _ = _prefill(self.params, self.config, tokens, valid,
+                             self._injection(injection, len(tokens)), False)
         return np.asarray(logits)
 
-    def residuals(self, token_ids: TokenBatch) -> np.ndarray:
+    def residuals(self, token_ids: TokenBatch, injection: Optional[inject_lib.Injection] = None) -> np.ndarray:
         """The raw residual stream after every decoder layer (before the final norm), float32
         [layers, B, T, d_model]; ragged rows are left-padded."""
         tokens, valid = self._batch(token_ids)
-        _, residuals = _prefill(self.params, self.config, tokens, valid, True)
+        _, residuals = _prefill(self.params, self.config, tokens, valid,
+                                self._injection(injection, len(tokens)), True)
         return np.asarray(residuals, dtype=np.float32)
 
-    def generate(self, prompts: Union[Sequence[str], TokenBatch], max_new_tokens: int = 64) -> list[Generation]:
-        """Greedy continuations. `prompts`: texts (tokenized as given: use
-        `lm.tokenizer.chat_prompt(...)` for chat) or token id lists."""
+    def generate(self, prompts: Union[Sequence[str], TokenBatch], max_new_tokens: int = 64,
+                 injection: Optional[inject_lib.Injection] = None, temperature=0.0, top_p=1.0,
+                 seed: int = 0, trial_ids: Optional[Sequence[str]] = None,
+                 return_logits: bool = False) -> list[Generation]:
+        """Continue each prompt. `prompts`: texts (tokenized as given: use
+        `lm.tokenizer.chat_prompt(...)` for chat) or token id lists. temperature 0 is greedy;
+        `temperature`/`top_p` may be per row. Row i samples with the key of
+        (`seed`, `trial_ids[i]`) (default: its index), so its text does not depend on the batch.
+        With `return_logits`, each Generation carries the float32 logits [n, vocab] its tokens
+        were chosen from."""
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         if len(prompts) and isinstance(prompts[0], str):
@@ -102,17 +118,25 @@ class LanguageModel:
         else:
             prompt_ids = [list(map(int, p)) for p in prompts]
         tokens, valid = self._batch(prompt_ids, bucket=_LENGTH_BUCKET)
+        trial_ids = list(trial_ids) if trial_ids is not None else [str(i) for i in range(len(tokens))]
+        if len(trial_ids) != len(tokens):
+            raise ValueError(f"{len(trial_ids)} trial_ids for {len(tokens)} prompts")
+        keys = np.stack([generate_lib.trial_key(seed, t) for t in trial_ids])
+        sample = generate_lib.sampling(len(tokens), temperature, top_p, keys)
         eos = np.asarray(self._tokenizer.eos_ids if self._tokenizer else [-1], np.int32)
-        out, lengths = generate_lib.greedy_generate(self.params, self.config, tokens, valid, eos,
-                                                    np.int32(self._pad_id()), max_new_tokens)
+        out, lengths, step_logits = generate_lib.generate_tokens(
+            self.params, self.config, tokens, valid, self._injection(injection, len(tokens)), sample, eos,
+            np.int32(self._pad_id()), max_new_tokens, return_logits=return_logits)
         out, lengths = np.asarray(out), np.asarray(lengths)
+        step_logits = None if step_logits is None else np.asarray(step_logits)
         results = []
-        for ids, row, n in zip(prompt_ids, out, lengths):
+        for i, (ids, row, n) in enumerate(zip(prompt_ids, out, lengths)):
             new = row[:n].tolist()
             finished = bool(new) and new[-1] in set(eos.tolist())
             text_ids = new[:-1] if finished else new
             text = self._tokenizer.decode(text_ids) if self._tokenizer else ""
-            results.append(Generation(prompt_ids=ids, token_ids=new, text=text, finished=finished))
+            results.append(Generation(prompt_ids=ids, token_ids=new, text=text, finished=finished,
+                                      logits=None if step_logits is None else step_logits[i, :n]))
         return results
 
     def chat(self, question: str, max_new_tokens: int = 64, **chat_kw) -> str:

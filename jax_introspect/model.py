@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_introspect import inject
 from jax_introspect.config import ModelConfig
+from jax_introspect.inject import Injection
 
 
 @flax.struct.dataclass
@@ -154,12 +156,16 @@ def attention_mask(cache_valid: jax.Array, start: jax.Array, num_queries: int) -
 # --- the decoder ------------------------------------------------------------------------------
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
-            token_valid: jax.Array, cache: KVCache, return_residuals: bool = False):
+            token_valid: jax.Array, cache: KVCache, return_residuals: bool = False,
+            injection: Optional[Injection] = None):
     """Run `tokens` [B, T] through the model, appending them to `cache` at slot `cache.length`.
 
     positions: [B, T] RoPE positions (pad tokens: any value); token_valid: [B, T] bool.
+    injection: optional per-row residual-stream additions (see `inject.py`), applied at the
+    output of the chosen layer to valid tokens at positions >= the row's start.
     Returns (logits float32 [B, T, V], updated cache, residuals [L, B, T, D] or None). The
-    residuals are the raw residual stream after each decoder layer (before the final norm).
+    residuals are the raw residual stream after each decoder layer (before the final norm),
+    injection included.
     """
     B, T = tokens.shape
     dtype = params.embed.dtype
@@ -181,7 +187,10 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
         v_all = jax.lax.dynamic_update_slice(v_all, v[None], (index, 0, start, 0, 0))
         attn = _attention(cfg, q, k_all[index], v_all[index], mask)
         h = h + jnp.einsum("bthk,hkd->btd", attn, layer.wo, precision=prec)
-        h = h + _mlp(rms_norm(h, layer.mlp_norm, cfg.rms_norm_eps), layer)
+        mlp_out = _mlp(rms_norm(h, layer.mlp_norm, cfg.rms_norm_eps), layer)
+        h = h + mlp_out
+        if injection is not None:
+            h = h + inject.residual_delta(injection, index, positions, token_valid, mlp_out, h.dtype)
         return (h, k_all, v_all), (h if return_residuals else None)
 
     h = params.embed[tokens]

@@ -1,0 +1,164 @@
+"""Concept injection against HF transformers with forward hooks doing the same addition."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+import jax_introspect
+from jax_introspect import generate as generate_lib
+from jax_introspect import inject, model as model_lib
+from tests import hf_reference as ref
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    # Briefly trained so greedy decoding has clear winners (a random model's near-ties would make
+    # token-by-token comparisons depend on round-off rather than on the code under test).
+    root = tmp_path_factory.mktemp("inject")
+    model = ref.build_hf_model("gqa_untied", str(root / "hf"), train_steps=150)
+    ref.run_convert(str(root / "hf"), str(root / "ckpt"))
+    return jax_introspect.load(str(root / "ckpt")), model
+
+
+def _tokens(batch, length, seed=0):
+    return ref.bigram_batch(np.random.RandomState(seed), batch, length, 256)
+
+
+def _vector(d, seed=0, scale=1.0):
+    return np.random.RandomState(seed).standard_normal(d).astype(np.float32) * scale
+
+
+@pytest.mark.parametrize("norm_match", [False, True])
+@pytest.mark.parametrize("layer,start", [(0, 0), (1, 7), (2, 19)])
+def test_prefill_and_16_decode_steps_match_hf_hooks(tiny, layer, start, norm_match):
+    lm, model = tiny
+    prompt = _tokens(1, 20, seed=layer)
+    vector = _vector(lm.config.d_model, seed=start)
+    strength = 1.0 if norm_match else 4.0
+    injection = inject.make(layer, strength, vector, start=start, norm_match=norm_match, batch=1)
+    with ref.HFInjection(model, layer, vector, strength, start, norm_match):
+        hf_prefill, _ = ref.hf_logits_and_hidden(model, prompt)
+        hf_tokens, hf_step_logits = ref.hf_greedy_with_logits(model, prompt, 16)
+    clean, _ = ref.hf_logits_and_hidden(model, prompt)
+    assert np.abs(hf_prefill - clean).max() > 1e-2, "the injection must change the reference"
+    ours_prefill = lm.logits(prompt, injection=injection)
+    assert np.abs(ours_prefill - hf_prefill).max() <= 1e-4
+    top2 = np.sort(hf_step_logits[0], axis=-1)[:, -2:]
+    assert (top2[:, 1] - top2[:, 0]).min() > 1e-3, "a near-tie would make greedy tokens ill-defined"
+    gen = lm.generate(prompt.tolist(), max_new_tokens=16, injection=injection, return_logits=True)[0]
+    assert gen.token_ids == hf_tokens[0].tolist()
+    assert np.abs(gen.logits - hf_step_logits[0]).max() <= 1e-4
+
+
+def test_mixed_rows_each_match_their_own_reference(tiny):
+    lm, model = tiny
+    rows = [_tokens(1, n, seed=n)[0].tolist() for n in (9, 14, 20)]
+    settings = [(0, 3.0, 2), (2, 0.0, 0), (1, -2.0, 5)]
+    vectors = np.stack([_vector(lm.config.d_model, seed=i) for i in range(3)])
+    injection = inject.make([s[0] for s in settings], [s[1] for s in settings], vectors,
+                            start=[s[2] for s in settings])
+    ours = lm.logits(rows, injection=injection)
+    for i, (row, (layer, strength, start)) in enumerate(zip(rows, settings)):
+        with ref.HFInjection(model, layer, vectors[i], strength, start):
+            theirs, _ = ref.hf_logits_and_hidden(model, [row])
+        assert np.abs(ours[i, -len(row):] - theirs[0]).max() <= 1e-4
+
+
+def _clean_program(params, cfg, tokens, valid):
+    cache = model_lib.init_cache(cfg, tokens.shape[0], tokens.shape[1], params.embed.dtype)
+    return model_lib.forward(params, cfg, tokens, model_lib.prompt_positions(valid), valid, cache)[0]
+
+
+def test_strength_zero_is_the_clean_model_bit_for_bit(tiny):
+    lm, _ = tiny
+    tokens = _tokens(3, 16, seed=5)
+    valid = np.ones_like(tokens, bool)
+    clean = np.asarray(jax.jit(_clean_program, static_argnums=1)(lm.params, lm.config, tokens, valid))
+    zero = inject.make([0, 1, 2], 0.0, np.stack([_vector(lm.config.d_model, i, 50.0) for i in range(3)]))
+    np.testing.assert_array_equal(lm.logits(tokens, injection=zero), clean)
+    mixed = inject.make([1, 1, 1], [0.0, 8.0, 0.0], _vector(lm.config.d_model, 1, 3.0))
+    out = lm.logits(tokens, injection=mixed)
+    np.testing.assert_array_equal(out[[0, 2]], clean[[0, 2]])
+    assert np.abs(out[1] - clean[1]).max() > 1e-2
+
+
+def test_layer_strength_grid_compiles_once_per_batch_shape(tiny):
+    lm, _ = tiny
+    d = lm.config.d_model
+    prompts = [_tokens(1, 12, seed=i)[0].tolist() for i in range(8)]
+    grid = [(layer, strength) for layer in range(3) for strength in (0.0, 1.0, 2.0, 4.0)] + [(0, 8.0)] * 4
+    before = generate_lib.generate_tokens._cache_size()
+    prefill_before = jax_introspect.lm._prefill._cache_size()
+    for i in range(0, len(grid), 8):  # 16 cells in two batches of 8 mixed rows
+        cells = grid[i:i + 8]
+        injection = inject.make([c[0] for c in cells], [c[1] for c in cells],
+                                np.stack([_vector(d, j) for j in range(len(cells))]),
+                                start=[j % 5 for j in range(len(cells))])
+        lm.generate(prompts, max_new_tokens=4, injection=injection, temperature=1.0, seed=i)
+        lm.logits(prompts, injection=injection)
+    assert generate_lib.generate_tokens._cache_size() - before <= 1
+    assert jax_introspect.lm._prefill._cache_size() - prefill_before <= 1
+
+
+def test_trial_text_does_not_depend_on_its_batch(tiny):
+    lm, _ = tiny
+    prompts = [_tokens(1, n, seed=n)[0].tolist() for n in (6, 11, 15, 20)]
+    vectors = np.stack([_vector(lm.config.d_model, i) for i in range(4)])
+    injection = inject.make([0, 1, 2, 1], [1.0, 2.0, 0.0, 3.0], vectors)
+    together = lm.generate(prompts, max_new_tokens=12, injection=injection, temperature=1.0, top_p=0.9,
+                           seed=7, trial_ids=["a", "b", "c", "d"])
+    for i in (3, 0):
+        alone = lm.generate([prompts[i]], max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7,
+                            trial_ids=["abcd"[i]],
+                            injection=inject.make(injection.layer[i], injection.strength[i], vectors[i], batch=1))
+        assert alone[0].token_ids == together[i].token_ids
+    other_seed = lm.generate(prompts, max_new_tokens=12, injection=injection, temperature=1.0, seed=8,
+                             trial_ids=["a", "b", "c", "d"])
+    assert [g.token_ids for g in other_seed] != [g.token_ids for g in together]
+
+
+def test_sampling_matches_reference_distribution(tiny):
+    """Temperature/top-p sampling against an independent numpy computation of the nucleus
+    distribution: empirical frequencies of the first sampled token over many keys."""
+    lm, _ = tiny
+    prompt = _tokens(1, 10, seed=3)[0].tolist()
+    logits = lm.logits([prompt])[0, -1].astype(np.float64)
+    temperature, top_p = 1.5, 0.8
+    p = np.exp((logits - logits.max()) / temperature)
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = order[: np.searchsorted(np.cumsum(p[order]), top_p) + 1]
+    expected = np.zeros_like(p)
+    expected[keep] = p[keep] / p[keep].sum()
+    n = 4000
+    keys = np.stack([generate_lib.trial_key(0, str(i)) for i in range(n)])
+    sample = generate_lib.sampling(n, temperature, top_p, keys)
+    tokens = np.asarray(generate_lib.next_tokens(jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, len(logits))),
+                                                 sample, jnp.int32(0)))
+    freq = np.bincount(tokens, minlength=len(p)) / n
+    assert set(np.nonzero(freq)[0]) <= set(keep.tolist())
+    assert np.abs(freq - expected).max() < 0.03
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(layer=3), "out of range"),
+    (dict(layer=-1), "out of range"),
+    (dict(vector=np.ones(10, np.float32)), "d_model"),
+    (dict(strength=float("nan")), "finite"),
+    (dict(vector=np.full(64, np.inf, np.float32)), "NaN or Inf"),
+])
+def test_bad_injection_is_refused_before_compute(tiny, bad, message):
+    lm, _ = tiny
+    kw = dict(layer=1, strength=1.0, vector=np.ones(64, np.float32))
+    kw.update(bad)
+    injection = inject.make(kw["layer"], kw["strength"], kw["vector"], batch=1)
+    before = jax_introspect.lm._prefill._cache_size()
+    with pytest.raises(inject.InjectionError, match=message):
+        lm.logits(_tokens(1, 5), injection=injection)
+    assert jax_introspect.lm._prefill._cache_size() == before
+
+
+def test_wrong_batch_size_is_refused(tiny):
+    lm, _ = tiny
+    with pytest.raises(inject.InjectionError, match="rows"):
+        lm.logits(_tokens(2, 5), injection=inject.make(0, 1.0, np.ones(64), batch=3))
