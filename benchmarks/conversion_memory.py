@@ -5,8 +5,8 @@
 For each size a Llama-shaped HF folder (config.json, one safetensors shard per decoder layer, one
 for the embedding and one for the head, and model.safetensors.index.json) is written tensor by
 tensor in small chunks, so this process never holds more than a few MB of it. The converter then
-runs in its own process; its peak RSS is the kernel's `ru_maxrss` for that child (from `wait4`),
-cross-checked by sampling its RSS every 20 ms.
+runs in its own process; its peak RSS is the kernel's `ru_maxrss` for that process (from `wait4`
+in a small launcher process, see `_LAUNCHER`), cross-checked by sampling its RSS every 20 ms.
 
 "RSS growth" is peak RSS minus the peak RSS of converting a tiny model of the same width (one
 layer, 256-token vocab, ~70 MB): the fixed cost of the interpreter, jax, orbax and tensorstore is
@@ -125,30 +125,45 @@ def write_synthetic_hf(folder: str, target_gb: float, shape: Shape = Shape(), n_
     return {"layers": n_layers, "bytes": total, "shards": len(shards)}
 
 
+# Runs the converter and prints its exact peak RSS. A dedicated small process is needed: a child
+# spawned (vfork + exec) straight from a big parent, such as pytest with torch loaded, inherits that
+# parent's peak RSS in its `ru_maxrss` (Linux carries the pre-exec high-water mark over exec).
+_LAUNCHER = """
+import json, os, subprocess, sys
+log = open(sys.argv[1], "w")
+proc = subprocess.Popen(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT)
+_, status, usage = os.wait4(proc.pid, 0)
+print(json.dumps({"returncode": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss}))
+"""
+
+
 def measure_conversion(source: str, out: str, dtype: str = "float32", poll_s: float = 0.02) -> dict:
-    """Run `python -m launch.convert` in a child process; its peak RSS (bytes) and wall time."""
+    """Run `python -m launch.convert` in a child process: its peak RSS in bytes (the kernel's
+    `ru_maxrss`, and the largest of its RSS sampled every `poll_s` s, as a cross-check) and wall time."""
     import psutil
     cmd = [sys.executable, "-m", "launch.convert", f"--source={source}", f"--out={out}", f"--dtype={dtype}"]
-    with tempfile.TemporaryFile("w+") as log:
+    with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
         start = time.monotonic()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "JAX_PLATFORMS": "cpu"})
-        child, sampled_peak = psutil.Process(proc.pid), 0
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
+        launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, log.name, *cmd], cwd=REPO,
+                                    stdout=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        sampled_peak = 0
+        while launcher.poll() is None:
             try:
-                sampled_peak = max(sampled_peak, child.memory_info().rss)
-            except psutil.Error:  # exited between wait4 and the sample
+                converters = psutil.Process(launcher.pid).children()
+                sampled_peak = max([sampled_peak] + [c.memory_info().rss for c in converters])
+            except psutil.Error:  # exited between the poll and the sample
                 pass
             time.sleep(poll_s)
         wall = time.monotonic() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-        if proc.returncode != 0:
-            log.seek(0)
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log.read()[-3000:]}")
-    return {"peak_rss": usage.ru_maxrss * 1024, "sampled_peak_rss": sampled_peak, "wall_s": wall}
+        report = launcher.stdout.read()
+        launcher.stdout.close()
+        try:
+            result = json.loads(report)
+        except json.JSONDecodeError:
+            result = {"returncode": f"launcher failed ({launcher.returncode}): {report!r}"}
+        if result["returncode"] != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({result['returncode']}):\n{log.read()[-3000:]}")
+    return {"peak_rss": result["maxrss_kb"] * 1024, "sampled_peak_rss": sampled_peak, "wall_s": wall}
 
 
 def run(sizes_gb: Sequence[float], dtype: str = "float32", workdir: Optional[str] = None,

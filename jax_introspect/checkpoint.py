@@ -36,6 +36,7 @@ TOKENIZER_DIR = "tokenizer"
 GLOBALS = "globals"
 STAGING_SUFFIX = ".incomplete"
 _JOB = "conversion.json"
+_SAVE_CHUNK_BYTES = 16 << 20
 
 
 class CheckpointError(ValueError):
@@ -83,9 +84,20 @@ class CheckpointWriter:
         return os.path.isdir(self._unit_path(unit))
 
     def write_unit(self, unit: str, arrays: dict[str, np.ndarray]) -> None:
-        checkpointer = _checkpointer()
-        checkpointer.save(self._unit_path(unit), arrays)
-        checkpointer.wait_until_finished()
+        # Orbax's defaults add ~2x the unit's bytes while saving: its numpy handler deep-copies
+        # every array (needless: the arrays are ours and the save is synchronous), and each array
+        # is one chunk that OCDBT buffers whole. Without the copy and in 16 MB chunks and data
+        # files, saving adds ~200 MB whatever the unit's size. Restored by the same
+        # StandardCheckpointer as before (benchmarks/conversion_memory.py).
+        import orbax.checkpoint as ocp
+        registry = ocp.type_handlers.create_type_handler_registry(
+            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+            (jax.Array, ocp.type_handlers.ArrayHandler()))  # unused; without it orbax warns
+        checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+        save_args = {name: ocp.SaveArgs(chunk_byte_size=_SAVE_CHUNK_BYTES) for name in arrays}
+        checkpointer.save(self._unit_path(unit), args=ocp.args.PyTreeSave(
+            {name: np.asarray(a) for name, a in arrays.items()}, save_args=save_args,
+            ocdbt_target_data_file_size=_SAVE_CHUNK_BYTES))
 
     def finalize(self, cfg: ModelConfig, tokenizer, description: dict, dtype: str) -> str:
         cfg.save(os.path.join(self.staging, CONFIG))

@@ -126,3 +126,15 @@ def start_at_anchor(tokenizer, prompt_text: str, anchor: str, *, token_before: b
 
 
 ALL_POSITIONS = 0
+
+
+def window_start(tokenizer, prompt_text: str, window: str, anchor: Optional[str] = None) -> int:
+    """First injected position for a protocol's window: 'anchor' (Lindsey: from the token before
+    `anchor` on) or 'all_positions'."""
+    if window == "all_positions":
+        return ALL_POSITIONS
+    if window == "anchor":
+        if not anchor:
+            raise InjectionError("an 'anchor' window needs an anchor string")
+        return start_at_anchor(tokenizer, prompt_text, anchor)
+    raise InjectionError(f"unknown injection window {window!r}; use 'anchor' or 'all_positions'")

@@ -63,21 +63,34 @@ def check_words(words: Sequence[str], what: str, allow_duplicates: bool = False)
     return words
 
 
-def last_token_residuals(lm, user_texts: Sequence[str], system_header: bool = True,
-                         progress: Optional[str] = None) -> np.ndarray:
-    """[n_texts, n_layers, d_model] float32: the residual after each layer at the last token of
-    each text's chat prompt (with the assistant generation header, so the last token is the one
-    just before the reply)."""
-    prompts = [lm.tokenizer.encode_chat([{"role": "user", "content": t}], system_header=system_header)
-               for t in user_texts]
+def prompt_residuals(lm, user_texts: Sequence[str], system_header: bool = True,
+                     read_at: Optional[Sequence[str]] = None, progress: Optional[str] = None) -> np.ndarray:
+    """[n_texts, n_layers, d_model] float32: the residual after each layer of each text's chat
+    prompt (with the assistant generation header). By default at the last token, the one just
+    before the reply; with `read_at[i]` (a substring of text i), at the token holding its last
+    character."""
+    from jax_introspect.tokenizer import token_index_at_char
+    prompts, indices = [], []
+    for i, text in enumerate(user_texts):
+        chat = lm.tokenizer.chat_prompt([{"role": "user", "content": text}], system_header=system_header)
+        ids, offsets = lm.tokenizer.encode_with_offsets(chat)
+        index = len(ids) - 1
+        if read_at is not None:
+            where = chat.rfind(read_at[i])
+            if where < 0:
+                raise VectorError(f"{read_at[i]!r} not found in prompt {text!r}")
+            index = token_index_at_char(offsets, where + len(read_at[i]) - 1)
+        prompts.append(ids)
+        indices.append(index - len(ids))  # from the end: rows are left-padded
     chunks = range(0, len(prompts), _BATCH)
     if progress:
         from tqdm import tqdm
         chunks = tqdm(chunks, desc=progress, unit="batch")
     out = []
     for i in chunks:
-        residuals = lm.residuals(prompts[i:i + _BATCH])  # [L, b, T, D], left-padded: last column is last token
-        out.append(np.transpose(residuals[:, :, -1, :], (1, 0, 2)))
+        residuals = lm.residuals(prompts[i:i + _BATCH])  # [L, b, T, D]
+        cols = np.asarray(indices[i:i + _BATCH]) + residuals.shape[2]
+        out.append(np.transpose(residuals[:, np.arange(len(cols)), cols, :], (1, 0, 2)))
     return np.concatenate(out, axis=0)
 
 
@@ -87,19 +100,30 @@ def _metadata(lm, method: str, **extra) -> dict:
             **extra}
 
 
+POSITIONS = ("last", "word")
+
+
 def concept_vectors(lm, words: Sequence[str], baseline_words: Sequence[str], template: str = DEFAULT_TEMPLATE,
-                    system_header: bool = True, progress: bool = False) -> ConceptVectors:
+                    system_header: bool = True, position: str = "last", progress: bool = False) -> ConceptVectors:
+    """Lindsey's mean-difference vectors for every layer. `position="last"` reads the token
+    before the reply (the paper's choice); `"word"` reads the word's own last token, a variant
+    that steers small models (e.g. SmolLM2-135M) far more strongly."""
     words = check_words(words, "concept word")
     baseline_words = check_words(baseline_words, "baseline word", allow_duplicates=True)
     if "{word}" not in template:
         raise VectorError(f"template {template!r} has no {{word}} placeholder")
-    acts = last_token_residuals(lm, [template.format(word=w) for w in words], system_header,
-                                "concept prompts" if progress else None)
-    base = last_token_residuals(lm, [template.format(word=w) for w in baseline_words], system_header,
-                                "baseline prompts" if progress else None)
+    if position not in POSITIONS:
+        raise VectorError(f"position {position!r}: choose one of {POSITIONS}")
+
+    def read(word_list, label):
+        return prompt_residuals(lm, [template.format(word=w) for w in word_list], system_header,
+                                read_at=list(word_list) if position == "word" else None,
+                                progress=label if progress else None)
+    acts, base = read(words, "concept prompts"), read(baseline_words, "baseline prompts")
     return ConceptVectors(names=words, vectors=(acts - base.mean(axis=0, keepdims=True)).astype(np.float32),
                           metadata=_metadata(lm, "mean_difference", template=template, words=words,
-                                             baseline_words=list(baseline_words), system_header=system_header))
+                                             baseline_words=list(baseline_words), system_header=system_header,
+                                             position=position))
 
 
 def contrast_vectors(lm, pairs: dict[str, Sequence[tuple[str, str]]], normalize: bool = True,
@@ -112,8 +136,8 @@ def contrast_vectors(lm, pairs: dict[str, Sequence[tuple[str, str]]], normalize:
     for name, concept_pairs in pairs.items():
         if not concept_pairs:
             raise VectorError(f"concept {name!r} has no contrast pairs")
-        pos = last_token_residuals(lm, [p for p, _ in concept_pairs], system_header)
-        neg = last_token_residuals(lm, [n for _, n in concept_pairs], system_header)
+        pos = prompt_residuals(lm, [p for p, _ in concept_pairs], system_header)
+        neg = prompt_residuals(lm, [n for _, n in concept_pairs], system_header)
         vec = (pos - neg).mean(axis=0)
         if normalize:
             vec = vec / np.maximum(np.linalg.norm(vec, axis=-1, keepdims=True), 1e-30)

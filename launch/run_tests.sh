@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source launch/setup_env.sh
-python -m pytest -q -n "${PYTEST_WORKERS:-2}" --durations=15 tests "$@"
+python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile --durations=15 tests "$@"
