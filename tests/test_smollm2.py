@@ -107,3 +107,114 @@ def _hf_continuations(model, prompts, n=24):
 
 def test_lm_chat_answers(lm):
     assert "Paris" in lm.chat(QUESTION, max_new_tokens=24)
+
+
+# --- concept vectors and injection on real weights ------------------------------------------
+
+from jax_introspect import inject, protocols, vectors  # noqa: E402
+
+WORDS = ["Dust", "Oceans", "Bread", "Snow", "Milk", "Silver"]
+STEMS = {"Dust": "dust", "Oceans": "ocean", "Bread": "bread", "Snow": "snow", "Milk": "milk", "Silver": "silver"}
+
+
+def _hf_prompt_residuals(model, hf_tok, texts, read_at=None):
+    """Independent reference: HF chat template + tokenizer + forward hooks on every layer."""
+    rows = []
+    for i, text in enumerate(texts):
+        chat = hf_tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                          tokenize=False)
+        enc = hf_tok(chat, add_special_tokens=False, return_offsets_mapping=True)
+        index = len(enc["input_ids"]) - 1
+        if read_at is not None:
+            last_char = chat.rfind(read_at[i]) + len(read_at[i]) - 1
+            index = next(t for t, (a, b) in enumerate(enc["offset_mapping"]) if a <= last_char < b)
+        rows.append(ref.hf_raw_residuals(model, [enc["input_ids"]])[:, 0, index])
+    return np.stack(rows)  # [n, L, D]
+
+
+@pytest.mark.parametrize("position", ["last", "word"])
+def test_concept_vectors_match_hf_hidden_states(lm, hf_smollm2, position):
+    model, hf_tok = hf_smollm2
+    words, baseline = WORDS[:3], protocols.baseline_words()[:6]
+    ours = vectors.concept_vectors(lm, words, baseline, position=position)
+    texts = lambda ws: [vectors.DEFAULT_TEMPLATE.format(word=w) for w in ws]  # noqa: E731
+    read = (lambda ws: list(ws)) if position == "word" else (lambda ws: None)
+    acts = _hf_prompt_residuals(model, hf_tok, texts(words), read(words))
+    base = _hf_prompt_residuals(model, hf_tok, texts(baseline), read(baseline))
+    theirs = acts - base.mean(axis=0, keepdims=True)
+    cosine = (ours.vectors * theirs).sum(-1) / (np.linalg.norm(ours.vectors, axis=-1) * np.linalg.norm(theirs, axis=-1))
+    print(f"SmolLM2 concept vectors ({position}): min cosine vs HF over words x layers {cosine.min():.6f}")
+    assert cosine.shape == (3, 30) and cosine.min() >= 0.9999
+
+
+def test_injection_matches_hf_hooks_on_smollm2(lm, hf_smollm2):
+    model, hf_tok = hf_smollm2
+    lindsey = protocols.protocol("lindsey_injected_thought")
+    prompt = lm.tokenizer.chat_prompt(lindsey["messages"])
+    ids = lm.tokenizer.encode(prompt)
+    assert ids == hf_tok(prompt, add_special_tokens=False)["input_ids"]
+    start = inject.window_start(lm.tokenizer, prompt, lindsey["window"], lindsey["anchor"])
+    assert lm.tokenizer.decode(ids[start + 1:]).startswith("Trial 1")
+    assert lm.tokenizer.decode(ids[start:start + 1]).endswith("\n")
+    layer = 15
+    vector = vectors.concept_vectors(lm, ["Oceans"], protocols.baseline_words()[:8]).vector("Oceans", layer)
+    strength = 4.0
+    injection = inject.make(layer, strength, vector, start=start, batch=1)
+    with ref.HFInjection(model, layer, vector, strength, start):
+        hf_prefill, _ = ref.hf_logits_and_hidden(model, [ids])
+        hf_tokens, hf_step_logits = ref.hf_greedy_with_logits(model, [ids], 16)
+    ours = lm.logits([ids], injection=injection)
+    diff = np.abs(ours - hf_prefill).max()
+    gen = lm.generate([ids], max_new_tokens=16, injection=injection, return_logits=True)[0]
+    step_diff = np.abs(gen.logits - hf_step_logits[0]).max()
+    print(f"SmolLM2 injected: prefill max |logit diff| {diff:.2e}, 16 decode steps {step_diff:.2e}")
+    assert diff <= 1e-3 and step_diff <= 1e-3
+    assert gen.token_ids == hf_tokens[0].tolist()
+
+
+def test_positive_control_mentions_rise_with_strength(lm):
+    """Injecting a word's vector while asking "What are you thinking about right now?" makes the
+    answer name the word more often as strength grows (sampled, 4 trials per word and strength)."""
+    thinking = protocols.protocol("thinking_about")
+    prompt = lm.tokenizer.chat_prompt(thinking["messages"])
+    concept = vectors.concept_vectors(lm, WORDS, protocols.baseline_words(), position="word")
+    layer, strengths, trials = 15, (0.0, 0.5, 1.0, 2.0), 4
+    cells = [(w, s, t) for s in strengths for w in WORDS for t in range(trials)]
+    injection = inject.make(layer, [s for _, s, _ in cells], np.stack([concept.vector(w, layer) for w, _, _ in cells]),
+                            start=inject.ALL_POSITIONS)
+    out = lm.generate([prompt] * len(cells), max_new_tokens=32, injection=injection, temperature=1.0, seed=0,
+                      trial_ids=[f"{w}/{s}/{t}" for w, s, t in cells])
+    rate = {s: np.mean([STEMS[w] in g.text.lower() for (w, s2, _), g in zip(cells, out) if s2 == s])
+            for s in strengths}
+    print("SmolLM2 positive control (layer 15, word-token vectors): mention rate by strength", rate)
+    assert rate[strengths[-1]] >= rate[0.0] + 0.4
+    assert rate[0.0] <= 0.1
+
+
+def test_contrast_and_random_vectors_and_file_round_trip(lm, hf_smollm2, tmp_path):
+    model, hf_tok = hf_smollm2
+    pairs = {"all_caps": [("HI! HOW ARE YOU?", "Hi! How are you?"), ("THE SKY IS BLUE.", "The sky is blue.")]}
+    ours = vectors.contrast_vectors(lm, pairs)
+    pos = _hf_prompt_residuals(model, hf_tok, [p for p, _ in pairs["all_caps"]])
+    neg = _hf_prompt_residuals(model, hf_tok, [n for _, n in pairs["all_caps"]])
+    theirs = (pos - neg).mean(0)
+    theirs /= np.linalg.norm(theirs, axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.linalg.norm(ours.vectors[0], axis=-1), 1.0, rtol=1e-5)
+    assert ((ours.vectors[0] * theirs).sum(-1)).min() >= 0.9999
+
+    concept = vectors.concept_vectors(lm, WORDS[:2], protocols.baseline_words()[:4])
+    rand = vectors.random_vectors(concept, seed=3)
+    np.testing.assert_allclose(np.linalg.norm(rand.vectors, axis=-1), np.linalg.norm(concept.vectors, axis=-1),
+                               rtol=1e-5)
+    cosine = (rand.vectors * concept.vectors).sum(-1) / np.linalg.norm(concept.vectors, axis=-1) ** 2
+    assert np.abs(cosine).max() < 0.3  # 576-dim random directions are nearly orthogonal
+
+    path = str(tmp_path / "vectors.npz")
+    concept.save(path)
+    with np.load(path) as raw:  # plain numpy can read it
+        assert raw["vectors"].shape == (2, 30, 576)
+    loaded = vectors.ConceptVectors.load(path)
+    assert loaded.names == concept.names and loaded.metadata == concept.metadata
+    np.testing.assert_array_equal(loaded.vectors, concept.vectors)
+    assert loaded.metadata["method"] == "mean_difference" and loaded.metadata["baseline_words"] == \
+        protocols.baseline_words()[:4]
