@@ -20,6 +20,7 @@ setup(
         "tokenizers",
         "ml-collections",
         "tqdm",
+        "matplotlib",
     ],
     extras_require={
         # torch is pinned to the CPU build that ships on this machine image; an unpinned torch

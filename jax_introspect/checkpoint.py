@@ -17,6 +17,7 @@ the same conversion resumes from the layers already written.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -45,6 +46,64 @@ class CheckpointError(ValueError):
 
 def layer_unit(index: int) -> str:
     return f"layer_{index:03d}"
+
+
+# --- paths: local folders or gs:// (read through etils.epath / tensorstore) ---------------------
+
+def is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
+def normalize(path: str) -> str:
+    """Absolute local path (orbax requires one) or the gs://... URL unchanged."""
+    path = str(path)
+    return path.rstrip("/") if is_remote(path) else os.path.abspath(path)
+
+
+def join(path: str, *parts: str) -> str:
+    return "/".join([path.rstrip("/"), *parts]) if is_remote(path) else os.path.join(path, *parts)
+
+
+def _isdir(path: str) -> bool:
+    if is_remote(path):
+        from etils import epath
+        return epath.Path(path).is_dir()
+    return os.path.isdir(path)
+
+
+def _exists(path: str) -> bool:
+    if is_remote(path):
+        from etils import epath
+        return epath.Path(path).exists()
+    return os.path.exists(path)
+
+
+def _read_json(path: str) -> dict:
+    if is_remote(path):
+        from etils import epath
+        return json.loads(epath.Path(path).read_text())
+    with open(path) as f:
+        return json.load(f)
+
+
+def local_copy(folder: str) -> str:
+    """A local folder with the files of `folder` (itself when local; a temporary copy of a
+    gs:// folder, for readers that need real files such as tokenizers)."""
+    if not is_remote(folder):
+        return folder
+    import tempfile
+    from etils import epath
+    local = tempfile.mkdtemp(prefix="jax_introspect_")
+    for item in epath.Path(folder).iterdir():
+        if not item.is_dir():
+            (epath.Path(local) / item.name).write_bytes(item.read_bytes())
+    return local
+
+
+# Stored arrays whose leading split is the head axis: chunked one head per chunk, so restoring a
+# tensor-parallel slice of the heads reads only its own chunks (the other axes are chunked by
+# size, ~16 MB, which on the MLP and vocab axes already gives each shard its own chunks).
+_HEAD_AXIS = {"wq": 1, "wk": 1, "wv": 1, "wo": 0}
 
 
 def _checkpointer():
@@ -94,7 +153,9 @@ class CheckpointWriter:
             (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
             (jax.Array, ocp.type_handlers.ArrayHandler()))  # unused; without it orbax warns
         checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
-        save_args = {name: ocp.SaveArgs(chunk_byte_size=_SAVE_CHUNK_BYTES) for name in arrays}
+        save_args = {name: ocp.SaveArgs(chunk_byte_size=_SAVE_CHUNK_BYTES,
+                                        shard_axes=(_HEAD_AXIS[name],) if name in _HEAD_AXIS else ())
+                     for name in arrays}
         checkpointer.save(self._unit_path(unit), args=ocp.args.PyTreeSave(
             {name: np.asarray(a) for name, a in arrays.items()}, save_args=save_args,
             ocdbt_target_data_file_size=_SAVE_CHUNK_BYTES))
@@ -119,18 +180,17 @@ class CheckpointWriter:
 
 
 def read_manifest(path: str) -> dict:
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    path = normalize(path)
+    if not _isdir(path):
         hint = (f" (an interrupted conversion left {path + STAGING_SUFFIX}: re-run the same "
-                "`python -m launch.convert` command to finish it)") if os.path.isdir(path + STAGING_SUFFIX) else \
+                "`python -m launch.convert` command to finish it)") if _isdir(path + STAGING_SUFFIX) else \
             " ; create it with `python -m launch.convert --source=... --out=" + path + "`"
         raise CheckpointError(f"checkpoint {path} does not exist{hint}")
-    manifest_path = os.path.join(path, MANIFEST)
-    if not os.path.exists(manifest_path):
+    manifest_path = join(path, MANIFEST)
+    if not _exists(manifest_path):
         raise CheckpointError(f"{path} has no {MANIFEST}: it is not a complete jax_introspect checkpoint; "
                               "convert it again with `python -m launch.convert`")
-    with open(manifest_path) as f:
-        manifest = json.load(f)
+    manifest = _read_json(manifest_path)
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest
@@ -138,13 +198,25 @@ def read_manifest(path: str) -> dict:
 
 def load_config(path: str) -> ModelConfig:
     read_manifest(path)
-    return ModelConfig.load(os.path.join(path, CONFIG))
+    return ModelConfig.from_json_dict(_read_json(join(normalize(path), CONFIG)))
 
 
 def _restore(path: str, targets: dict) -> dict:
-    if not os.path.isdir(path):
+    if not _isdir(path):
         raise CheckpointError(f"{path} is missing: the checkpoint is damaged; convert it again")
-    return _checkpointer().restore(path, targets)
+    checkpointer = _checkpointer()
+    # Shapes are checked against the stored metadata first: a unit of another model (or a config
+    # that does not describe these weights) is named, not left to a tensorstore error.
+    stored = checkpointer.metadata(path).item_metadata
+    for name, target in targets.items():
+        if name not in stored:
+            raise CheckpointError(f"{path} has no array {name!r}: the checkpoint is damaged or of another format")
+        if tuple(stored[name].shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{path}/{name} is stored with shape {tuple(stored[name].shape)} but the checkpoint's config "
+                f"expects {tuple(target.shape)}: these weights belong to another model; convert the model "
+                "again or use its own config.json")
+    return checkpointer.restore(path, targets)
 
 
 def _abstract(shapes: dict, dtype, sharding_of: Callable[[str], jax.sharding.Sharding]) -> dict:
@@ -153,32 +225,50 @@ def _abstract(shapes: dict, dtype, sharding_of: Callable[[str], jax.sharding.Sha
 
 
 def load_params(path: str, cfg: ModelConfig, dtype=None,
-                shardings: Optional[model_lib.Params] = None) -> model_lib.Params:
+                shardings: Optional[model_lib.Params] = None, kv_heads: Optional[int] = None) -> model_lib.Params:
     """Restore a checkpoint as `Params` in `dtype` (default: as stored).
 
-    `shardings` is a `Params` of `jax.sharding.Sharding`s (default: all on the first device).
-    Each layer is restored straight into its target sharding (each host reads only its shards)
-    and copied into the stacked buffer in place, so no host ever holds the whole model.
+    `shardings` is a `Params` of `jax.sharding.Sharding`s (default: all on the first device),
+    e.g. `sharding.Layout.params(cfg)`: `NamedSharding`s on a mesh that may span hosts. Each
+    layer is restored straight into its target sharding (each host reads only the chunks of
+    its own shards) and copied into the stacked buffer in place, so no host ever holds the
+    whole model. `kv_heads`: KV heads to hold in memory, a multiple of the stored ones; each
+    stored head is repeated (the plan for more tensor-parallel ways than KV heads).
     """
-    path = os.path.abspath(path)  # orbax requires absolute paths
+    path = normalize(path)  # orbax requires absolute paths
     manifest = read_manifest(path)
     dtype = jnp.dtype(dtype or manifest["dtype"])
+    kv_heads = kv_heads or cfg.n_kv_heads
+    if kv_heads % cfg.n_kv_heads or cfg.n_heads % kv_heads:
+        raise CheckpointError(f"kv_heads={kv_heads} must be a multiple of the stored {cfg.n_kv_heads} KV heads "
+                              f"and divide n_heads={cfg.n_heads}")
+    run_cfg = cfg if kv_heads == cfg.n_kv_heads else dataclasses.replace(cfg, n_kv_heads=kv_heads)
     if shardings is None:
         single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: single, abstract_params(cfg, dtype))
-    params_dir = os.path.join(path, "params")
+        shardings = jax.tree.map(lambda _: single, abstract_params(run_cfg, dtype))
+    params_dir = join(path, "params")
 
     global_shapes = model_lib.global_param_shapes(cfg)
-    globals_ = _restore(os.path.join(params_dir, GLOBALS),
+    globals_ = _restore(join(params_dir, GLOBALS),
                         _abstract(global_shapes, dtype, lambda n: getattr(shardings, n)))
 
     layer_shardings = shardings.layers
     unstacked_sharding = {name: _drop_leading_axis(getattr(layer_shardings, name))
                           for name in model_lib.layer_param_shapes(cfg)}
-    stacked = _zeros_layers(cfg, dtype, layer_shardings)
+    restore_sharding = dict(unstacked_sharding)
+    expand = None
+    if kv_heads != cfg.n_kv_heads:
+        # The stored heads do not split over the tensor axis: restore wk/wv whole on each device
+        # (one layer's, small) and repeat each head into its copies in the target sharding.
+        for name in ("wk", "wv"):
+            restore_sharding[name] = _replicate_axis(unstacked_sharding[name], 1)
+        expand = _expander(kv_heads // cfg.n_kv_heads, unstacked_sharding["wk"])
+    stacked = _zeros_layers(run_cfg, dtype, layer_shardings)
     for index in range(cfg.n_layers):
-        layer = _restore(os.path.join(params_dir, layer_unit(index)),
-                         _abstract(model_lib.layer_param_shapes(cfg), dtype, unstacked_sharding.get))
+        layer = _restore(join(params_dir, layer_unit(index)),
+                         _abstract(model_lib.layer_param_shapes(cfg), dtype, restore_sharding.get))
+        if expand is not None:
+            layer["wk"], layer["wv"] = expand(layer["wk"]), expand(layer["wv"])
         stacked = _insert_layer(stacked, model_lib.LayerParams(**layer), jnp.int32(index))
     return model_lib.Params(embed=globals_["embed"], layers=stacked, final_norm=globals_["final_norm"],
                             lm_head=globals_.get("lm_head"))
@@ -197,6 +287,19 @@ def _drop_leading_axis(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding
     if isinstance(sharding, jax.sharding.NamedSharding):
         return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
     return sharding
+
+
+def _replicate_axis(sharding: jax.sharding.Sharding, axis: int) -> jax.sharding.Sharding:
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = list(sharding.spec) + [None] * (axis + 1 - len(sharding.spec))
+        spec[axis] = None
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    return sharding
+
+
+def _expander(repeats: int, out_sharding: jax.sharding.Sharding):
+    """[D, K, hd] -> [D, K * repeats, hd], each head repeated in place (head j -> j // repeats)."""
+    return jax.jit(lambda x: jnp.repeat(x, repeats, axis=1), out_shardings=out_sharding)
 
 
 def _zeros_layers(cfg: ModelConfig, dtype, layer_shardings: model_lib.LayerParams) -> model_lib.LayerParams:

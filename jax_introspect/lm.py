@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Optional, Sequence, Union
 
 import jax
@@ -14,6 +13,7 @@ from jax_introspect import checkpoint as ckpt
 from jax_introspect import generate as generate_lib
 from jax_introspect import inject as inject_lib
 from jax_introspect import model as model_lib
+from jax_introspect import sharding as sharding_lib
 from jax_introspect.config import ModelConfig
 
 TokenBatch = Union[np.ndarray, Sequence[Sequence[int]]]
@@ -29,13 +29,28 @@ class Generation:
     logits: Optional[np.ndarray] = None  # [len(token_ids), vocab] float32, when asked for
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "return_residuals"))
-def _prefill(params, cfg, tokens, token_valid, injection, return_residuals):
+def _prefill_impl(params, cfg, tokens, token_valid, injection, return_residuals, layout=None):
     cache = model_lib.init_cache(cfg, tokens.shape[0], tokens.shape[1], params.embed.dtype)
+    if layout is not None:
+        cache = layout.constrain_cache(cache)
     logits, _, residuals = model_lib.forward(params, cfg, tokens, model_lib.prompt_positions(token_valid),
                                              token_valid, cache, return_residuals=return_residuals,
-                                             injection=injection)
+                                             injection=injection, layout=layout)
     return logits, residuals
+
+
+_prefill = jax.jit(_prefill_impl, static_argnames=("cfg", "return_residuals", "layout"))
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_prefill(layout, cfg, return_residuals):
+    """The prefill forward on a mesh, with explicit in/out shardings (logits split over batch and
+    vocab, residuals over batch)."""
+    def run(params, tokens, token_valid, injection):
+        return _prefill_impl(params, cfg, tokens, token_valid, injection, return_residuals, layout)
+    return jax.jit(run, in_shardings=(layout.params(cfg), layout.of("tokens"), layout.of("tokens"),
+                                      layout.injection()),
+                   out_shardings=(layout.of("logits"), layout.of("residuals") if return_residuals else None))
 
 
 def left_pad(token_ids: TokenBatch, pad_id: int, bucket: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -53,11 +68,17 @@ def left_pad(token_ids: TokenBatch, pad_id: int, bucket: int = 1) -> tuple[np.nd
 
 
 class LanguageModel:
-    def __init__(self, config: ModelConfig, params: model_lib.Params, tokenizer=None, path: Optional[str] = None):
+    def __init__(self, config: ModelConfig, params: model_lib.Params, tokenizer=None, path: Optional[str] = None,
+                 layout=None):
         self.config = config
         self.params = params
         self._tokenizer = tokenizer
         self.path = path
+        # With a `sharding.Layout`, params live on its mesh and every call runs the jitted
+        # programs with its explicit in/out shardings; `run_config` is `config` with the KV heads
+        # held in memory (duplicated when the tensor axis exceeds them; see docs/sharding.md).
+        self.layout = layout
+        self.run_config = config if layout is None else layout.run_config(config)
 
     @property
     def tokenizer(self):
@@ -86,19 +107,47 @@ class LanguageModel:
         inject_lib.validate(injection, self.config, batch)
         return injection
 
+    def _pad_rows(self, tokens, valid, injection, sample=None):
+        """On a mesh, add inert rows (one pad token, strength 0, greedy) so the batch splits
+        evenly over the data axis; callers drop them from the outputs."""
+        extra = -len(tokens) % self.layout.data_size
+        if not extra:
+            return tokens, valid, injection, sample
+        pad = lambda x, value: np.concatenate([np.asarray(x), np.full((extra,) + np.shape(x)[1:], value,
+                                                                       np.asarray(x).dtype)])
+        tokens, valid = pad(tokens, self._pad_id()), pad(valid, False)
+        valid[-extra:, -1] = True
+        injection = inject_lib.Injection(layer=pad(injection.layer, 0), strength=pad(injection.strength, 0.0),
+                                         vector=pad(injection.vector, 0.0), start=pad(injection.start, 0),
+                                         norm_match=pad(injection.norm_match, False))
+        if sample is not None:
+            sample = generate_lib.Sampling(temperature=pad(sample.temperature, 0.0), top_p=pad(sample.top_p, 1.0),
+                                           keys=pad(sample.keys, 0))
+        return tokens, valid, injection, sample
+
+    def _forward(self, token_ids, injection, return_residuals):
+        tokens, valid = self._batch(token_ids)
+        injection = self._injection(injection, len(tokens))
+        if self.layout is None:
+            return _prefill(self.params, self.config, tokens, valid, injection, return_residuals)
+        rows, lay = len(tokens), self.layout
+        tokens, valid, injection, _ = self._pad_rows(tokens, valid, injection)
+        logits, residuals = _sharded_prefill(lay, self.run_config, return_residuals)(
+            self.params, lay.put(tokens, lay.of("tokens")), lay.put(valid, lay.of("tokens")),
+            lay.put(injection, lay.injection()))
+        if return_residuals:
+            return None, sharding_lib.to_host(residuals)[:, :rows]
+        return sharding_lib.to_host(logits)[:rows], None
+
     def logits(self, token_ids: TokenBatch, injection: Optional[inject_lib.Injection] = None) -> np.ndarray:
         """float32 logits [B, T, vocab]; ragged rows are left-padded (pad columns hold junk)."""
-        tokens, valid = self._batch(token_ids)
-        logits, _ = _prefill(self.params, self.config, tokens, valid,
-                             self._injection(injection, len(tokens)), False)
+        logits, _ = self._forward(token_ids, injection, False)
         return np.asarray(logits)
 
     def residuals(self, token_ids: TokenBatch, injection: Optional[inject_lib.Injection] = None) -> np.ndarray:
         """The raw residual stream after every decoder layer (before the final norm), float32
         [layers, B, T, d_model]; ragged rows are left-padded."""
-        tokens, valid = self._batch(token_ids)
-        _, residuals = _prefill(self.params, self.config, tokens, valid,
-                                self._injection(injection, len(tokens)), True)
+        _, residuals = self._forward(token_ids, injection, True)
         return np.asarray(residuals, dtype=np.float32)
 
     def generate(self, prompts: Union[Sequence[str], TokenBatch], max_new_tokens: int = 64,
@@ -124,9 +173,20 @@ class LanguageModel:
         keys = np.stack([generate_lib.trial_key(seed, t) for t in trial_ids])
         sample = generate_lib.sampling(len(tokens), temperature, top_p, keys)
         eos = np.asarray(self._tokenizer.eos_ids if self._tokenizer else [-1], np.int32)
-        out, lengths, step_logits = generate_lib.generate_tokens(
-            self.params, self.config, tokens, valid, self._injection(injection, len(tokens)), sample, eos,
-            np.int32(self._pad_id()), max_new_tokens, return_logits=return_logits)
+        injection = self._injection(injection, len(tokens))
+        if self.layout is None:
+            out, lengths, step_logits = generate_lib.generate_tokens(
+                self.params, self.config, tokens, valid, injection, sample, eos,
+                np.int32(self._pad_id()), max_new_tokens, return_logits=return_logits)
+        else:
+            lay = self.layout
+            tokens, valid, injection, sample = self._pad_rows(tokens, valid, injection, sample)
+            out, lengths, step_logits = generate_lib.sharded_generate(lay, self.run_config, max_new_tokens,
+                                                                      return_logits)(
+                self.params, lay.put(tokens, lay.of("tokens")), lay.put(valid, lay.of("tokens")),
+                lay.put(injection, lay.injection()), lay.put(sample, lay.sampling()),
+                lay.put(eos, lay.replicated), lay.put(np.int32(self._pad_id()), lay.replicated))
+            step_logits = None if step_logits is None else sharding_lib.to_host(step_logits)
         out, lengths = np.asarray(out), np.asarray(lengths)
         step_logits = None if step_logits is None else np.asarray(step_logits)
         results = []
@@ -145,12 +205,27 @@ class LanguageModel:
         return self.generate([prompt], max_new_tokens=max_new_tokens)[0].text
 
 
-def load(path: str, dtype=None, shardings=None) -> LanguageModel:
-    """Load a checkpoint written by `python -m launch.convert`."""
+def load(path: str, dtype=None, shardings=None, mesh=None, rules=None) -> LanguageModel:
+    """Load a checkpoint written by `python -m launch.convert` (a local folder or gs://...).
+
+    mesh: a `jax.sharding.Mesh` from `sharding.make_mesh`, or its shape as text ('2x4' =
+    data x tensor, '1x-1' = all devices tensor-parallel). Each layer is restored straight into
+    its sharding on the mesh (each host reads only its shards) and every call then runs with
+    explicit in/out shardings. `rules`: optional `sharding.AxisRules`. Without a mesh, params go
+    to one device (or to explicit `shardings`, a `Params` of shardings)."""
     config = ckpt.load_config(path)
-    params = ckpt.load_params(path, config, dtype=dtype, shardings=shardings)
+    layout = None
+    if mesh is not None:
+        if shardings is not None:
+            raise ValueError("pass either mesh= or shardings=, not both")
+        if not isinstance(mesh, jax.sharding.Mesh):
+            mesh = sharding_lib.make_mesh(mesh)
+        layout = sharding_lib.Layout.for_model(mesh, config, rules)
+        shardings = layout.params(config)
+    params = ckpt.load_params(path, config, dtype=dtype, shardings=shardings,
+                              kv_heads=None if layout is None else layout.kv_heads)
     tokenizer = None
     if ckpt.read_manifest(path).get("tokenizer"):
         from jax_introspect import tokenizer as tok_lib
-        tokenizer = tok_lib.load_tokenizer(os.path.join(path, ckpt.TOKENIZER_DIR))
-    return LanguageModel(config, params, tokenizer, path=os.path.abspath(path))
+        tokenizer = tok_lib.load_tokenizer(ckpt.local_copy(ckpt.join(path, ckpt.TOKENIZER_DIR)))
+    return LanguageModel(config, params, tokenizer, path=ckpt.normalize(path), layout=layout)

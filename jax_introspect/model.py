@@ -157,7 +157,7 @@ def attention_mask(cache_valid: jax.Array, start: jax.Array, num_queries: int) -
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
             token_valid: jax.Array, cache: KVCache, return_residuals: bool = False,
-            injection: Optional[Injection] = None):
+            injection: Optional[Injection] = None, layout=None):
     """Run `tokens` [B, T] through the model, appending them to `cache` at slot `cache.length`.
 
     positions: [B, T] RoPE positions (pad tokens: any value); token_valid: [B, T] bool.
@@ -166,7 +166,12 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     Returns (logits float32 [B, T, V], updated cache, residuals [L, B, T, D] or None). The
     residuals are the raw residual stream after each decoder layer (before the final norm),
     injection included.
+    layout: optional `sharding.Layout`; when given, the hidden state, KV cache and logits are
+    pinned to its shardings (`with_sharding_constraint`) so GSPMD keeps the intended layout.
     """
+    def pin(x, role):
+        return x if layout is None else layout.pin(x, role)
+
     B, T = tokens.shape
     dtype = params.embed.dtype
     prec = _precision(dtype)
@@ -191,14 +196,15 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
         h = h + mlp_out
         if injection is not None:
             h = h + inject.residual_delta(injection, index, positions, token_valid, mlp_out, h.dtype)
+        h, k_all, v_all = pin(h, "hidden"), pin(k_all, "cache_kv"), pin(v_all, "cache_kv")
         return (h, k_all, v_all), (h if return_residuals else None)
 
-    h = params.embed[tokens]
+    h = pin(params.embed[tokens], "hidden")
     (h, k_all, v_all), residuals = jax.lax.scan(
         layer_step, (h, cache.k, cache.v), (params.layers, jnp.arange(cfg.n_layers)))
     h = rms_norm(h, params.final_norm, cfg.rms_norm_eps)
     head = params.embed.T if params.lm_head is None else params.lm_head
-    logits = jnp.einsum("btd,dv->btv", h, head, precision=prec).astype(jnp.float32)
+    logits = pin(jnp.einsum("btd,dv->btv", h, head, precision=prec).astype(jnp.float32), "logits")
     new_cache = KVCache(k=k_all, v=v_all, valid=cache_valid, length=start + T)
     return logits, new_cache, residuals
 

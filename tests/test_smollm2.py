@@ -113,8 +113,9 @@ def test_lm_chat_answers(lm):
 
 from jax_introspect import inject, protocols, vectors  # noqa: E402
 
+from launch.positive_control import mentions  # noqa: E402
+
 WORDS = ["Dust", "Oceans", "Bread", "Snow", "Milk", "Silver"]
-STEMS = {"Dust": "dust", "Oceans": "ocean", "Bread": "bread", "Snow": "snow", "Milk": "milk", "Silver": "silver"}
 
 
 def _hf_prompt_residuals(model, hf_tok, texts, read_at=None):
@@ -184,7 +185,7 @@ def test_positive_control_mentions_rise_with_strength(lm):
                             start=inject.ALL_POSITIONS)
     out = lm.generate([prompt] * len(cells), max_new_tokens=32, injection=injection, temperature=1.0, seed=0,
                       trial_ids=[f"{w}/{s}/{t}" for w, s, t in cells])
-    rate = {s: np.mean([STEMS[w] in g.text.lower() for (w, s2, _), g in zip(cells, out) if s2 == s])
+    rate = {s: np.mean([mentions(w, g.text) for (w, s2, _), g in zip(cells, out) if s2 == s])
             for s in strengths}
     print("SmolLM2 positive control (layer 15, word-token vectors): mention rate by strength", rate)
     assert rate[strengths[-1]] >= rate[0.0] + 0.4

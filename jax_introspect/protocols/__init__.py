@@ -27,3 +27,19 @@ def protocol(name: str) -> dict:
     if name not in protocols:
         raise ValueError(f"unknown protocol {name!r}; known: {sorted(protocols)}")
     return protocols[name]
+
+
+def contrast_pairs(names=None) -> dict[str, list[tuple[str, str]]]:
+    """Positive/negative sentence pairs per concept (see the data file's source note)."""
+    pairs = {k: [tuple(p) for p in v] for k, v in _read("contrast_pairs.json")["pairs"].items()}
+    if names is None:
+        return pairs
+    unknown = sorted(set(names) - set(pairs))
+    if unknown:
+        raise ValueError(f"no contrast pairs for {unknown}; known: {sorted(pairs)}")
+    return {n: pairs[n] for n in names}
+
+
+def question(protocol_data: dict) -> str:
+    """The last user turn: the question the model answers (what graders see)."""
+    return [m for m in protocol_data["messages"] if m["role"] == "user"][-1]["content"]

@@ -1,0 +1,301 @@
+"""Device meshes and the one table that maps logical array axes to mesh axes.
+
+A mesh has two named axes, `data` (batch rows) and `tensor` (tensor parallelism inside a
+layer). Every array the model touches names its axes logically (`embed`, `heads`, `kv_heads`,
+`head_dim`, `mlp`, `vocab`, `layers`, `batch`, `seq`, `cache_seq`); `AxisRules` maps those names
+to mesh axes, and `Layout` turns the mapping into the `NamedSharding`s of `Params`, `KVCache`,
+`Injection`, sampling settings and batch arrays (see docs/sharding.md).
+
+Default rules (decode-friendly tensor parallelism, Megatron style): the attention heads, the MLP
+hidden axis and the vocabulary are split over `tensor`; the model width (`embed`) is kept whole,
+so activations are replicated inside a tensor group and each layer costs two all-reduces; batch
+rows are split over `data`, and the weights are replicated across `data`.
+
+More tensor-parallel ways than KV heads (Llama-3.1 has 8): every KV head is duplicated at load
+time into `lcm(n_kv_heads, tensor) / n_kv_heads` identical copies, so the KV projections and the
+KV cache split evenly and each device holds the KV heads its own query heads read (one head per
+device when `tensor` is a multiple of the KV heads). Results are unchanged: a query head's copy
+holds the same keys and values as the original.
+
+Meshes are built with `AxisType.Auto` (`jax.make_mesh` defaults to explicit axes in current JAX):
+GSPMD propagates shardings from the jitted functions' explicit in/out shardings and the
+`with_sharding_constraint`s placed by `model.forward`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence, Union
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jax_introspect.config import ModelConfig
+
+DATA = "data"
+TENSOR = "tensor"
+MESH_AXES = (DATA, TENSOR)
+
+# Logical axis -> mesh axis (None: replicated). The only place that decides who holds what.
+DEFAULT_RULES: tuple[tuple[str, Optional[str]], ...] = (
+    ("batch", DATA),
+    ("vocab", TENSOR),
+    ("heads", TENSOR),
+    ("kv_heads", TENSOR),
+    ("mlp", TENSOR),
+    ("embed", None),
+    ("head_dim", None),
+    ("layers", None),
+    ("seq", None),
+    ("cache_seq", None),
+)
+
+# The logical axes of every array, by role.
+PARAM_AXES = {
+    "embed": ("vocab", "embed"),
+    "final_norm": ("embed",),
+    "lm_head": ("embed", "vocab"),
+}
+LAYER_AXES = {
+    "attn_norm": ("layers", "embed"),
+    "wq": ("layers", "embed", "heads", "head_dim"),
+    "wk": ("layers", "embed", "kv_heads", "head_dim"),
+    "wv": ("layers", "embed", "kv_heads", "head_dim"),
+    "wo": ("layers", "heads", "head_dim", "embed"),
+    "mlp_norm": ("layers", "embed"),
+    "w_gate": ("layers", "embed", "mlp"),
+    "w_up": ("layers", "embed", "mlp"),
+    "w_down": ("layers", "mlp", "embed"),
+}
+CACHE_AXES = {
+    "k": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+    "v": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+    "valid": ("batch", "cache_seq"),
+    "length": (),
+}
+INJECTION_AXES = {
+    "layer": ("batch",), "strength": ("batch",), "vector": ("batch", "embed"), "start": ("batch",),
+    "norm_match": ("batch",),
+}
+SAMPLING_AXES = {"temperature": ("batch",), "top_p": ("batch",), "keys": ("batch", None)}
+ACTIVATION_AXES = {
+    "tokens": ("batch", "seq"),  # tokens, token_valid, generated ids
+    "hidden": ("batch", "seq", "embed"),
+    "logits": ("batch", "seq", "vocab"),
+    "residuals": ("layers", "batch", "seq", "embed"),
+    "cache_kv": CACHE_AXES["k"],
+    "rows": ("batch",),
+}
+
+
+class LayoutError(ValueError):
+    """A mesh or rule set that cannot hold this model on these devices."""
+
+
+# --- meshes -----------------------------------------------------------------------------------
+
+def parse_mesh_shape(spec: Union[str, Sequence[int]], n_devices: int) -> tuple[int, int]:
+    """'2x4' / (2, 4) -> (data, tensor); one side may be -1 ('-1x8', '1x-1'): the rest of the devices."""
+    if isinstance(spec, str):
+        try:
+            shape = tuple(int(s) for s in spec.lower().replace("*", "x").split("x"))
+        except ValueError:
+            raise LayoutError(f"mesh {spec!r}: write it as DATAxTENSOR, e.g. '2x4' or '1x-1'") from None
+    else:
+        shape = tuple(int(s) for s in spec)
+    if len(shape) != 2 or any(s == 0 or s < -1 for s in shape) or shape == (-1, -1):
+        raise LayoutError(f"mesh {spec!r}: need two axis sizes (data x tensor), positive or one -1")
+    if -1 in shape:
+        known = shape[0] if shape[1] == -1 else shape[1]
+        if n_devices % known:
+            raise LayoutError(f"mesh {spec!r}: {known} does not divide the {n_devices} devices")
+        shape = tuple(n_devices // known if s == -1 else s for s in shape)
+    if shape[0] * shape[1] != n_devices:
+        raise LayoutError(
+            f"mesh {spec!r} = {shape[0]}x{shape[1]} needs {shape[0] * shape[1]} devices but "
+            f"{n_devices} are given: data x tensor must equal the device count (e.g. '1x{n_devices}')")
+    return shape
+
+
+def make_mesh(spec: Union[str, Sequence[int]] = "1x-1", devices: Optional[Sequence] = None) -> Mesh:
+    """A (data, tensor) mesh with `AxisType.Auto` axes over `devices` (default: all of them, on
+    every host). On TPU `jax.make_mesh` lays the tensor axis along the fastest interconnect."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = parse_mesh_shape(spec, len(devices))
+    auto = (AxisType.Auto, AxisType.Auto)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    except Exception:  # e.g. a device subset that is not a whole TPU slice
+        return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+# --- rules ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class AxisRules:
+    """Logical axis name -> mesh axis name (or None: replicated)."""
+
+    rules: tuple[tuple[str, Optional[str]], ...] = DEFAULT_RULES
+
+    def __post_init__(self):
+        names = [n for n, _ in self.rules]
+        if len(set(names)) != len(names):
+            raise LayoutError(f"axis rules name a logical axis twice: {names}")
+
+    def mesh_axis(self, logical: Optional[str]) -> Optional[str]:
+        if logical is None:
+            return None
+        for name, axis in self.rules:
+            if name == logical:
+                return axis
+        raise LayoutError(f"no axis rule for logical axis {logical!r}; rules cover {[n for n, _ in self.rules]}")
+
+    def spec(self, logical_axes: Sequence[Optional[str]]) -> PartitionSpec:
+        axes = [self.mesh_axis(a) for a in logical_axes]
+        used = [a for a in axes if a is not None]
+        if len(set(used)) != len(used):
+            raise LayoutError(f"logical axes {tuple(logical_axes)} map twice onto one mesh axis: {axes}")
+        return PartitionSpec(*axes)
+
+    def replace(self, **changes: Optional[str]) -> "AxisRules":
+        return AxisRules(tuple((n, changes.get(n, a)) for n, a in self.rules))
+
+
+def kv_heads_for(cfg: ModelConfig, tensor: int) -> int:
+    """KV heads held in memory on a `tensor`-way axis: the stored ones, or lcm(n_kv_heads, tensor)
+    after duplicating each (always divides n_heads when tensor does)."""
+    if cfg.n_kv_heads % tensor == 0:
+        return cfg.n_kv_heads
+    return math.lcm(cfg.n_kv_heads, tensor)
+
+
+# --- the layout of one model on one mesh ------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where every array of one model lives on one mesh. Hashable: it is a static argument of the
+    jitted forward and generate."""
+
+    mesh: Mesh
+    rules: AxisRules
+    kv_heads: int  # KV heads held in memory (duplicated past n_kv_heads when tensor needs it)
+
+    @classmethod
+    def for_model(cls, mesh: Mesh, cfg: ModelConfig, rules: Optional[AxisRules] = None) -> "Layout":
+        """Check that the mesh can hold `cfg` and adapt the rules to it."""
+        rules = rules or AxisRules()
+        if tuple(mesh.axis_names) != MESH_AXES:
+            raise LayoutError(f"mesh axes {mesh.axis_names}: expected {MESH_AXES} (use sharding.make_mesh)")
+        sizes = dict(mesh.shape)
+
+        def ways(logical):
+            axis = rules.mesh_axis(logical)
+            return 1 if axis is None else sizes[axis]
+        heads = ways("heads")
+        if cfg.n_heads % heads:
+            raise LayoutError(
+                f"the {rules.mesh_axis('heads')!r} mesh axis of size {heads} does not divide the model's "
+                f"n_heads={cfg.n_heads} query heads: choose a tensor size that divides {cfg.n_heads} "
+                f"(e.g. {_divisors(cfg.n_heads)})")
+        kv_ways = ways("kv_heads")
+        kv_heads = kv_heads_for(cfg, kv_ways)
+        if kv_heads != cfg.n_kv_heads:
+            if cfg.n_heads % kv_heads:
+                raise LayoutError(f"kv_heads split {kv_ways}-way needs lcm({cfg.n_kv_heads}, {kv_ways})="
+                                  f"{kv_heads} KV heads, which does not divide n_heads={cfg.n_heads}")
+            logging.info("tensor axis %d > %d KV heads: each KV head is held as %d copies (%d in all)",
+                         kv_ways, cfg.n_kv_heads, kv_heads // cfg.n_kv_heads, kv_heads)
+        # Axes that do not split evenly are replicated rather than padded.
+        changes = {}
+        for logical, size in (("vocab", cfg.vocab_size), ("mlp", cfg.d_ff), ("embed", cfg.d_model),
+                              ("head_dim", cfg.head_dim), ("layers", cfg.n_layers)):
+            if size % ways(logical):
+                logging.warning("%s=%d does not split %d-way: replicated", logical, size, ways(logical))
+                changes[logical] = None
+        return cls(mesh=mesh, rules=rules.replace(**changes) if changes else rules, kv_heads=kv_heads)
+
+    # --- basic pieces
+    @property
+    def data_size(self) -> int:
+        axis = self.rules.mesh_axis("batch")
+        return 1 if axis is None else dict(self.mesh.shape)[axis]
+
+    @property
+    def tensor_size(self) -> int:
+        return dict(self.mesh.shape)[TENSOR]
+
+    def spec(self, *logical: Optional[str]) -> PartitionSpec:
+        return self.rules.spec(logical)
+
+    def sharding(self, *logical: Optional[str]) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(*logical))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def run_config(self, cfg: ModelConfig) -> ModelConfig:
+        """The config the jitted programs run with: `cfg` with the KV heads held in memory."""
+        return cfg if cfg.n_kv_heads == self.kv_heads else dataclasses.replace(cfg, n_kv_heads=self.kv_heads)
+
+    # --- shardings of the model's pytrees
+    def params(self, cfg: ModelConfig):
+        from jax_introspect import model as model_lib
+        layers = model_lib.LayerParams(**{n: self.sharding(*a) for n, a in LAYER_AXES.items()})
+        return model_lib.Params(embed=self.sharding(*PARAM_AXES["embed"]), layers=layers,
+                                final_norm=self.sharding(*PARAM_AXES["final_norm"]),
+                                lm_head=None if cfg.tie_word_embeddings else self.sharding(*PARAM_AXES["lm_head"]))
+
+    def cache(self):
+        from jax_introspect import model as model_lib
+        return model_lib.KVCache(**{n: self.sharding(*a) for n, a in CACHE_AXES.items()})
+
+    def injection(self):
+        from jax_introspect.inject import Injection
+        return Injection(**{n: self.sharding(*a) for n, a in INJECTION_AXES.items()})
+
+    def sampling(self):
+        from jax_introspect.generate import Sampling
+        return Sampling(**{n: self.sharding(*a) for n, a in SAMPLING_AXES.items()})
+
+    # --- moving data
+    def constrain(self, x: jax.Array, *logical: Optional[str]) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, self.sharding(*logical))
+
+    def pin(self, x: jax.Array, role: str) -> jax.Array:
+        """Constrain an activation by its role in ACTIVATION_AXES ('hidden', 'logits', ...)."""
+        return self.constrain(x, *ACTIVATION_AXES[role])
+
+    def of(self, role: str) -> NamedSharding:
+        return self.sharding(*ACTIVATION_AXES[role])
+
+    def constrain_cache(self, cache):
+        return jax.tree.map(jax.lax.with_sharding_constraint, cache, self.cache())
+
+    def put(self, tree, shardings):
+        """Host arrays (the same on every process) -> global arrays with `shardings` (a matching
+        pytree or one sharding). Each process copies in only the slices its devices hold."""
+        def one(x, sharding):
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+        if isinstance(shardings, jax.sharding.Sharding):
+            return jax.tree.map(lambda x: one(x, shardings), tree)
+        return jax.tree.map(one, tree, shardings)
+
+    def __repr__(self):
+        shape = "x".join(str(s) for s in self.mesh.devices.shape)
+        return f"Layout(mesh={shape} {MESH_AXES}, kv_heads={self.kv_heads})"
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0 and d <= 64]
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-host) array as numpy on every process."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
