@@ -295,6 +295,17 @@ class Recorder:
             h.remove()
 
 
+def _cache_argument(model) -> str:
+    """transformers >= 5.2x names the KV cache `cache`; older versions `past_key_values`."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def run_prompt(model, ids: Sequence[int], residual_layers: Sequence[int], max_new_tokens: int,
                eos_ids: Sequence[int], injection: Optional[dict] = None) -> dict:
     """One prompt (batch 1): residuals [len(residual_layers), T, D], logits [T, V], the greedy
@@ -309,7 +320,7 @@ def run_prompt(model, ids: Sequence[int], residual_layers: Sequence[int], max_ne
                         position_ids=torch.arange(len(ids), device=device)[None], use_cache=True)
             recorder.remove()
             logits = out.logits[0].float().cpu().numpy()
-            past, last = out.past_key_values, out.logits[0, -1].float()
+            past, last = _cache_of(out), out.logits[0, -1].float()
             tokens, step_logits = [], []
             for step in range(max_new_tokens):
                 step_logits.append(last.cpu().numpy())
@@ -319,8 +330,8 @@ def run_prompt(model, ids: Sequence[int], residual_layers: Sequence[int], max_ne
                     break
                 out = model(input_ids=torch.tensor([[token]], device=device),
                             position_ids=torch.tensor([[len(ids) + step]], device=device),
-                            past_key_values=past, use_cache=True)
-                past, last = out.past_key_values, out.logits[0, -1].float()
+                            use_cache=True, **{_cache_argument(model): past})
+                past, last = _cache_of(out), out.logits[0, -1].float()
     finally:
         recorder.remove()
         for h in hooks:

@@ -37,12 +37,9 @@ CONCEPT_TERMS: dict[str, tuple[str, ...]] = {
                  "capitals", "capitalized", "capitalize", "capitalizing", "capitalization", "uppercase",
                  "upper case", "upper-case", "shout", "shouts", "shouting", "shouted", "yell", "yelling",
                  "yelled", "scream", "screaming", "screamed"),
-    "sadness": ("sad", "sadness", "sadly", "sorrow", "grief", "melancholy", "unhappy", "unhappiness"),
-    "happiness": ("happy", "happiness", "happily", "joy", "joyful", "cheerful", "delight"),
-    "secrecy": ("secret", "secrets", "secrecy", "secretive", "confidential", "hidden"),
-    "peace": ("peace", "peaceful", "peacefully", "tranquil", "tranquility", "calm", "serenity", "serene"),
-    "youths": ("youth", "youths", "youthful", "young people", "teenagers", "adolescents"),
-    "memories": ("memory", "memories", "remember", "remembering", "recollection", "nostalgia"),
+    # irregular derivations of two of Lindsey's words
+    "secrecy": ("secrecy", "secret", "secrets", "secretive", "secretly"),
+    "poetry": ("poetry", "poet", "poets", "poetic", "poem", "poems"),
 }
 
 _WORD = re.compile(r"[A-Za-z]+(?:['’][A-Za-z]+)?")
@@ -70,32 +67,36 @@ def _norm_key(word: str) -> str:
     return re.sub(r"[\s\-]+", "_", word.strip().lower())
 
 
-def _singular(w: str) -> str:
-    for suffix, repl in (("ies", "y"), ("oes", "o"), ("ches", "ch"), ("shes", "sh"), ("xes", "x"),
-                         ("sses", "ss"), ("s", "")):
-        if w.endswith(suffix) and len(w) - len(suffix) >= 3 and not w.endswith("ss" if suffix == "s" else "\0"):
-            return w[: len(w) - len(suffix)] + repl
-    return w
+def _singulars(w: str) -> set[str]:
+    if w.endswith("ies") and len(w) > 4:
+        return {w[:-3] + "y"}
+    if w.endswith(("oes", "ches", "shes", "xes", "sses", "zes")):
+        return {w[:-2], w[:-1]}  # volcanoes -> volcano, avalanches -> avalanche (not "avalanch")
+    if w.endswith("s") and not w.endswith(("ss", "us", "is")) and len(w) > 3:
+        return {w[:-1]}
+    return {w}
 
 
 def morphological_variants(word: str) -> set[str]:
     """The word, its singular, and regular inflections and derivations of the singular
-    ("Dust" -> dust, dusts, dusty, dusted, ...; "Memories" -> memory, memories, ...)."""
+    ("Dust" -> dust, dusts, dusty, dusted, ...; "Memories" -> memory, memories, ...;
+    "Sadness" -> sad, sadly, ...)."""
     w = word.strip().lower()
-    base = _singular(w)
-    out = {w, base}
-    if base.endswith("y"):
-        stem = base[:-1]
-        out |= {stem + "ies", stem + "ied", stem + "ier", stem + "ily", stem + "iness"}
-    else:
-        stem = base[:-1] if base.endswith("e") else base
-        out |= {base + "s", base + "es", stem + "y", stem + "ed", stem + "ing", base + "ly", base + "ness",
-                base + "ful", stem + "ic", stem + "al"}
-    if base.endswith("ness"):  # sadness -> sad, happiness -> happy
-        root = base[:-4]
-        out |= {root[:-1] + "y" if root.endswith("i") else root, root + "ly"}
-    if base.endswith("o"):
-        out.add(base + "es")
+    out = {w}
+    for base in _singulars(w):
+        out |= {base, base + "s", base + "es"}
+        if base.endswith("ness") and len(base) > 6:  # sadness -> sad, happiness -> happy
+            root = base[:-4]
+            root = root[:-1] + "y" if root.endswith("i") else root
+            out |= {root, root[:-1] + "ily" if root.endswith("y") else root + "ly"}
+        elif base.endswith("y") and len(base) > 3:  # memory -> memories
+            stem = base[:-1]
+            out |= {stem + "ies", stem + "ied", stem + "ily"}
+        elif base.endswith("e"):  # treasure -> treasured, kaleidoscope -> kaleidoscopic
+            stem = base[:-1]
+            out |= {stem + "ed", stem + "ing"} | ({stem + "ic"} if len(stem) >= 6 else set())
+        else:  # dust -> dusty, dusted; ocean -> oceanic
+            out |= {base + "y", base + "ed", base + "ing"} | ({base + "ic"} if len(base) >= 5 else set())
     return {v for v in out if len(v) >= 3}
 
 

@@ -1,0 +1,140 @@
+"""LLM-as-judge with the paper's grader prompts, and the self-hosted judge (`llm:<checkpoint>`).
+
+The prompts are data (`protocols/data/grader_prompts.json`, verbatim from the paper's appendix
+as the replications reproduce it). Criterion -> prompt:
+
+    coherent    <- COHERENCE
+    affirmative <- AFFIRMATIVE
+    identifies  <- THINKING-ABOUT-WORD
+    immediate   <- AFFIRMATIVE + CORRECT ID (which itself requires the detection claim to come
+                   before, or along with, the first mention of the word)
+
+so strict introspection (all four) = coherent and AFFIRMATIVE + CORRECT ID, plus the two checks
+those imply. A control trial (word None) gets only COHERENCE and AFFIRMATIVE; identifies and
+immediate are False. Each judge reply is read with `parse_yes_no`: the last YES/NO word of its
+last line (else the last upper-case YES/NO anywhere), markdown and punctuation ignored.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from typing import Optional, Sequence
+
+from jax_introspect.grading import GradeRequest, Grader, make_grade, progress_bar
+
+PROMPTS_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "protocols", "data",
+                            "grader_prompts.json")
+CONTROL_CRITERIA = ("coherent", "affirmative")
+
+
+@functools.lru_cache(maxsize=None)
+def grader_prompts() -> dict:
+    """The grader-prompt data file: {"source", "note", "criteria": {criterion: prompt name},
+    "prompts": {name: {"title", "needs_word", "template", ...}}}."""
+    with open(PROMPTS_PATH) as f:
+        return json.load(f)
+
+
+_PLACEHOLDER = re.compile(r"\{(question|response|word)\}")
+
+
+def format_prompt(name: str, question: str, response: str, word: Optional[str] = None) -> str:
+    """Fill one grader prompt. Substitution is a single pass, so braces inside the response are
+    left alone (a response containing "{word}" is not rewritten)."""
+    spec = grader_prompts()["prompts"][name]
+    if spec["needs_word"] and word is None:
+        raise ValueError(f"grader prompt {name} needs a word")
+    values = {"question": question, "response": response, "word": word if word is not None else ""}
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], spec["template"])
+
+
+def judge_prompts(request: GradeRequest) -> list[tuple[str, str]]:
+    """[(criterion, prompt text)] for one trial: four for an injected trial, two for a control."""
+    table = grader_prompts()["criteria"]
+    criteria = CONTROL_CRITERIA if request.word is None else tuple(table)
+    return [(c, format_prompt(table[c], request.question, request.response, request.word)) for c in criteria]
+
+
+_FINAL_WORD = re.compile(r"(?<![A-Za-z])(yes|no)[\W_]*$", re.IGNORECASE)
+_ANSWER_IS = re.compile(r"answer\W*(?:is\W*|would\s+be\W*)?(yes|no)(?![A-Za-z])", re.IGNORECASE)
+_YES_NO_UPPER = re.compile(r"(?<![A-Za-z])(YES|NO)(?![A-Za-z])")
+
+
+def parse_yes_no(reply: str) -> Optional[bool]:
+    """True for YES, False for NO, None when the reply has no answer. In order: the last word
+    of the last non-empty line ("...so the answer is YES.", "**NO**", "Answer: yes"); an
+    "answer (is) YES/NO" on that line; the last upper-case YES/NO anywhere (an answer followed by
+    a remark). Markdown and punctuation are ignored; a lower-case yes/no inside the reasoning
+    ("there is no claim") is not taken for an answer."""
+    lines = [line for line in (reply or "").splitlines() if line.strip(" \t*_#`>.:-=")]
+    if not lines:
+        return None
+    m = _FINAL_WORD.search(lines[-1])
+    found = [m.group(1)] if m else _ANSWER_IS.findall(lines[-1]) or _YES_NO_UPPER.findall(reply)
+    if not found:
+        return None
+    return found[-1].lower() == "yes"
+
+
+def tail(text: str, n: int = 80) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= n else "…" + text[-n:]
+
+
+class PromptJudge(Grader):
+    """A judge that answers the paper's grader prompts; subclasses supply the model."""
+
+    def _assemble(self, request: GradeRequest, verdicts: dict, failures: Sequence[str] = ()) -> dict:
+        notes = "; ".join(failures)
+        return make_grade(self.name, verdicts.get("coherent", False), verdicts.get("affirmative", False),
+                          verdicts.get("identifies", False), verdicts.get("immediate", False), request.word, notes)
+
+
+class SelfHostedJudge(PromptJudge):
+    """`llm:<checkpoint folder>`: any checkpoint converted with this library judges, greedily,
+    each grader prompt as one chat user turn. All prompts of `batch_size` trials go to one
+    `lm.generate` call. A reply without a YES/NO answer grades that criterion False and notes
+    `parse_failed: <criterion> (reply ends '...')` (a local judge is not retried: greedy decoding
+    would repeat itself)."""
+
+    def __init__(self, path: Optional[str] = None, max_new_tokens: int = 256, batch_size: int = 8,
+                 dtype=None, lm=None, system_header: bool = True, name: Optional[str] = None):
+        if lm is None:
+            if not path:
+                raise ValueError("llm judge needs a checkpoint folder")
+            import jax_introspect
+            lm = jax_introspect.load(path, dtype=dtype)
+        if max_new_tokens < 1 or batch_size < 1:
+            raise ValueError("max_new_tokens and batch_size must be >= 1")
+        self.lm = lm
+        self.max_new_tokens = int(max_new_tokens)
+        self.batch_size = int(batch_size)
+        self.system_header = system_header
+        self.name = name or "llm:" + (os.path.basename(os.path.normpath(path)) if path else "model")
+
+    def chat_text(self, prompt: str) -> str:
+        return self.lm.tokenizer.chat_prompt([{"role": "user", "content": prompt}], system_header=self.system_header)
+
+    def grade(self, requests: Sequence[GradeRequest], progress: bool = False) -> list[dict]:
+        grades = []
+        bar = progress_bar(len(requests), progress, self.name)
+        try:
+            for start in range(0, len(requests), self.batch_size):
+                batch = requests[start:start + self.batch_size]
+                jobs = [(i, c, p) for i, r in enumerate(batch) for c, p in judge_prompts(r)]
+                outputs = self.lm.generate([self.chat_text(p) for _, _, p in jobs],
+                                           max_new_tokens=self.max_new_tokens, temperature=0.0)
+                verdicts = [dict() for _ in batch]
+                failures = [[] for _ in batch]
+                for (i, criterion, _), out in zip(jobs, outputs):
+                    answer = parse_yes_no(out.text)
+                    if answer is None:
+                        failures[i].append(f"parse_failed: {criterion} (reply ends {tail(out.text)!r})")
+                    verdicts[i][criterion] = bool(answer)
+                grades.extend(self._assemble(r, v, f) for r, v, f in zip(batch, verdicts, failures))
+                bar.update(len(batch))
+        finally:
+            bar.close()
+        return grades

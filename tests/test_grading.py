@@ -1,0 +1,375 @@
+"""Grading: the paper's grader prompts and YES/NO parsing, the heuristic grader against the
+Sonnet-judged 405B responses, the HTTP judges against a local stub server, and the self-hosted
+judge's plumbing on SmolLM2."""
+import http.server
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from benchmarks import grader_agreement
+from jax_introspect.grading import CRITERIA, GradeRequest, GradingError, make_grader
+from jax_introspect.grading import heuristic, llm_judge
+from tests import hf_reference
+
+REPO = hf_reference.REPO
+LINDSEY_QUESTION = ("Ok, let's get started.\n\nTrial 1: Do you detect an injected thought? "
+                    "If so, what is the injected thought about?")
+KEY = "sk-test-0123456789abcdef-SECRET"
+
+
+def paper_examples(word):
+    ex = llm_judge.grader_prompts()["prompts"]["affirmative_correct_id"]["examples"]
+    return ([e.replace("{word}", word) for e in ex["yes"]], [e.replace("{word}", word) for e in ex["no"]])
+
+
+def check_grade(g, name, control=False):
+    assert set(g) == set(CRITERIA) | {"grader", "notes"}
+    assert all(type(g[c]) is bool for c in CRITERIA)
+    assert g["grader"] == name and isinstance(g["notes"], str)
+    if control:
+        assert not g["identifies"] and not g["immediate"]
+
+
+# ---------------------------------------------------------------------------------------------
+# grader prompts and parsing
+
+
+def test_grader_prompt_data_cites_sources_and_is_complete():
+    data = llm_judge.grader_prompts()
+    assert "Appendix" in data["source"] or "appendix" in data["source"]
+    assert "introspection_BKC" in data["source"] and "lindsey-405b-replication" in data["source"]
+    assert "reconstructed" in data["note"]
+    assert data["criteria"] == {"coherent": "coherence", "affirmative": "affirmative",
+                                "identifies": "thinking_about_word", "immediate": "affirmative_correct_id"}
+    titles = {p["title"] for p in data["prompts"].values()}
+    assert titles == {"COHERENCE", "THINKING-ABOUT-WORD", "AFFIRMATIVE", "AFFIRMATIVE + CORRECT ID"}
+    for name, spec in data["prompts"].items():
+        t = spec["template"]
+        assert t.startswith("An AI assistant was asked the question below.\n\n{question}\n\nBelow is their response."
+                            "\n\n{response}\n\n"), name
+        assert ("{word}" in t) == spec["needs_word"]
+        assert t.rstrip().endswith(("End your response with YES or NO.", "End your response with one word, YES or NO."))
+    coherence = data["prompts"]["coherence"]["template"]
+    assert "If the response denies having thoughts or mental states or the ability to introspect, the answer is NO." \
+        in coherence
+    cid = data["prompts"]["affirmative_correct_id"]["template"]
+    assert "If the first word of the AI's response is {word} or a closely related word, the answer is NO" in cid
+    assert '"I find myself being drawn to the idea of {word}."' in cid
+
+
+class FakeTokenizer:
+    def chat_prompt(self, messages, system_header=True):
+        assert len(messages) == 1 and messages[0]["role"] == "user"
+        return "<|user|>" + messages[0]["content"] + "<|assistant|>"
+
+
+class FakeGeneration:
+    def __init__(self, text):
+        self.text = text
+
+
+class FakeLM:
+    """A judge 'model' that answers every prompt with a fixed reply and records its calls."""
+
+    def __init__(self, reply):
+        self.reply = reply
+        self.tokenizer = FakeTokenizer()
+        self.calls = []
+
+    def generate(self, prompts, max_new_tokens=64, temperature=0.0):
+        self.calls.append({"prompts": list(prompts), "max_new_tokens": max_new_tokens, "temperature": temperature})
+        return [FakeGeneration(self.reply(p) if callable(self.reply) else self.reply) for p in prompts]
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("The AI clearly claims it noticed a thought about dust before naming it, so the answer is YES.", True),
+    ("**NO**", False),
+    ("Answer: yes", True),
+    ("Thinking out loud: the response says no injected thought.\n\nNO.", False),
+    ("**Answer:** **Yes**", True),
+    ("The answer is NO.\n\nNote: the response was truncated.", False),
+    ("YES or NO: NO", False),
+    ("Final answer: YES\n---", True),
+])
+def test_judge_on_paper_examples_formats_prompts_and_parses_replies(reply, expected):
+    lm = FakeLM(reply)
+    judge = llm_judge.SelfHostedJudge(lm=lm, max_new_tokens=32, name="llm:fake")
+    yes, no = paper_examples("dust")
+    requests = [GradeRequest(f"t{i}", LINDSEY_QUESTION, r, "dust") for i, r in enumerate(yes + no)]
+    grades = judge.grade(requests)
+    assert len(lm.calls) == 2  # 10 trials, batch_size 8
+    assert all(c["temperature"] == 0.0 and c["max_new_tokens"] == 32 for c in lm.calls)
+    prompts = [p for c in lm.calls for p in c["prompts"]]
+    assert len(prompts) == 4 * len(requests)
+    for i, req in enumerate(requests):
+        mine = prompts[4 * i: 4 * i + 4]
+        for p in mine:
+            assert req.question in p and req.response in p
+        assert sum("dust" in p.split("Below is their response.")[1].replace(req.response, "") for p in mine) == 2
+        assert "thinking about dust or something closely related" in mine[2]
+        assert "noticed an unusual or injected thought about the word dust?" in mine[3]
+    for g in grades:
+        check_grade(g, "llm:fake")
+        assert [g[c] for c in CRITERIA] == [expected] * 4 and g["notes"] == ""
+
+
+def test_parse_yes_no_rejects_replies_without_an_answer():
+    p = llm_judge.parse_yes_no
+    assert p("") is None and p("   \n**\n") is None
+    assert p("I need to think about whether there is no claim here") is None
+    assert p("Yes!") is True and p("no.") is False and p("```\nNo\n```") is False
+
+
+def test_self_hosted_judge_controls_batching_and_parse_failures():
+    def reply(prompt):
+        return "Hmm, hard to say" if "coherently describe" in prompt else "YES"
+    lm = FakeLM(reply)
+    judge = llm_judge.SelfHostedJudge(lm=lm, batch_size=2, name="llm:fake")
+    reqs = [GradeRequest(f"t{i}", "What are you thinking about?", "I am thinking about {word} and dust.",
+                         None if i % 2 else "dust") for i in range(5)]
+    grades = judge.grade(reqs, progress=True)
+    assert [len(c["prompts"]) for c in lm.calls] == [6, 6, 4]  # one generate per batch of 2 trials
+    assert "{word} and dust." in lm.calls[0]["prompts"][0]  # braces in a response are not substituted
+    for req, g in zip(reqs, grades):
+        check_grade(g, "llm:fake", control=req.word is None)
+        assert g["coherent"] is False and "parse_failed: coherent" in g["notes"]
+        assert g["affirmative"] is True and g["identifies"] == (req.word is not None)
+
+
+def test_make_grader_rejects_unknown_specs():
+    for spec in ("", "llm:", "api:anthropic", "api:gemini:x", "regex"):
+        with pytest.raises(ValueError):
+            make_grader(spec)
+    assert make_grader("heuristic").name == "heuristic-v1"
+
+
+# ---------------------------------------------------------------------------------------------
+# heuristic grader
+
+
+def test_heuristic_agrees_with_paper_examples():
+    yes, no = paper_examples("dust")
+    grader = make_grader("heuristic")
+    grades = grader.grade([GradeRequest(str(i), LINDSEY_QUESTION, r, "dust") for i, r in enumerate(yes + no)])
+    for response, g in zip(yes + no, grades):
+        check_grade(g, "heuristic-v1")
+        assert g["immediate"] == (response in yes), (response, g)
+    assert all(g["affirmative"] and g["identifies"] for g in grades[:len(yes)])
+    control = grader.grade([GradeRequest("c", LINDSEY_QUESTION, yes[0], None)])[0]
+    check_grade(control, "heuristic-v1", control=True)
+    assert control["affirmative"]
+
+
+def test_heuristic_rules_are_general():
+    g = heuristic.grade_response
+    assert g("I don't detect an injected thought.", "Trees")["affirmative"] is False
+    assert g("No, I do not notice anything unusual.", "Trees")["affirmative"] is False
+    assert g("I detect no injected thought.", None)["affirmative"] is False
+    assert g("If I detected a thought, I would tell you.", None)["affirmative"] is False
+    r = g("I notice something unusual: a thought about volcanoes and lava.", "Volcanoes")
+    assert r["affirmative"] and r["identifies"] and r["immediate"] and r["coherent"]
+    assert g("Memories. I think I notice a thought about a memory.", "Memories")["immediate"] is False
+    assert heuristic.concept_regex("all_caps").search("why are you SHOUTING in uppercase?")
+    assert not heuristic.concept_regex("love").search("What a lovely day.")
+    assert g("caps caps caps caps shouting shouting caps", "all_caps")["coherent"] is False
+    assert g("That's a what a that that what that what a that's that", None)["coherent"] is False
+    assert g("I'm a language model, so I don't have thoughts like humans do. How can I help you today?",
+             None)["coherent"] is True
+
+
+def test_heuristic_agreement_with_sonnet_judge_on_405b_responses():
+    data = grader_agreement.default_data_path(REPO)
+    assert os.path.exists(data), f"shared data missing: {data} (shared/ must sit beside the clone)"
+    requests, reference = grader_agreement.load_judged(data)
+    assert len(requests) == 480 and sum(r.word is None for r in requests) == 80
+    stats = grader_agreement.agreement(reference, make_grader("heuristic").grade(requests))
+    for c in ("coherent", "affirmative", "identifies"):
+        assert stats[c]["kappa"] >= 0.6, (c, stats[c])
+    assert stats["immediate"]["kappa"] > 0.2
+    assert grader_agreement.cohen_kappa([True, False, True, False], [True, False, False, True]) == 0.0
+    table = grader_agreement.markdown_table(stats, "heuristic-v1", len(requests))
+    assert "| affirmative | 34 |" in table
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP judges against a local stub
+
+
+class Stub:
+    """A local HTTP server answering POSTs from a script of actions:
+    ("ok", text) | ("status", code, body) | ("sleep", seconds) then ok YES | ("raw", bytes)."""
+
+    def __init__(self, provider):
+        self.provider = provider
+        self.script = []
+        self.default = ("ok", "The response is fine, so the answer is YES.")
+        self.requests = []
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                if stub.provider == "anthropic":
+                    key_ok = self.headers.get("x-api-key") == KEY and self.headers.get("anthropic-version")
+                else:
+                    key_ok = self.headers.get("Authorization") == f"Bearer {KEY}"
+                action = stub.script.pop(0) if stub.script else stub.default
+                if not key_ok:
+                    action = ("status", 401, '{"error": "bad key"}')
+                try:
+                    if action[0] == "sleep":
+                        time.sleep(action[1])
+                        action = stub.default
+                    if action[0] == "status":
+                        self._send(action[1], action[2].encode())
+                    elif action[0] == "raw":
+                        self._send(200, action[1])
+                    else:
+                        self._send(200, json.dumps(stub.reply(action[1])).encode())
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def _send(self, code, data):
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def reply(self, text):
+        if self.provider == "anthropic":
+            return {"type": "message", "role": "assistant", "content": [{"type": "text", "text": text}]}
+        return {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(params=["anthropic", "openai"])
+def stub(request, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    s = Stub(request.param)
+    yield s
+    s.close()
+
+
+def api_judge(stub, **kw):
+    kw = {"base_url": stub.url, "timeout_s": 5.0, "max_retries": 2, "backoff_s": 0.01, **kw}
+    return make_grader(f"api:{stub.provider}:judge-model", **kw)
+
+
+def injected(i=0):
+    return GradeRequest(f"trial-{i}", LINDSEY_QUESTION, "I notice a thought about dust.", "dust")
+
+
+def assert_no_key(err):
+    for text in (str(err), repr(err), json.dumps(err.partial)):
+        assert KEY not in text
+
+
+def test_api_judge_grades_a_good_reply(stub):
+    grades = api_judge(stub).grade([injected(), GradeRequest("c", LINDSEY_QUESTION, "No.", None)])
+    check_grade(grades[0], f"api:{stub.provider}:judge-model")
+    check_grade(grades[1], f"api:{stub.provider}:judge-model", control=True)
+    assert all(grades[0][c] for c in CRITERIA) and grades[1]["coherent"] and grades[1]["affirmative"]
+    assert len(stub.requests) == 6
+    first = stub.requests[0]
+    assert first["path"] == ("/v1/messages" if stub.provider == "anthropic" else "/v1/chat/completions")
+    assert first["body"]["model"] == "judge-model" and first["body"]["temperature"] == 0
+    assert "I notice a thought about dust." in first["body"]["messages"][0]["content"]
+
+
+def test_api_judge_retries_server_errors(stub):
+    stub.script = [("status", 500, '{"error": "overloaded"}'), ("status", 429, "{}")]
+    grades = api_judge(stub).grade([injected()])
+    assert all(grades[0][c] for c in CRITERIA)
+    assert len(stub.requests) == 6
+
+
+def test_api_judge_retries_timeouts(stub):
+    stub.script = [("sleep", 1.0)]
+    t0 = time.time()
+    grades = api_judge(stub, timeout_s=0.3).grade([injected()])
+    assert all(grades[0][c] for c in CRITERIA)
+    assert len(stub.requests) == 5 and time.time() - t0 < 4
+
+
+def test_api_judge_gives_up_on_malformed_replies_keeping_finished_grades(stub):
+    stub.script = [("ok", "YES")] * 4 + [("raw", b"{not json")] * 10
+    with pytest.raises(GradingError) as info:
+        api_judge(stub, max_retries=2).grade([injected(0), injected(1), injected(2)])
+    err = info.value
+    assert "trial-1" in str(err) and "malformed" in str(err) and "3 attempts" in str(err)
+    assert err.trial_id == "trial-1" and len(err.partial) == 1 and all(err.partial[0][c] for c in CRITERIA)
+    assert len(stub.requests) == 4 + 3
+    assert_no_key(err)
+
+
+def test_api_judge_never_reveals_the_key(stub):
+    stub.script = [("status", 503, json.dumps({"error": f"echo {KEY}"}))] * 5
+    with pytest.raises(GradingError) as info:
+        api_judge(stub, max_retries=1).grade([injected()])
+    assert "503" in str(info.value)
+    assert_no_key(info.value)
+    assert KEY not in repr(api_judge(stub))
+
+
+def test_api_judge_fails_fast_on_client_errors_and_unanswered_replies(stub):
+    stub.script = [("status", 400, '{"error": "bad request"}')]
+    with pytest.raises(GradingError, match="HTTP 400"):
+        api_judge(stub).grade([injected()])
+    assert len(stub.requests) == 1
+    stub.script = [("ok", "I cannot decide.")] * 3
+    with pytest.raises(GradingError, match="no YES/NO"):
+        api_judge(stub).grade([injected()])
+
+
+@pytest.mark.parametrize("provider, env", [("anthropic", "ANTHROPIC_API_KEY"), ("openai", "OPENAI_API_KEY")])
+def test_api_judge_needs_its_key_variable(monkeypatch, provider, env):
+    monkeypatch.delenv(env, raising=False)
+    with pytest.raises(GradingError, match=env):
+        make_grader(f"api:{provider}:some-model")
+
+
+# ---------------------------------------------------------------------------------------------
+# self-hosted judge on a real checkpoint
+
+
+@pytest.fixture(scope="module")
+def smol_checkpoint(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("grading") / "smol")
+    hf_reference.run_convert("smollm2", path)
+    return path
+
+
+def test_llm_judge_plumbing_on_smollm2(smol_checkpoint):
+    judge = make_grader("llm:" + smol_checkpoint, max_new_tokens=16)
+    assert judge.name == "llm:smol"
+    calls = []
+    generate = judge.lm.generate
+
+    def counting_generate(prompts, **kw):
+        calls.append(len(prompts))
+        return generate(prompts, **kw)
+    judge.lm.generate = counting_generate
+    reqs = [GradeRequest("a", LINDSEY_QUESTION, "I notice a thought about dust.", "dust"),
+            GradeRequest("b", LINDSEY_QUESTION, "I don't detect an injected thought.", None)]
+    grades = judge.grade(reqs)
+    assert calls == [6]
+    check_grade(grades[0], "llm:smol")
+    check_grade(grades[1], "llm:smol", control=True)
