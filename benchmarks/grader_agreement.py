@@ -98,6 +98,13 @@ def main(argv=None) -> int:
     grades = grader.grade(requests, progress=args.grader != "heuristic")
     stats = agreement(reference, grades)
     print(markdown_table(stats, grader.name, len(requests)))
+    controls = [g for r, g in zip(requests, grades) if r.word is None]
+    strict_ours = sum(all(g[c] for c in CRITERIA) for g in grades)
+    strict_ref = sum(all(g[c] for c in CRITERIA) for g in reference)
+    print(f"\nAffirmative on the {len(controls)} control trials (false positives): "
+          f"{sum(g['affirmative'] for g in controls)} (Sonnet: "
+          f"{sum(g['affirmative'] for r, g in zip(requests, reference) if r.word is None)}). "
+          f"Strict introspection (all four): {strict_ours} (Sonnet: {strict_ref}).")
     if args.disagreements:
         for req, ref, ours in zip(requests, reference, grades):
             diff = [c for c in CRITERIA if ref[c] != ours[c]]

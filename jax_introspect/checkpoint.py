@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 from typing import Callable, Optional
@@ -100,10 +101,48 @@ def local_copy(folder: str) -> str:
     return local
 
 
-# Stored arrays whose leading split is the head axis: chunked one head per chunk, so restoring a
-# tensor-parallel slice of the heads reads only its own chunks (the other axes are chunked by
-# size, ~16 MB, which on the MLP and vocab axes already gives each shard its own chunks).
-_HEAD_AXIS = {"wq": 1, "wk": 1, "wv": 1, "wo": 0}
+# --- storage chunks aligned with tensor-parallel shards ------------------------------------------
+
+# Chunk boundaries fall on every 1/64th of the axis the tensor mesh axis splits (heads, KV heads,
+# MLP, vocab), so restoring any tensor-parallel shard of a split that divides 64 (or the axis)
+# reads only that shard's own chunks; other axes are cut until a chunk is <= 16 MB.
+_STORAGE_SPLITS = 64
+
+
+def _smallest_factor(n: int) -> int:
+    return next((p for p in range(2, int(n ** 0.5) + 1) if n % p == 0), n)
+
+
+def storage_chunks(name: str, shape: tuple, itemsize: int, target_bytes: int = _SAVE_CHUNK_BYTES) -> tuple:
+    """The chunk shape a unit array `name` (globals or one layer, no layer axis) is stored with."""
+    from jax_introspect import sharding
+    axes = sharding.unit_axes(name)
+    rules = sharding.AxisRules()
+    chunk = list(shape)
+    for i, logical in enumerate(axes):
+        if i < len(shape) and rules.mesh_axis(logical) == sharding.TENSOR:
+            chunk[i] = shape[i] // math.gcd(shape[i], _STORAGE_SPLITS)
+    while math.prod(chunk) * itemsize > target_bytes and max(chunk) > 1:
+        i = max(range(len(chunk)), key=lambda j: chunk[j])
+        chunk[i] //= _smallest_factor(chunk[i])
+    return tuple(chunk)
+
+
+def _chunked_numpy_handler(chunks_by_id: dict):
+    """orbax's numpy handler, writing each array of `chunks_by_id` (keyed by id(array)) with the
+    given zarr chunk shape instead of orbax's size-only choice."""
+    import orbax.checkpoint as ocp
+
+    class ChunkedNumpyHandler(ocp.type_handlers.NumpyHandler):
+        async def _open_and_write(self, value, tspec, ts_context):
+            chunks = chunks_by_id.get(id(value))
+            metadata = tspec.get("metadata", {})
+            if chunks is not None and "chunks" in metadata:  # zarr v2, orbax's default
+                tspec = dict(tspec, metadata=dict(metadata, chunks=list(chunks)))
+            return await super()._open_and_write(value, tspec, ts_context)
+    # Orbax's handler deep-copies every array by default (needless: the arrays are ours and the
+    # save is synchronous).
+    return ChunkedNumpyHandler(deepcopy_host_arrays=False)
 
 
 def _checkpointer():
@@ -144,21 +183,20 @@ class CheckpointWriter:
 
     def write_unit(self, unit: str, arrays: dict[str, np.ndarray]) -> None:
         # Orbax's defaults add ~2x the unit's bytes while saving: its numpy handler deep-copies
-        # every array (needless: the arrays are ours and the save is synchronous), and each array
-        # is one chunk that OCDBT buffers whole. Without the copy and in 16 MB chunks and data
-        # files, saving adds ~200 MB whatever the unit's size. Restored by the same
-        # StandardCheckpointer as before (benchmarks/conversion_memory.py).
+        # every array, and each array is one chunk that OCDBT buffers whole. Without the copy and
+        # in <= 16 MB chunks and data files, saving adds ~200 MB whatever the unit's size
+        # (benchmarks/conversion_memory.py). Chunks follow `storage_chunks`, so a sharded restore
+        # reads only each host's own shards. Restored by a plain StandardCheckpointer.
         import orbax.checkpoint as ocp
+        arrays = {name: np.asarray(a) for name, a in arrays.items()}
+        chunks = {id(a): storage_chunks(name, a.shape, a.dtype.itemsize) for name, a in arrays.items()}
         registry = ocp.type_handlers.create_type_handler_registry(
-            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+            (np.ndarray, _chunked_numpy_handler(chunks)),
             (jax.Array, ocp.type_handlers.ArrayHandler()))  # unused; without it orbax warns
         checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
-        save_args = {name: ocp.SaveArgs(chunk_byte_size=_SAVE_CHUNK_BYTES,
-                                        shard_axes=(_HEAD_AXIS[name],) if name in _HEAD_AXIS else ())
-                     for name in arrays}
+        save_args = {name: ocp.SaveArgs(chunk_byte_size=_SAVE_CHUNK_BYTES) for name in arrays}
         checkpointer.save(self._unit_path(unit), args=ocp.args.PyTreeSave(
-            {name: np.asarray(a) for name, a in arrays.items()}, save_args=save_args,
-            ocdbt_target_data_file_size=_SAVE_CHUNK_BYTES))
+            arrays, save_args=save_args, ocdbt_target_data_file_size=_SAVE_CHUNK_BYTES))
 
     def finalize(self, cfg: ModelConfig, tokenizer, description: dict, dtype: str) -> str:
         cfg.save(os.path.join(self.staging, CONFIG))

@@ -95,7 +95,7 @@ def read_reference(path: str) -> Reference:
     with open(meta_path, encoding="utf-8") as f:
         try:
             meta = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CompareError(f"{meta_path} is not valid JSON: {e}") from None
     if meta.get("format") != FORMAT:
         raise CompareError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r} "
@@ -310,6 +310,9 @@ def run_jax(lm, ref: Reference, ids: Sequence[Sequence[int]], batch_size: int = 
     d_model = lm.config.d_model
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
+        n_real = len(chunk)
+        if start and n_real < batch_size:  # pad the last chunk with copies: one compiled shape
+            chunk = chunk + [chunk[-1]] * (batch_size - n_real)
         chunk_ids = [ids[i] for _, _, i in chunk]
         cases = [ref.cases[c] if c is not None else None for c, _, _ in chunk]
         injection = inject.make(
@@ -323,14 +326,14 @@ def run_jax(lm, ref: Reference, ids: Sequence[Sequence[int]], batch_size: int = 
         logits = lm.logits(chunk_ids, injection=injection)  # [b, T, V]
         gens = lm.generate(chunk_ids, max_new_tokens=ref.meta["max_new_tokens"], injection=injection,
                            return_logits=True)
-        for j, (_, prefix, i) in enumerate(chunk):
+        for j, (_, prefix, i) in enumerate(chunk[:n_real]):
             T = len(ids[i])
             key = f"{prefix}.p{i}."
             out[key + "residuals"] = residuals[layers, j, -T:, :]
             out[key + "logits"] = logits[j, -T:, :]
             out[key + "continuation"] = np.asarray(gens[j].token_ids, np.int64)
             out[key + "continuation_logits"] = np.asarray(gens[j].logits, np.float32)
-        log(f"  rows {start + len(chunk)}/{len(rows)}")
+        log(f"  rows {start + n_real}/{len(rows)}")
     concepts = ref.meta.get("concepts")
     if concepts:
         cv = vectors_lib.concept_vectors(lm, concepts["words"], concepts["baseline_words"],
@@ -595,7 +598,7 @@ def replication_summary(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
         try:
             data = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CompareError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict) or not ("aggregates" in data or "results" in data):
         raise CompareError(f"{path} is not a replication results file (no 'aggregates' or 'results')")
@@ -728,6 +731,7 @@ def plot(report: dict, path: str) -> Optional[str]:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -747,6 +751,7 @@ def plot(report: dict, path: str) -> Optional[str]:
     for ax, title in zip(axes, ("residual relative error (max over tokens)", "1 - cosine (min over tokens)")):
         ax.set_yscale("log")
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)

@@ -113,9 +113,8 @@ def initialize(mode: str = "auto", coordinator_address: Optional[str] = None, nu
         return False
     if mode not in ("auto", "tpu"):
         raise DistributedError(f"unknown distributed mode {mode!r}: auto, tpu or off")
-    # CPU collectives across processes (simulated pods, tests); the TPU runtime ignores it.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if mode == "tpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         done = _watchdog(timeout_s, "TPU pod cluster auto-detection")
         try:
             jax.distributed.initialize(initialization_timeout=int(timeout_s) + 30)
@@ -138,6 +137,8 @@ def initialize(mode: str = "auto", coordinator_address: Optional[str] = None, nu
                                f"process_id={process_id}: set both (flags or ${ENV_NUM_PROCESSES}/${ENV_PROCESS_ID})")
     if num_processes < 1 or not 0 <= process_id < num_processes:
         raise DistributedError(f"process_id={process_id} must lie in [0, num_processes={num_processes})")
+    # CPU collectives across processes (simulated pods, tests); the TPU runtime ignores it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     started = time.monotonic()
     if process_id != 0:
         wait_for_coordinator(address, timeout_s)
@@ -177,6 +178,25 @@ def sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+
+
+def broadcast_from_primary(value):
+    """Process 0's value of a JSON-able object, on every process (identity single-process).
+
+    Every decision that changes which collectives run (which trials are already done, whether
+    cached vectors exist) must be taken by process 0 and shared this way: on a pod only process
+    0's disk has the results folder, and processes that plan different batches deadlock."""
+    if jax.process_count() == 1:
+        return value
+    import json
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8) if is_primary() else np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(data.size)))
+    buffer = np.zeros(size, np.uint8)
+    buffer[:data.size] = data
+    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes().decode())
 
 
 def log_path(log_dir: str, process_index: Optional[int] = None) -> str:

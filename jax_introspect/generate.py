@@ -87,7 +87,7 @@ def _generate(params: model_lib.Params, cfg: ModelConfig, tokens: jax.Array, tok
         cache = layout.constrain_cache(cache)
     positions = model_lib.prompt_positions(token_valid)
     logits, cache, _ = model_lib.forward(params, cfg, tokens, positions, token_valid, cache,
-                                         injection=injection, layout=layout)
+                                         injection=injection, layout=layout, last_only=True)
     last = logits[:, -1]
     first = next_tokens(last, sample, jnp.int32(0))
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)

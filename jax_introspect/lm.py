@@ -33,9 +33,10 @@ def _prefill_impl(params, cfg, tokens, token_valid, injection, return_residuals,
     cache = model_lib.init_cache(cfg, tokens.shape[0], tokens.shape[1], params.embed.dtype)
     if layout is not None:
         cache = layout.constrain_cache(cache)
+    # Residual calls discard the logits: only the last column's are computed for them.
     logits, _, residuals = model_lib.forward(params, cfg, tokens, model_lib.prompt_positions(token_valid),
                                              token_valid, cache, return_residuals=return_residuals,
-                                             injection=injection, layout=layout)
+                                             injection=injection, layout=layout, last_only=return_residuals)
     return logits, residuals
 
 
@@ -45,12 +46,13 @@ _prefill = jax.jit(_prefill_impl, static_argnames=("cfg", "return_residuals", "l
 @functools.lru_cache(maxsize=64)
 def _sharded_prefill(layout, cfg, return_residuals):
     """The prefill forward on a mesh, with explicit in/out shardings (logits split over batch and
-    vocab, residuals over batch)."""
+    vocab, residuals over batch and d_model)."""
     def run(params, tokens, token_valid, injection):
         return _prefill_impl(params, cfg, tokens, token_valid, injection, return_residuals, layout)
     return jax.jit(run, in_shardings=(layout.params(cfg), layout.of("tokens"), layout.of("tokens"),
                                       layout.injection()),
-                   out_shardings=(layout.of("logits"), layout.of("residuals") if return_residuals else None))
+                   out_shardings=(layout.of("logits"), layout.of("residuals")) if return_residuals
+                   else (layout.of("logits"), None))
 
 
 def left_pad(token_ids: TokenBatch, pad_id: int, bucket: int = 1) -> tuple[np.ndarray, np.ndarray]:

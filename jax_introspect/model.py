@@ -157,7 +157,7 @@ def attention_mask(cache_valid: jax.Array, start: jax.Array, num_queries: int) -
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
             token_valid: jax.Array, cache: KVCache, return_residuals: bool = False,
-            injection: Optional[Injection] = None, layout=None):
+            injection: Optional[Injection] = None, layout=None, last_only: bool = False):
     """Run `tokens` [B, T] through the model, appending them to `cache` at slot `cache.length`.
 
     positions: [B, T] RoPE positions (pad tokens: any value); token_valid: [B, T] bool.
@@ -168,6 +168,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     injection included.
     layout: optional `sharding.Layout`; when given, the hidden state, KV cache and logits are
     pinned to its shardings (`with_sharding_constraint`) so GSPMD keeps the intended layout.
+    last_only: logits of the last column only ([B, 1, V]); generation needs no others, and the
+    full [B, T, V] float32 prefill logits are the largest temporary in HBM (docs/tpu.md).
     """
     def pin(x, role):
         return x if layout is None else layout.pin(x, role)
@@ -202,6 +204,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     h = pin(params.embed[tokens], "hidden")
     (h, k_all, v_all), residuals = jax.lax.scan(
         layer_step, (h, cache.k, cache.v), (params.layers, jnp.arange(cfg.n_layers)))
+    if last_only:
+        h = h[:, -1:]
     h = rms_norm(h, params.final_norm, cfg.rms_norm_eps)
     head = params.embed.T if params.lm_head is None else params.lm_head
     logits = pin(jnp.einsum("btd,dv->btv", h, head, precision=prec).astype(jnp.float32), "logits")

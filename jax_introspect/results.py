@@ -22,6 +22,7 @@ from typing import Iterable, Iterator, Optional
 CRITERIA = ("coherent", "affirmative", "identifies", "immediate")
 STRICT = "strict_introspection"
 RESULTS_FILE = "trials.jsonl"
+UNGRADED_FILE = "ungraded.jsonl"  # generated responses whose grading failed; graded on the next run
 RUN_FILE = "run.json"
 
 
@@ -77,6 +78,7 @@ class ResultsStore:
         self.folder = folder
         self.hash = config_hash(config)
         self.path = os.path.join(folder, RESULTS_FILE)
+        self.ungraded_path = os.path.join(folder, UNGRADED_FILE)
         run_path = os.path.join(folder, RUN_FILE)
         if os.path.exists(run_path):
             with open(run_path) as f:
@@ -107,14 +109,34 @@ class ResultsStore:
         return {r.trial_id for r in self.records()}
 
     def append(self, records: Iterable[TrialRecord]) -> None:
-        lines = [r.to_json() + "\n" for r in records]
+        _append(self.path, self._checked(records))
+
+    def _checked(self, records: Iterable[TrialRecord]) -> list[TrialRecord]:
+        records = list(records)
         for r in records:
             if r.config_hash != self.hash:
                 raise ResultsError(f"record {r.trial_id} has config hash {r.config_hash}, store has {self.hash}")
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
+        return records
+
+    def keep_ungraded(self, records: Iterable[TrialRecord]) -> None:
+        _append(self.ungraded_path, self._checked(records))
+
+    def ungraded(self) -> list[TrialRecord]:
+        """Responses kept by a run whose grading failed, minus any graded since."""
+        done = self.done_ids()
+        latest = {r.trial_id: r for r in read_records(self.ungraded_path) if r.trial_id not in done}
+        return list(latest.values())
+
+    def clear_ungraded(self) -> None:
+        if os.path.exists(self.ungraded_path):
+            os.remove(self.ungraded_path)
+
+
+def _append(path: str, records: list[TrialRecord]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(r.to_json() + "\n" for r in records)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_records(path: str) -> Iterator[TrialRecord]:

@@ -46,6 +46,7 @@ DEFAULT_RULES: tuple[tuple[str, Optional[str]], ...] = (
     ("kv_heads", TENSOR),
     ("mlp", TENSOR),
     ("embed", None),
+    ("residual_embed", TENSOR),  # d_model of the residuals handed back to the host (not kept)
     ("head_dim", None),
     ("layers", None),
     ("seq", None),
@@ -84,10 +85,19 @@ ACTIVATION_AXES = {
     "tokens": ("batch", "seq"),  # tokens, token_valid, generated ids
     "hidden": ("batch", "seq", "embed"),
     "logits": ("batch", "seq", "vocab"),
-    "residuals": ("layers", "batch", "seq", "embed"),
+    "residuals": ("layers", "batch", "seq", "residual_embed"),
     "cache_kv": CACHE_AXES["k"],
     "rows": ("batch",),
 }
+
+
+def unit_axes(name: str) -> tuple[str, ...]:
+    """Logical axes of one stored array (a global, or one layer's weight without the layer axis)."""
+    if name in PARAM_AXES:
+        return PARAM_AXES[name]
+    if name in LAYER_AXES:
+        return LAYER_AXES[name][1:]
+    raise KeyError(f"unknown parameter {name!r}")
 
 
 class LayoutError(ValueError):
@@ -210,7 +220,8 @@ class Layout:
         # Axes that do not split evenly are replicated rather than padded.
         changes = {}
         for logical, size in (("vocab", cfg.vocab_size), ("mlp", cfg.d_ff), ("embed", cfg.d_model),
-                              ("head_dim", cfg.head_dim), ("layers", cfg.n_layers)):
+                              ("residual_embed", cfg.d_model), ("head_dim", cfg.head_dim),
+                              ("layers", cfg.n_layers)):
             if size % ways(logical):
                 logging.warning("%s=%d does not split %d-way: replicated", logical, size, ways(logical))
                 changes[logical] = None
@@ -299,3 +310,26 @@ def to_host(x: jax.Array) -> np.ndarray:
         return np.asarray(x)
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# --- sizing ----------------------------------------------------------------------------------
+
+def per_device_bytes(cfg: ModelConfig, data: int, tensor: int, batch: int, prompt_len: int, new_tokens: int,
+                     param_bytes: int = 2, cache_bytes: int = 2) -> dict[str, int]:
+    """HBM one device needs under the default rules: weights split `tensor`-way (KV projections
+    duplicated to lcm(n_kv_heads, tensor) heads) and replicated over `data`; the KV cache of
+    ceil(batch / data) rows x (prompt_len + new_tokens) slots; the float32 prefill logits
+    (last column only, vocab split). XLA's other scratch is not counted."""
+    def part(n, logical):
+        ways = tensor if AxisRules().mesh_axis(logical) == TENSOR else 1
+        return n / ways if n % ways == 0 else n
+    kv = kv_heads_for(cfg, tensor)
+    D, H, hd, F, V, L = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size, cfg.n_layers
+    per_layer = (2 * D + 2 * D * part(H, "heads") * hd + 2 * D * part(kv, "kv_heads") * hd
+                 + 3 * D * part(F, "mlp"))
+    weights = (L * per_layer + (1 if cfg.tie_word_embeddings else 2) * part(V, "vocab") * D + D) * param_bytes
+    rows = -(-batch // data)
+    kv_cache = 2 * L * rows * (prompt_len + new_tokens) * part(kv, "kv_heads") * hd * cache_bytes
+    logits = rows * part(V, "vocab") * 4
+    return {"weights": int(weights), "kv_cache": int(kv_cache), "logits": int(logits),
+            "total": int(weights + kv_cache + logits), "kv_heads": kv}

@@ -159,9 +159,9 @@ def _batches(items: list, size: int):
         yield items[i:i + size]
 
 
-def run_batch(lm, batch: list[Trial], config: dict, prompts: dict[str, PromptInfo], concept, grader, cfg_hash: str):
-    """Generate and grade one batch; returns its records. The batch is padded with clean rows to
-    `batch_size` so every batch has the same shape."""
+def generate_batch(lm, batch: list[Trial], config: dict, prompts: dict[str, PromptInfo], concept, cfg_hash: str):
+    """Generate one batch; returns its records with empty grades. The batch is padded with clean
+    rows to `batch_size` so every batch has the same shape."""
     size = config["batch_size"]
     rows = batch + [batch[-1]] * (size - len(batch))
     d_model = lm.config.d_model
@@ -175,24 +175,40 @@ def run_batch(lm, batch: list[Trial], config: dict, prompts: dict[str, PromptInf
     generations = lm.generate([prompts[t.protocol].ids for t in rows], max_new_tokens=config["max_new_tokens"],
                               injection=injection, temperature=config["temperature"], top_p=config["top_p"],
                               seed=config["seed"], trial_ids=[t.trial_id for t in rows])[:len(batch)]
-    elapsed = time.time() - began
-    from jax_introspect import grading
-    requests = [grading.GradeRequest(trial_id=t.trial_id, question=prompts[t.protocol].question, response=g.text,
-                                     word=t.word) for t, g in zip(batch, generations)]
-    grades = grader.grade(requests)
-    timing = {"batch_seconds": round(elapsed, 3), "batch_size": len(batch), "unix_time": round(began, 3)}
+    timing = {"batch_seconds": round(time.time() - began, 3), "batch_size": len(batch), "unix_time": round(began, 3)}
     return [results.TrialRecord(
         config_hash=cfg_hash, trial_id=t.trial_id, kind=t.kind, protocol=t.protocol, word=t.word, layer=t.layer,
         strength=t.strength, vector_method=config["vector_method"], trial_index=t.index, seed=config["seed"],
         prompt=prompts[t.protocol].text, question=prompts[t.protocol].question, response=g.text,
-        n_tokens=len(g.token_ids), finished=g.finished, grades=grade, timing=timing)
-        for t, g, grade in zip(batch, generations, grades)]
+        n_tokens=len(g.token_ids), finished=g.finished, grades={}, timing=timing)
+        for t, g in zip(batch, generations)]
+
+
+def grade_and_store(records: list[results.TrialRecord], grader, store: Optional[results.ResultsStore]) -> None:
+    """Grade records and append them. If the grader fails part-way, the graded ones are stored and
+    the rest kept in the store's ungraded file, so no response is lost; the next run grades them."""
+    from jax_introspect import grading
+    requests = [grading.GradeRequest(trial_id=r.trial_id, question=r.question, response=r.response, word=r.word)
+                for r in records]
+    try:
+        grades = grader.grade(requests) if grader is not None else [{}] * len(records)
+    except grading.GradingError as e:
+        done = len(e.partial)
+        if store is not None:
+            store.append([dataclasses.replace(r, grades=g) for r, g in zip(records, e.partial)])
+            store.keep_ungraded(records[done:])
+        raise SweepError(f"grading failed at trial {e.trial_id}: {e}; {len(records) - done} generated responses "
+                         f"kept in {store.ungraded_path if store else 'memory'}: re-run the same command to grade "
+                         "them and continue") from e
+    if store is not None:
+        store.append([dataclasses.replace(r, grades=g) for r, g in zip(records, grades)])
 
 
 def run_sweep(lm, config: dict, out: str, *, progress: bool = True, is_writer: bool = True,
               on_batch: Optional[Callable[[int], None]] = None) -> dict:
     """Run (or resume) a sweep into `out`; returns a small summary. Only the writer process
-    (process 0 on a pod) touches the results folder; every process computes."""
+    (process 0 on a pod) touches the results folder and calls graders other than a self-hosted
+    LLM judge (which, like generation, runs on every process)."""
     from jax_introspect import grading
     validate_config(config)
     if lm.tokenizer is None:
@@ -202,21 +218,26 @@ def run_sweep(lm, config: dict, out: str, *, progress: bool = True, is_writer: b
     resolved = dict(config, resolved_layers=layers, model=lm.config.name, checkpoint=lm.path)
     store = results.ResultsStore(out, resolved, writable=is_writer)
     trials = plan_trials(config, words, layers)
-    done = store.done_ids()
+    ungraded = store.ungraded()
+    done = store.done_ids() | {r.trial_id for r in ungraded}
     pending = [t for t in trials if t.trial_id not in done]
     prompts = {name: prompt_info(lm, name, config["system_header"]) for name in config["protocols"]}
     concept = extract_vectors(lm, config, words, os.path.join(out, "vectors.npz") if is_writer else None,
                               progress and is_writer)
-    grader = grading.make_grader(config["grader"])
+    grades_here = is_writer or config["grader"].startswith("llm:")
+    grader = grading.make_grader(config["grader"]) if grades_here else None
+    writer_store = store if is_writer else None
+    if ungraded:  # responses of an earlier run whose grading failed: grade them, don't regenerate
+        grade_and_store(ungraded, grader, writer_store)
+        if is_writer:
+            store.clear_ungraded()
     batches = list(_batches(pending, config["batch_size"]))
     iterator = batches
     if progress and is_writer:
         from tqdm import tqdm
         iterator = tqdm(batches, desc="trials", unit="batch", postfix={"trials": len(pending)})
     for number, batch in enumerate(iterator):
-        records = run_batch(lm, batch, config, prompts, concept, grader, store.hash)
-        if is_writer:
-            store.append(records)
+        grade_and_store(generate_batch(lm, batch, config, prompts, concept, store.hash), grader, writer_store)
         if on_batch:
             on_batch(number)
     return {"results": store.path, "trials": len(trials), "resumed_from": len(done), "ran": len(pending),

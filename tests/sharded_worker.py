@@ -5,7 +5,7 @@ chosen (XLA_FLAGS must be set before jax is imported; pytest's own process has o
     python tests/sharded_worker.py generate --checkpoint=CKPT --mesh=2x4 --out=OUT [--devices=4
            --process_id=I --num_processes=N --coordinator=127.0.0.1:PORT]
     python tests/sharded_worker.py restore  --checkpoint=CKPT --mesh=1x8 --out=OUT [multi-process flags]
-    python tests/sharded_worker.py synthetic --out=CKPT --layers=12 ...
+    python tests/sharded_worker.py synthetic --checkpoint=CKPT --out=INFO.json --layers=12 ...
 
 Results are JSON written by process 0 only (every process computes).
 """
@@ -186,7 +186,7 @@ def synthetic():
                       head_dim=ARGS.d_model // 8, d_ff=ARGS.d_ff, rope_theta=5e5, rms_norm_eps=1e-5,
                       tie_word_embeddings=False, name="synthetic")
     rng = np.random.default_rng(0)
-    writer = checkpoint.CheckpointWriter(ARGS.out, {"synthetic": True}, overwrite=True)
+    writer = checkpoint.CheckpointWriter(ARGS.checkpoint, {"synthetic": True}, overwrite=True)
     total = 0
     units = [(checkpoint.GLOBALS, model_lib.global_param_shapes(cfg))]
     units += [(checkpoint.layer_unit(i), model_lib.layer_param_shapes(cfg)) for i in range(cfg.n_layers)]
@@ -195,7 +195,8 @@ def synthetic():
         total += sum(a.nbytes for a in arrays.values())
         writer.write_unit(unit, arrays)
     writer.finalize(cfg, None, {"synthetic": True}, "float32")
-    _write({"bytes": total, "params": cfg.num_params})
+    stored = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(ARGS.checkpoint) for f in fs)
+    _write({"bytes": total, "params": cfg.num_params, "stored_bytes": stored})
 
 
 if __name__ == "__main__":

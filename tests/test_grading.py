@@ -93,6 +93,7 @@ class FakeLM:
     ("The answer is NO.\n\nNote: the response was truncated.", False),
     ("YES or NO: NO", False),
     ("Final answer: YES\n---", True),
+    ("It said YES at first, but on balance NO.\n\n(That is my reasoning.)", False),
 ])
 def test_judge_on_paper_examples_formats_prompts_and_parses_replies(reply, expected):
     lm = FakeLM(reply)
@@ -205,7 +206,7 @@ class Stub:
     def __init__(self, provider):
         self.provider = provider
         self.script = []
-        self.default = ("ok", "The response is fine, so the answer is YES.")
+        self.default = ("ok", None)  # YES, or NO when the response under judgement says "answer-no"
         self.requests = []
         stub = self
 
@@ -232,7 +233,11 @@ class Stub:
                     elif action[0] == "raw":
                         self._send(200, action[1])
                     else:
-                        self._send(200, json.dumps(stub.reply(action[1])).encode())
+                        text = action[1]
+                        if text is None:
+                            no = "answer-no" in body["messages"][0]["content"]
+                            text = "Thinking it over, the answer is " + ("NO." if no else "YES.")
+                        self._send(200, json.dumps(stub.reply(text)).encode())
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
@@ -246,7 +251,7 @@ class Stub:
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     def reply(self, text):
@@ -292,6 +297,14 @@ def test_api_judge_grades_a_good_reply(stub):
     assert first["path"] == ("/v1/messages" if stub.provider == "anthropic" else "/v1/chat/completions")
     assert first["body"]["model"] == "judge-model" and first["body"]["temperature"] == 0
     assert "I notice a thought about dust." in first["body"]["messages"][0]["content"]
+
+
+def test_api_judge_workers_keep_request_order(stub):
+    reqs = [GradeRequest(f"t{i}", LINDSEY_QUESTION, f"answer-{'no' if i % 3 else 'yes'} dust", "dust")
+            for i in range(7)]
+    grades = api_judge(stub, workers=3).grade(reqs, progress=True)
+    assert [g["coherent"] for g in grades] == [i % 3 == 0 for i in range(7)]
+    assert len(stub.requests) == 28
 
 
 def test_api_judge_retries_server_errors(stub):

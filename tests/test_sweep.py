@@ -65,6 +65,9 @@ def test_end_to_end_writes_records_summary_and_heatmaps(checkpoint, tmp_path):
     assert "report:" in proc.stdout and (report_dir / "report.md").exists()
     pngs = list(report_dir.glob("*.png"))
     assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    summary = json.loads((report_dir / "summary.json").read_text())
+    assert summary["overall"]["all"]["injected"]["n"] == 8
+    assert summary["overall"]["all"]["control"]["n"] == 3
     assert (out / "vectors.npz").exists()
 
 
@@ -142,3 +145,46 @@ def test_whole_grid_compiles_once_per_prompt_bucket(checkpoint, tmp_path):
     summary = sweep.run_sweep(lm, config, str(tmp_path / "grid"), progress=False)
     assert summary["ran"] == 2 * 4 * 2 + 4
     assert generate.generate_tokens._cache_size() - before == 1
+
+
+def test_grading_failure_keeps_responses_and_resume_grades_them(checkpoint, tmp_path, monkeypatch):
+    import jax_introspect
+    from jax_introspect import grading, results, sweep
+    from launch.sweep import config_dict
+    from configs.sweeps import quickstart
+    config = config_dict(quickstart.get_config())
+    config.update(words=["Dust", "Snow"], layers=[0, 1], strengths=[1.0, 4.0], trials_per_cell=2, control_trials=3,
+                  max_new_tokens=5, batch_size=4, baseline_words=["Desks", "Sand"])
+    lm = jax_introspect.load(checkpoint)
+    real = grading.make_grader("heuristic")
+
+    class FailsOnce(grading.Grader):
+        name = real.name
+        calls = 0
+
+        def grade(self, requests, progress=False):
+            FailsOnce.calls += 1
+            if FailsOnce.calls == 2:  # the second batch: two graded, then the judge fails
+                raise grading.GradingError("judge unreachable", partial=real.grade(requests[:2]),
+                                           trial_id=requests[2].trial_id)
+            return real.grade(requests)
+
+    monkeypatch.setattr(grading, "make_grader", lambda spec, **kw: FailsOnce())
+    out = str(tmp_path / "run")
+    with pytest.raises(sweep.SweepError, match="grading failed at trial .*re-run"):
+        sweep.run_sweep(lm, config, out, progress=False)
+    graded = list(results.read_records(os.path.join(out, "trials.jsonl")))
+    kept = list(results.read_records(os.path.join(out, "ungraded.jsonl")))
+    assert len(graded) == 4 + 2 and len(kept) == 2
+
+    reference = sweep.run_sweep(lm, config, str(tmp_path / "reference"), progress=False)
+    summary = sweep.run_sweep(lm, config, out, progress=False)
+    assert summary["ran"] == EXPECTED_TRIALS - 8  # the two kept responses were graded, not regenerated
+    final = list(results.read_records(os.path.join(out, "trials.jsonl")))
+    assert len(final) == len({r.trial_id for r in final}) == EXPECTED_TRIALS
+    assert not os.path.exists(os.path.join(out, "ungraded.jsonl"))
+    by_id = {r.trial_id: r for r in final}
+    for r in kept:
+        assert by_id[r.trial_id].response == r.response and by_id[r.trial_id].grades
+    ref_records = {r.trial_id: r.response for r in results.read_records(reference["results"])}
+    assert {k: v.response for k, v in by_id.items()} == ref_records

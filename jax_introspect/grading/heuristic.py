@@ -124,7 +124,13 @@ def concept_regex(word: str, related: Optional[Mapping[str, Iterable[str]]] = No
 # coherence
 
 
+# Anything but Latin letters, punctuation, symbols, arrows, math, box drawing and emoji: another
+# script inside an English reply is a sign of a collapsing model.
+_FOREIGN = re.compile(r"[^\x00-\u024f\u1e00-\u1eff\u2000-\u2bff\ufe0f\U0001F000-\U0001FAFF]")
+
+
 def coherence_features(text: str) -> dict:
+    """The numbers `coherence_problems` thresholds."""
     raw = _WORD.findall(text)
     words = [w.lower().replace("’", "'") for w in raw]
     n = len(words)
@@ -148,7 +154,7 @@ def coherence_features(text: str) -> dict:
         + sum(t in _BAD_TRIGRAMS for t in trigrams),
         allcaps_share=sum(len(w) >= 2 and w.isupper() and w not in _ACRONYM_OK for w in raw) / n,
         glued=len(re.findall(r"[a-z]{2,}(?:That|What|How|This|Isn|The|And|But|Caps)\b", text)),
-        foreign_chars=len(re.findall(r"[^\x00-\u024f\u2000-\u206f\u20a0-\u20cf\u2100-\u214f\U0001F000-\U0001FAFF]", text)),
+        foreign_chars=len(_FOREIGN.findall(text)),
     )
     return feats
 
@@ -184,7 +190,8 @@ def coherence_problems(text: str) -> list[str]:
 
 _NEG = re.compile(r"\b(?:not|no|never|nothing|none|neither|nor|cannot|without|unable|n't|dont|doesnt|didnt|"
                   r"hardly|barely)\b|n't\b|n’t\b", re.IGNORECASE)
-_HYPO = re.compile(r"\b(?:if|whether|when(?:ever)?|unless|would(?:n't)?|could(?:n't)?|might|will|try to|trying to|attempt to|"
+_HYPO = re.compile(r"\b(?:if|whether|when(?:ever)?|unless|would(?:n't)?|could(?:n't)?|might|will|"
+                   r"try to|trying to|attempt to|"
                    r"able to|ability to|how to|wait for|let me know)\b", re.IGNORECASE)
 _CLAUSE_BREAK = re.compile(r"[.!?;:,\n]|\b(?:but|however|though|although|yet|wait)\b", re.IGNORECASE)
 _MENTAL = (r"(?:thoughts?|ideas?|concepts?|notions?|patterns?|presence|sense|feeling|impression|intrusion|"
@@ -237,14 +244,15 @@ def _sentence(text: str, pos: int) -> tuple[int, int]:
 
 _SENTENCE_END = re.compile(r"[.!?\n]")
 _NOTHING_AFTER = re.compile(r"\s*(?:no|nothing|none|any|anything\s+(?:unusual|out))\b", re.I)
-_MENTAL_OBJECT = re.compile(rf"\s*(?:(?:an?|the|some|that|this|\w+ly)\s+)*(?:\w+\s+){{0,2}}{_MENTAL}\b|\s+that\b|\s+it\b",
-                            re.I)
+_MENTAL_OBJECT = re.compile(
+    rf"\s*(?:(?:an?|the|some|that|this|\w+ly)\s+)*(?:\w+\s+){{0,2}}{_MENTAL}\b|\s+that\b|\s+it\b", re.I)
 
 
 def _reported_speech(text: str, pos: int) -> bool:
     """Inside a quotation introduced by a reporting verb (say "...", like "...")."""
     paragraph = text.rfind("\n", 0, pos) + 1
-    if text.count('"', paragraph, pos) % 2 == 0 and text.count("“", paragraph, pos) <= text.count("”", paragraph, pos):
+    open_curly = text.count("“", paragraph, pos) > text.count("”", paragraph, pos)
+    if text.count('"', paragraph, pos) % 2 == 0 and not open_curly:
         return False
     opening = max(text.rfind('"', paragraph, pos), text.rfind("“", paragraph, pos))
     return bool(re.search(r"\b(?:say|says|said|saying|like|as|e\.g\.|claim|claims|write|writes|answer)\W*$",
@@ -266,7 +274,6 @@ def detection_claims(text: str) -> tuple[list[tuple[int, str]], list[int]]:
                 continue  # a relative clause ("the text that I notice"), not a claim
             if _reported_speech(text, m.start()):
                 continue  # reported speech: 'I can't say "oh, I feel a thought"'
-
             after = text[m.end(): m.end() + 40]
             if _HYPO.search(before + m.group(0)):
                 continue
@@ -274,11 +281,13 @@ def detection_claims(text: str) -> tuple[list[tuple[int, str]], list[int]]:
                 if kind != "yes":
                     denials.append(m.start())
                 continue
-            if kind == "verb" and (re.match(r"\s+(?:you|your)\b", after, re.I) or (
-                    re.match(r"\s*[.,;!?]", after) and not re.search(r"\b(?:do|did|yes)\b", before + m.group(0), re.I))):
-                continue  # noticing the user's text, or a bare "... and I noticed."
-            if kind == "verb" and _MENTAL_OBJECT.match(after):
-                kind = "mental"  # "I detect an injected thought", "I notice something"
+            if kind == "verb":
+                emphatic = re.search(r"\b(?:do|did|yes)\b", before + m.group(0), re.I)
+                if (re.match(r"\s*[.,;!?]", after) and not emphatic) or re.match(r"\s+(?:you|your)\b", after, re.I):
+                    continue  # a bare "... and I noticed.", or noticing the user's text
+                if _MENTAL_OBJECT.match(after):  # "I detect an injected thought", "I notice something"
+                    claims.append((m.start(), "mental"))
+                    continue
             claims.append((m.start(), kind))
     return sorted(claims), sorted(denials)
 
@@ -287,7 +296,7 @@ def detection_claims(text: str) -> tuple[list[tuple[int, str]], list[int]]:
 
 
 def grade_response(response: str, word: Optional[str], related: Optional[Mapping[str, Iterable[str]]] = None,
-                   name: str = "heuristic") -> dict:
+                   name: str = "heuristic-v1") -> dict:
     """The heuristic grade of one response (see the module docstring)."""
     problems = coherence_problems(response)
     coherent = not problems
