@@ -65,24 +65,24 @@ def join(path: str, *parts: str) -> str:
     return "/".join([path.rstrip("/"), *parts]) if is_remote(path) else os.path.join(path, *parts)
 
 
+def _gpath(path: str):
+    """A remote path object (etils.epath: gs:// through gcsfs; orbax reads the arrays itself
+    through tensorstore's GCS driver)."""
+    from etils import epath
+    return epath.Path(path)
+
+
 def _isdir(path: str) -> bool:
-    if is_remote(path):
-        from etils import epath
-        return epath.Path(path).is_dir()
-    return os.path.isdir(path)
+    return _gpath(path).is_dir() if is_remote(path) else os.path.isdir(path)
 
 
 def _exists(path: str) -> bool:
-    if is_remote(path):
-        from etils import epath
-        return epath.Path(path).exists()
-    return os.path.exists(path)
+    return _gpath(path).exists() if is_remote(path) else os.path.exists(path)
 
 
 def _read_json(path: str) -> dict:
     if is_remote(path):
-        from etils import epath
-        return json.loads(epath.Path(path).read_text())
+        return json.loads(_gpath(path).read_text())
     with open(path) as f:
         return json.load(f)
 
@@ -93,11 +93,11 @@ def local_copy(folder: str) -> str:
     if not is_remote(folder):
         return folder
     import tempfile
-    from etils import epath
     local = tempfile.mkdtemp(prefix="jax_introspect_")
-    for item in epath.Path(folder).iterdir():
+    for item in _gpath(folder).iterdir():
         if not item.is_dir():
-            (epath.Path(local) / item.name).write_bytes(item.read_bytes())
+            with open(os.path.join(local, item.name), "wb") as f:
+                f.write(item.read_bytes())
     return local
 
 

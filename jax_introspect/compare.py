@@ -21,7 +21,8 @@ l. Layer l is where the difference jumps if it is the first with
 
     e_l >= floor   and   e_l >= factor * median(e_0 .. e_{l-1})     (for l = 0: e_0 >= floor)
 
-defaults factor=10 and floor 1e-4 (float32) / 0.1 (bfloat16). A correct float32 port sits
+defaults factor=10 and floor 1e-4 (float32) / 0.1 (bfloat16; also whenever the reference itself
+ran in bfloat16 or float16). A correct float32 port sits
 near 1e-6 everywhere, so a wrong weight or op stands out by orders of magnitude at its layer,
 while bfloat16's round-off grows smoothly and crosses neither bar. When no layer jumps but the
 logits do (their relative error passes the same two bars against the last layer's), the fault is
@@ -495,9 +496,14 @@ def compare_checkpoint(checkpoint: str, ref: Reference, dtypes: Sequence[str] = 
     bad = [d for d in dtypes if d not in DTYPES]
     if bad:
         raise CompareError(f"dtypes {bad}: choose from {DTYPES}")
+    floors = {**JUMP_FLOOR, **(floors or {})}
+    # A half-precision reference is as noisy as a half-precision run: the floor covers both sides.
+    ref_dtype = ref.meta.get("run", {}).get("dtype", "float32")
+    ref_floor = floors["bfloat16"] if ref_dtype in ("bfloat16", "float16") else 0.0
+    floors = {d: max(floors[d], ref_floor) for d in dtypes}
     report = {"checkpoint": os.path.abspath(checkpoint), "reference": reference_summary(ref), "runs": {},
               "jump_rule": {"metric": "max over tokens of ||ours - ref|| / ||ref|| after each layer",
-                            "factor": factor, "floors": {d: (floors or {}).get(d, JUMP_FLOOR[d]) for d in dtypes}}}
+                            "factor": factor, "floors": floors, "reference_dtype": ref_dtype}}
     for dtype in dtypes:
         t0 = time.time()
         lm = jax_introspect.load(checkpoint, dtype=dtype)
@@ -505,7 +511,7 @@ def compare_checkpoint(checkpoint: str, ref: Reference, dtypes: Sequence[str] = 
         report["checks"] = checks["status"]
         log(f"{dtype}: running {len(ref.prompts)} prompts x {1 + len(ref.cases)} runs")
         ours = run_jax(lm, ref, checks["ids"], batch_size=batch_size, log=log)
-        run = compare_tensors(ref, ours, dtype, (floors or {}).get(dtype), factor, tokenizer=lm._tokenizer)
+        run = compare_tensors(ref, ours, dtype, floors[dtype], factor, tokenizer=lm._tokenizer)
         run["seconds"] = round(time.time() - t0, 2)
         run["checkpoint_dtype"] = str(lm.dtype)
         report["runs"][dtype] = run
@@ -725,16 +731,12 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, path: str) -> Optional[str]:
-    """Per-layer residual relative error and 1 - cosine (log scale); None without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+def plot(report: dict, path: str) -> str:
+    """Per-layer residual relative error and 1 - cosine (log scale)."""
+    import matplotlib.ticker
+    from matplotlib.figure import Figure  # no pyplot: leaves the global backend alone
+    fig = Figure(figsize=(12, 4.5))
+    axes = fig.subplots(1, 2)
     for dtype, run in report.get("runs", {}).items():
         for group, style in (("clean", "-"), ("injected", "--")):
             if group not in run:
@@ -757,7 +759,6 @@ def plot(report: dict, path: str) -> Optional[str]:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -769,7 +770,5 @@ def write_report(report: dict, out: str) -> dict:
     with open(paths["markdown"], "w", encoding="utf-8") as f:
         f.write(to_markdown(report))
     if report.get("runs"):
-        png = plot(report, os.path.join(out, "compare.png"))
-        if png:
-            paths["plot"] = png
+        paths["plot"] = plot(report, os.path.join(out, "compare.png"))
     return paths

@@ -154,7 +154,7 @@ def test_jump_rule():
     assert compare.first_jump([0.5, 0.6], floor=1e-4) == 0
     assert compare.first_jump([1e-8, 1e-6, 5e-5], floor=1e-4) is None  # 100x, but under the floor
     assert compare.first_jump([5e-3, 7e-3, 9e-3, 1.2e-2, 2e-2, 6e-2], floor=0.1) is None  # bf16-like growth
-    assert compare.first_jump([2e-4, 3e-4, 2.5e-4, 9e-4], floor=1e-4, factor=10) is None  # smooth, above floor
+    assert compare.first_jump([5e-5, 8e-5, 2e-4, 4e-4], floor=1e-4, factor=10) is None  # smooth growth past the floor
 
 
 # --- bad input ---------------------------------------------------------------------------------

