@@ -222,7 +222,7 @@ def read_manifest(path: str) -> dict:
     if not _isdir(path):
         hint = (f" (an interrupted conversion left {path + STAGING_SUFFIX}: re-run the same "
                 "`python -m launch.convert` command to finish it)") if _isdir(path + STAGING_SUFFIX) else \
-            " ; create it with `python -m launch.convert --source=... --out=" + path + "`"
+            "; create it with `python -m launch.convert --source=... --out=" + path + "`"
         raise CheckpointError(f"checkpoint {path} does not exist{hint}")
     manifest_path = join(path, MANIFEST)
     if not _exists(manifest_path):

@@ -2,9 +2,9 @@
 
     python -m launch.chat --checkpoint=checkpoints/smollm2 --question="What is the capital of France?"
 """
-import sys
+from absl import app, flags
 
-from absl import app, flags, logging
+from launch.common import load_model
 
 flags.DEFINE_string("checkpoint", "checkpoints/smollm2", "Checkpoint folder written by launch.convert.")
 flags.DEFINE_string("question", "What is the capital of France?", "The user turn.")
@@ -15,12 +15,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
-    import jax_introspect
-    try:
-        lm = jax_introspect.load(FLAGS.checkpoint)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    lm = load_model(FLAGS.checkpoint)
     answer = lm.chat(FLAGS.question, max_new_tokens=FLAGS.max_new_tokens, system_header=FLAGS.system_header)
     print(f"Q: {FLAGS.question}\nA: {answer}")
 

@@ -7,9 +7,9 @@ For each concept vector recipe (`--positions`), asks "What are you thinking abou
 with the vector injected at all positions and prints the rate at which answers name the word, as
 a markdown table (words x strengths).
 """
-import sys
+from absl import app, flags
 
-from absl import app, flags, logging
+from launch.common import load_model
 
 flags.DEFINE_string("checkpoint", "checkpoints/smollm2", "Checkpoint folder.")
 flags.DEFINE_list("words", ["Dust", "Oceans", "Bread", "Snow", "Milk", "Silver"], "Concept words.")
@@ -34,15 +34,10 @@ def mentions(word: str, text: str) -> bool:
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
     import numpy as np
 
-    import jax_introspect
     from jax_introspect import inject, protocols, vectors
-    try:
-        lm = jax_introspect.load(FLAGS.checkpoint)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    lm = load_model(FLAGS.checkpoint)
     n = lm.config.n_layers
     layer = int(FLAGS.layer) if FLAGS.layer >= 1 else min(int(round(FLAGS.layer * n)), n - 1)
     strengths = [float(s) for s in FLAGS.strengths]
