@@ -113,6 +113,8 @@ def initialize(mode: str = "auto", coordinator_address: Optional[str] = None, nu
         return False
     if mode not in ("auto", "tpu"):
         raise DistributedError(f"unknown distributed mode {mode!r}: auto, tpu or off")
+    if jax.distributed.is_initialized():  # idempotent: a second call (e.g. library + entry point) is a no-op
+        return jax.process_count() > 1
     if mode == "tpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         done = _watchdog(timeout_s, "TPU pod cluster auto-detection")
@@ -163,9 +165,13 @@ def initialize_from_flags() -> bool:
     return multi
 
 
+def topology() -> str:
+    return (f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local / "
+            f"{jax.device_count()} global devices ({jax.devices()[0].platform})")
+
+
 def _log_topology() -> None:
-    logging.info("process %d of %d: %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
-                 jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
+    logging.info("%s", topology())
 
 
 def is_primary() -> bool:
@@ -210,6 +216,9 @@ def setup_logging(log_dir: str) -> str:
     processes keep stderr to warnings."""
     os.makedirs(log_dir, exist_ok=True)
     path = log_path(log_dir)
+    with open(path, "a") as f:  # a header whatever the log level: who this host is, what it runs
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [p{jax.process_index()}] {topology()} on "
+                f"{socket.gethostname()}; argv: {' '.join(sys.argv)}\n")
     handler = std_logging.FileHandler(path)
     handler.setFormatter(std_logging.Formatter(
         f"%(asctime)s [p{jax.process_index()}] %(levelname)s %(name)s: %(message)s"))

@@ -13,6 +13,7 @@ import random
 import time
 from typing import Callable, Optional, Sequence
 
+import jax
 import numpy as np
 
 from jax_introspect import inject, protocols, results, vectors
@@ -107,12 +108,13 @@ def plan_trials(config: dict, words: list[str], layers: list[int]) -> list[Trial
     return trials
 
 
-def extract_vectors(lm, config: dict, words: list[str], cache_path: Optional[str], progress: bool):
+def extract_vectors(lm, config: dict, words: list[str], cache_path: Optional[str], progress: bool,
+                    use_cache: bool = True):
     """Concept vectors for every layer (cached in the results folder, keyed by their recipe)."""
     recipe = {k: config[k] for k in ("vector_method", "vector_position", "template", "system_header", "seed")}
     recipe.update(words=list(words), baseline_words=config["baseline_words"], model=lm.config.name,
                   n_layers=lm.config.n_layers, d_model=lm.config.d_model)
-    if cache_path and os.path.exists(cache_path):
+    if use_cache and cache_path and os.path.exists(cache_path):
         cached = vectors.ConceptVectors.load(cache_path)
         if cached.metadata.get("recipe") == recipe:
             return cached
@@ -204,6 +206,14 @@ def grade_and_store(records: list[results.TrialRecord], grader, store: Optional[
         store.append([dataclasses.replace(r, grades=g) for r, g in zip(records, grades)])
 
 
+def config_to_dict(config) -> dict:
+    """An ml_collections ConfigDict (or dict) -> a plain JSON-able dict (tuples become lists)."""
+    def plain(value):
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {k: plain(v) for k, v in data.items()}
+
+
 def run_sweep(lm, config: dict, out: str, *, progress: bool = True, is_writer: bool = True,
               on_batch: Optional[Callable[[int], None]] = None) -> dict:
     """Run (or resume) a sweep into `out`; returns a small summary. Only the writer process
@@ -216,14 +226,19 @@ def run_sweep(lm, config: dict, out: str, *, progress: bool = True, is_writer: b
     words = resolve_words(config["words"], "concept word")
     layers = resolve_layers(config["layers"], lm.config.n_layers)
     resolved = dict(config, resolved_layers=layers, model=lm.config.name, checkpoint=lm.path)
+    from jax_introspect import distributed
     store = results.ResultsStore(out, resolved, writable=is_writer)
     trials = plan_trials(config, words, layers)
-    ungraded = store.ungraded()
-    done = store.done_ids() | {r.trial_id for r in ungraded}
+    # Only process 0's disk has the results folder: its view of what is done decides for all, or
+    # the processes would plan different batches and deadlock in their collectives.
+    ungraded = [results.TrialRecord.from_dict(r) for r in distributed.broadcast_from_primary(
+        [dataclasses.asdict(r) for r in store.ungraded()] if is_writer else [])]
+    done = set(distributed.broadcast_from_primary(sorted(store.done_ids() | {r.trial_id for r in ungraded})))
     pending = [t for t in trials if t.trial_id not in done]
     prompts = {name: prompt_info(lm, name, config["system_header"]) for name in config["protocols"]}
+    # Cached vectors are reused single-process only: on a pod every process extracts them together.
     concept = extract_vectors(lm, config, words, os.path.join(out, "vectors.npz") if is_writer else None,
-                              progress and is_writer)
+                              progress and is_writer, use_cache=jax.process_count() == 1)
     grades_here = is_writer or config["grader"].startswith("llm:")
     grader = grading.make_grader(config["grader"]) if grades_here else None
     writer_store = store if is_writer else None

@@ -5,7 +5,8 @@
 
 For each concept vector recipe (`--positions`), asks "What are you thinking about right now?"
 with the vector injected at all positions and prints the rate at which answers name the word, as
-a markdown table (words x strengths).
+a markdown table (words x strengths); "naming" is the heuristic grader's whole-word match of the
+word and its inflections.
 """
 from absl import app, flags
 
@@ -22,21 +23,12 @@ flags.DEFINE_integer("seed", 0, "Sampling seed.")
 FLAGS = flags.FLAGS
 
 
-def mentions(word: str, text: str) -> bool:
-    """The word or its stem (plural and -oes endings dropped) appears in the text."""
-    stem = word.lower()
-    for suffix in ("oes", "es", "s"):
-        if stem.endswith(suffix) and len(stem) - len(suffix) >= 4:
-            stem = stem[: -len(suffix)]
-            break
-    return stem in text.lower()
-
-
 def main(argv):
     del argv
     import numpy as np
 
     from jax_introspect import inject, protocols, vectors
+    from jax_introspect.grading.heuristic import names_concept
     lm = load_model(FLAGS.checkpoint)
     n = lm.config.n_layers
     layer = int(FLAGS.layer) if FLAGS.layer >= 1 else min(int(round(FLAGS.layer * n)), n - 1)
@@ -51,7 +43,7 @@ def main(argv):
                                 np.stack([concept.vector(w, layer) for w, _, _ in cells]), start=inject.ALL_POSITIONS)
         out = lm.generate([prompt] * len(cells), max_new_tokens=FLAGS.max_new_tokens, injection=injection,
                           temperature=1.0, seed=FLAGS.seed, trial_ids=[f"{w}/{s}/{t}" for w, s, t in cells])
-        hit = {(w, s, t): mentions(w, g.text) for (w, s, t), g in zip(cells, out)}
+        hit = {(w, s, t): names_concept(w, g.text) for (w, s, t), g in zip(cells, out)}
         print(f"### vectors read at the `{position}` token\n")
         print("| word | " + " | ".join(f"s={s:g}" for s in strengths) + " |")
         print("|---|" + "---|" * len(strengths))

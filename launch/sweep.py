@@ -9,8 +9,11 @@ config is refused.
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from jax_introspect import distributed  # defines --distributed, --coordinator_address, ... (pods)
+from launch.common import load_model
 
 config_flags.DEFINE_config_file("config", None, "Sweep config file (configs/sweeps/*.py).", lock_config=True)
 flags.DEFINE_string("checkpoint", None, "Checkpoint folder written by launch.convert.", required=True)
@@ -18,32 +21,28 @@ flags.DEFINE_string("out", None, "Results folder (created; resumed if it holds t
                     required=True)
 flags.DEFINE_string("dtype", None, "Cast parameters on load (float32 | bfloat16); default: as stored.")
 flags.DEFINE_bool("report", True, "Write the report when the trials are done.")
+flags.DEFINE_string("mesh", None, "Device mesh data x tensor, e.g. 1x-1 (all devices tensor-parallel) or 2x4; "
+                    "default: one device.")
 FLAGS = flags.FLAGS
-
-
-def config_dict(config) -> dict:
-    """ConfigDict -> plain JSON-able dict (tuples become lists)."""
-    def plain(value):
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        return value
-    return {k: plain(v) for k, v in config.to_dict().items()}
 
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
     if FLAGS.config is None:
         sys.exit("error: --config=configs/sweeps/NAME.py is required")
-    import jax
-
-    import jax_introspect
+    try:  # join the pod's process group before anything else touches jax
+        distributed.initialize_from_flags()
+    except distributed.DistributedError as e:
+        sys.exit(f"error: {e}")
     from jax_introspect import report, sweep
-    writer = jax.process_index() == 0  # on a pod every process computes; process 0 writes
-    config = config_dict(FLAGS.config)
+    writer = distributed.is_primary()  # on a pod every process computes; process 0 writes
+    config = sweep.config_to_dict(FLAGS.config)
     try:
         sweep.validate_config(config)
-        lm = jax_introspect.load(FLAGS.checkpoint, dtype=FLAGS.dtype)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    lm = load_model(FLAGS.checkpoint, dtype=FLAGS.dtype, mesh=FLAGS.mesh)
+    try:
         summary = sweep.run_sweep(lm, config, FLAGS.out, is_writer=writer)
     except (ValueError, FileNotFoundError) as e:  # SweepError, CheckpointError, ResultsError, ...
         sys.exit(f"error: {e}")

@@ -19,15 +19,17 @@ from launch import sweep  # noqa: E402
 if "mesh" not in flags.FLAGS:
     flags.DEFINE_string("mesh", None, "data x tensor mesh, e.g. 2x4 (default: one device).")
 FLAGS = flags.FLAGS
-WIRED = "initialize_from_flags" in open(sweep.__file__).read()
 
 
 def main(argv):
-    if not WIRED:
-        distributed.initialize_from_flags()
-        import jax_introspect
-        load = jax_introspect.load
-        jax_introspect.load = lambda path, dtype=None, **kw: load(path, dtype=dtype, mesh=FLAGS.mesh, **kw)
+    distributed.initialize_from_flags()  # idempotent: a no-op when launch.sweep calls it again
+    import jax_introspect
+    load = jax_introspect.load
+
+    def load_on_mesh(path, dtype=None, **kw):
+        kw.setdefault("mesh", FLAGS.mesh)
+        return load(path, dtype=dtype, **kw)
+    jax_introspect.load = load_on_mesh
     sweep.main(argv)
 
 

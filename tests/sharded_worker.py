@@ -147,11 +147,25 @@ def generate():
                          "logits": g.logits.tolist()} for i, g in enumerate(gens)]})
 
 
-def _rss():
+def _status(field):
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
+
+
+def _rss():
+    return _status("VmRSS")
+
+
+def _reset_peak():
+    """Start the kernel's peak-RSS counter (VmHWM) afresh, so the peak is the load's own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _rchar():
@@ -167,14 +181,15 @@ def restore():
     mesh = sharding.make_mesh(ARGS.mesh)
     jax.jit(lambda x: x + 1)(np.zeros(4))  # backends up before measuring
     gc.collect()
+    reset = _reset_peak()
     rss0, rchar0 = _rss(), _rchar()
     began = time.time()
     lm = jax_introspect.load(ARGS.checkpoint, mesh=mesh)
     jax.block_until_ready(lm.params)
     seconds = time.time() - began
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     held = sum(s.data.nbytes for x in jax.tree.leaves(lm.params) for s in x.addressable_shards)
-    result = {"process": jax.process_index(), "processes": jax.process_count(), "mesh": ARGS.mesh,
+    result = {"process": jax.process_index(), "processes": jax.process_count(), "mesh": ARGS.mesh, "peak_reset": reset,
               "rss_before": rss0, "peak_rss": peak, "growth": peak - rss0, "rss_after": _rss(),
               "read_bytes": _rchar() - rchar0, "local_param_bytes": held, "seconds": round(seconds, 2)}
     with open(f"{ARGS.out}.p{jax.process_index()}", "w") as f:

@@ -105,9 +105,10 @@ def sweep_checkpoint(tmp_path_factory):
 
 
 def _sweep_command():
-    with open(os.path.join(ref.REPO, "launch", "sweep.py")) as f:
-        wired = "initialize_from_flags" in f.read()
-    # The real entry point once it joins the process group itself; until then the shim adds that.
+    """The real entry point once it has the multi-host flags; until then the shim that adds them."""
+    help_text = subprocess.run([sys.executable, "-m", "launch.sweep", "--helpfull"], cwd=ref.REPO,
+                               capture_output=True, text=True, timeout=120).stdout
+    wired = "--coordinator_address" in help_text and "--mesh" in help_text
     return [sys.executable, "-m", "launch.sweep"] if wired else [sys.executable, "tests/multihost_sweep.py"]
 
 

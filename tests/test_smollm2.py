@@ -113,7 +113,7 @@ def test_lm_chat_answers(lm):
 
 from jax_introspect import inject, protocols, vectors  # noqa: E402
 
-from launch.positive_control import mentions  # noqa: E402
+from jax_introspect.grading.heuristic import names_concept  # noqa: E402
 
 WORDS = ["Dust", "Oceans", "Bread", "Snow", "Milk", "Silver"]
 
@@ -185,7 +185,7 @@ def test_positive_control_mentions_rise_with_strength(lm):
                             start=inject.ALL_POSITIONS)
     out = lm.generate([prompt] * len(cells), max_new_tokens=32, injection=injection, temperature=1.0, seed=0,
                       trial_ids=[f"{w}/{s}/{t}" for w, s, t in cells])
-    rate = {s: np.mean([mentions(w, g.text) for (w, s2, _), g in zip(cells, out) if s2 == s])
+    rate = {s: np.mean([names_concept(w, g.text) for (w, s2, _), g in zip(cells, out) if s2 == s])
             for s in strengths}
     print("SmolLM2 positive control (layer 15, word-token vectors): mention rate by strength", rate)
     assert rate[strengths[-1]] >= rate[0.0] + 0.4

@@ -120,6 +120,11 @@ def concept_regex(word: str, related: Optional[Mapping[str, Iterable[str]]] = No
     return re.compile(rf"(?<![A-Za-z])(?:{alts})(?![A-Za-z])", re.IGNORECASE)
 
 
+def names_concept(word: str, text: str) -> bool:
+    """Whether `text` names the concept `word` (a whole-word match of any of its terms)."""
+    return concept_regex(word).search(text) is not None
+
+
 # --------------------------------------------------------------------------------------------
 # coherence
 

@@ -39,27 +39,32 @@ GENERATIONS = {
     "v6e": ("v6e-", "v2-alpha-tpuv6e", 32, 1, 4, 8),
 }
 
-flags.DEFINE_string("name", None, "TPU VM name.")
-flags.DEFINE_string("zone", None, "GCP zone, e.g. us-east5-b.")
-flags.DEFINE_string("project", None, "GCP project (default: gcloud's configured project).")
-flags.DEFINE_string("accelerator_type", None, "e.g. v4-8, v5litepod-16, v5p-32, v6e-64.")
-flags.DEFINE_string("runtime_version", None, "TPU software version (default: Google's for the generation).")
-flags.DEFINE_bool("spot", False, "Create a Spot TPU VM.")
-flags.DEFINE_string("remote_dir", "jax_introspect", "Repository folder on every worker (relative to ~).")
-flags.DEFINE_string("jax_requirement", "jax[tpu]==0.10.2", "pip requirement for JAX on the workers.")
-flags.DEFINE_string("checkpoint", None, "Checkpoint folder on every worker, or gs://bucket/path.")
-flags.DEFINE_string("sweep_config", "configs/sweeps/lindsey2025.py", "Sweep config (path inside the repo).")
-flags.DEFINE_string("out", "results/pod", "Results folder on the workers (relative to --remote_dir).")
-flags.DEFINE_string("mesh", "1x-1", "data x tensor mesh for the sweep ('1x-1': all chips tensor-parallel).")
-flags.DEFINE_multi_string("sweep_arg", [], "Extra argument for launch.sweep (repeatable), "
-                          "e.g. --sweep_arg=--config.layers=40,60.")
-flags.DEFINE_string("fetch_to", None, "Local folder for fetched results (default: ./results/<name>).")
-flags.DEFINE_bool("keep", False, "`all`: keep the VM at the end.")
-flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
-flags.DEFINE_string("model", "llama-3.1-405b", "`size`: model preset.")
-flags.DEFINE_integer("batch", 32, "`size`: sweep batch size.")
-flags.DEFINE_integer("prompt_len", 192, "`size`: prompt tokens after bucketing (Lindsey's prompt: 172 -> 192).")
-flags.DEFINE_integer("max_new_tokens", 100, "`size`: generated tokens.")
+def define_flags() -> None:
+    """The command line (defined by `__main__` only, so importing this module for `Pod` or
+    `size_table` adds no absl flags to the importer's)."""
+    flags.DEFINE_string("name", None, "TPU VM name.")
+    flags.DEFINE_string("zone", None, "GCP zone, e.g. us-east5-b.")
+    flags.DEFINE_string("project", None, "GCP project (default: gcloud's configured project).")
+    flags.DEFINE_string("accelerator_type", None, "e.g. v4-8, v5litepod-16, v5p-32, v6e-64.")
+    flags.DEFINE_string("runtime_version", None, "TPU software version (default: Google's for the generation).")
+    flags.DEFINE_bool("spot", False, "Create a Spot TPU VM.")
+    flags.DEFINE_string("remote_dir", "jax_introspect", "Repository folder on every worker (relative to ~).")
+    flags.DEFINE_string("jax_requirement", "jax[tpu]==0.10.2", "pip requirement for JAX on the workers.")
+    flags.DEFINE_string("checkpoint", None, "Checkpoint folder on every worker, or gs://bucket/path.")
+    flags.DEFINE_string("sweep_config", "configs/sweeps/lindsey2025.py", "Sweep config (path inside the repo).")
+    flags.DEFINE_string("out", "results/pod", "Results folder on the workers (relative to --remote_dir).")
+    flags.DEFINE_string("mesh", "1x-1", "data x tensor mesh for the sweep ('1x-1': all chips tensor-parallel).")
+    flags.DEFINE_multi_string("sweep_arg", [], "Extra argument for launch.sweep (repeatable), "
+                              "e.g. --sweep_arg=--config.layers=40,60.")
+    flags.DEFINE_string("fetch_to", None, "Local folder for fetched results (default: ./results/<name>).")
+    flags.DEFINE_bool("keep", False, "`all`: keep the VM at the end.")
+    flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
+    flags.DEFINE_string("model", "llama-3.1-405b", "`size`: model preset.")
+    flags.DEFINE_integer("batch", 32, "`size`: sweep batch size.")
+    flags.DEFINE_integer("prompt_len", 192, "`size`: prompt tokens after bucketing (Lindsey's prompt: 172 -> 192).")
+    flags.DEFINE_integer("max_new_tokens", 100, "`size`: generated tokens.")
+
+
 FLAGS = flags.FLAGS
 
 _NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -258,4 +263,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
