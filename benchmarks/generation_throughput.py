@@ -195,6 +195,14 @@ def matmul_peak(runs: int = 5) -> tuple[float, str]:
     return best, where
 
 
+def memory_bandwidth(runs: int = 5, mb: int = 512) -> float:
+    """GB/s of a jitted reduction over a `mb` MB float32 array (read-bound)."""
+    x = jnp.ones((mb * 2 ** 20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    return x.nbytes / common.median([common.time_call(lambda: total(x).block_until_ready()) for _ in range(runs)]) / 1e9
+
+
 def decode_flops_per_token(cfg, context: float) -> tuple[float, float]:
     """(weight-matmul FLOPs, attention FLOPs) of one decode token attending to `context` tokens."""
     D, H, K, hd, F, L = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.n_layers
@@ -217,7 +225,8 @@ def run(batches: Sequence[int] = (1, 8, 32), runs: int = 3, new_tokens: int = 10
     pad = lm.tokenizer.pad_id
     common.log(f"devices {jax.devices()}, torch threads {threads}, load {common.load_text()}")
     peak, peak_shape = matmul_peak()
-    common.log(f"fp32 matmul peak {peak:.0f} GFLOP/s ({peak_shape})")
+    bandwidth = memory_bandwidth()
+    common.log(f"fp32 matmul peak {peak:.0f} GFLOP/s ({peak_shape}), memory read {bandwidth:.1f} GB/s")
     rows = []
     for batch in batches:
         impls = {"ours": Ours(lm, ids, batch), "hf": HF(hf_model, ids, batch, pad)}
@@ -255,7 +264,7 @@ def run(batches: Sequence[int] = (1, 8, 32), runs: int = 3, new_tokens: int = 10
             row[f"{name}_prefill_s"] = med[one]
             row[f"{name}_decode_tps"] = batch * (new_tokens - 1) / max(med[name] - med[one], 1e-9)
         rows.append(row)
-    return dict(rows=rows, peak=peak, peak_shape=peak_shape, threads=threads, nnsight_note=nn_note,
+    return dict(rows=rows, peak=peak, peak_shape=peak_shape, bandwidth=bandwidth, threads=threads, nnsight_note=nn_note,
                 config=lm.config, with_nnsight=nn_model is not None)
 
 
@@ -298,20 +307,30 @@ def markdown(result: dict) -> str:
     out.append(common.table(headers, body))
     context = PROMPT_LEN + (rows[0]["new_tokens"] + 1) / 2
     matmul, attention = decode_flops_per_token(cfg, context)
+    weight_bytes = 4 * matmul / 2  # float32: one 4-byte weight per multiply-add
+    cache_slots = PROMPT_LEN + rows[0]["new_tokens"]
+    kv_bytes_per_row = 2 * cfg.n_layers * cache_slots * cfg.n_kv_heads * cfg.head_dim * 4
     out += ["", f"### 5. Achieved FLOP/s in batched decode", "",
-            f"Measured fp32 matmul peak of this machine: **{result['peak']:.0f} GFLOP/s** "
-            f"(jitted {result['peak_shape']} chain). FLOPs per decoded token: {matmul / 1e6:.0f} M in weight "
-            f"matmuls (lm_head included) + {attention / 1e6:.1f} M in attention at the mean context of "
-            f"{context:.0f} tokens.", ""]
+            f"Measured on this machine: fp32 matmul peak **{result['peak']:.0f} GFLOP/s** (jitted "
+            f"{result['peak_shape']} chain), memory read bandwidth **{result['bandwidth']:.1f} GB/s** (jitted sum "
+            f"of a 512 MB array). FLOPs per decoded token: {matmul / 1e6:.0f} M in weight matmuls (lm_head "
+            f"included) + {attention / 1e6:.1f} M in attention at the mean context of {context:.0f} tokens. "
+            f"Roofline of this CPU = batch / max(bytes / bandwidth, FLOPs / peak), bytes = {weight_bytes / 1e6:.0f} MB "
+            f"of weights + the {cache_slots}-slot KV cache ({kv_bytes_per_row / 1e6:.1f} MB per row) per step: the same "
+            "model docs/performance.md applies to TPUs.", ""]
     headers = ["batch", "ours decode GFLOP/s", "% of peak", "HF decode GFLOP/s", "% of peak",
-               "ceiling GFLOP/s", "% of peak"]
+               "ceiling GFLOP/s", "% of peak", "roofline tok/s", "ours / roofline", "ceiling / roofline"]
     body = []
     for r in rows:
         f = lambda tps: (matmul + attention) * tps / 1e9
         fc = matmul * r["ceiling"] / 1e9
-        body.append([r["batch"], f"{f(r['ours_decode_tps']):.1f}", f"{100 * f(r['ours_decode_tps']) / result['peak']:.0f}%",
+        b = r["batch"]
+        roof = b / max((weight_bytes + b * kv_bytes_per_row) / (result["bandwidth"] * 1e9),
+                       b * (matmul + attention) / (result["peak"] * 1e9))
+        body.append([b, f"{f(r['ours_decode_tps']):.1f}", f"{100 * f(r['ours_decode_tps']) / result['peak']:.0f}%",
                      f"{f(r['hf_decode_tps']):.1f}", f"{100 * f(r['hf_decode_tps']) / result['peak']:.0f}%",
-                     f"{fc:.1f}", f"{100 * fc / result['peak']:.0f}%"])
+                     f"{fc:.1f}", f"{100 * fc / result['peak']:.0f}%", f"{roof:.0f}",
+                     f"{100 * r['ours_decode_tps'] / roof:.0f}%", f"{100 * r['ceiling'] / roof:.0f}%"])
     out.append(common.table(headers, body))
     return "\n".join(out)
 
