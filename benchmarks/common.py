@@ -125,16 +125,9 @@ def ensure_smollm2_checkpoint(path: str = SMOLLM2_CHECKPOINT) -> str:
 
 
 def load_hf_smollm2():
-    """HF transformers' LlamaForCausalLM from the same GGUF (dequantized to float32), and its tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from jax_introspect.convert.gguf_file import smollm2_path
-    path = smollm2_path()
-    folder, name = os.path.dirname(path), os.path.basename(path)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return model, tokenizer
+    """HF's SmolLM2 from the same GGUF (float32) and its tokenizer (tests/hf_reference.py)."""
+    from tests.hf_reference import load_hf_smollm2 as load
+    return load()
 
 
 def quiet_libraries() -> None:

@@ -82,6 +82,13 @@ class Reference:
         return [(None, "clean")] + [(c, f"case{c}") for c in range(len(self.cases))]
 
 
+def _read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CompareError(f"{path} is not valid JSON: {e}") from None
+
 def read_reference(path: str) -> Reference:
     """Read and structurally validate a dump folder (or its reference.json)."""
     folder = os.path.dirname(path) if path.endswith(".json") else path
@@ -93,11 +100,7 @@ def read_reference(path: str) -> Reference:
                            "(gpu_reference.py writes it last; was it interrupted?)")
     if not os.path.isfile(tensor_path):
         raise CompareError(f"{folder} has no {TENSOR_FILE}: the dump is incomplete; copy the whole folder")
-    with open(meta_path, encoding="utf-8") as f:
-        try:
-            meta = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CompareError(f"{meta_path} is not valid JSON: {e}") from None
+    meta = _read_json(meta_path)
     if meta.get("format") != FORMAT:
         raise CompareError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r} "
                            "(written by launch/gpu_reference.py)")
@@ -601,11 +604,7 @@ def replication_summary(path: str) -> dict:
     judged trials when the file has no `aggregates`)."""
     if not os.path.isfile(path):
         raise CompareError(f"replication results {path} not found")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CompareError(f"{path} is not valid JSON: {e}") from None
+    data = _read_json(path)
     if not isinstance(data, dict) or not ("aggregates" in data or "results" in data):
         raise CompareError(f"{path} is not a replication results file (no 'aggregates' or 'results')")
     cells = []

@@ -175,3 +175,16 @@ def hf_greedy_with_logits(model, tokens, max_new_tokens):
                              return_dict_in_generate=True)
     new = out.sequences[:, np.asarray(tokens).shape[1]:].numpy()
     return new, np.stack([l.float().numpy() for l in out.logits], axis=1)
+
+
+def load_hf_smollm2():
+    """HF transformers' LlamaForCausalLM from the shipped SmolLM2 GGUF (dequantized to float32),
+    and its tokenizer: the real-weights reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jax_introspect.convert.gguf_file import smollm2_path
+    path = smollm2_path()
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return model, tokenizer

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import jax_introspect
-from jax_introspect.convert.gguf_file import smollm2_path
 from tests import hf_reference as ref
 
 QUESTION = "What is the capital of France?"
@@ -15,12 +14,7 @@ QUESTION = "What is the capital of France?"
 
 @pytest.fixture(scope="module")
 def hf_smollm2():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = smollm2_path()
-    folder, name = os.path.dirname(path), os.path.basename(path)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return model, tokenizer
+    return ref.load_hf_smollm2()
 
 
 @pytest.fixture(scope="module")
