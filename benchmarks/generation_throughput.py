@@ -62,7 +62,7 @@ class Ours:
     """`generate_tokens` compiled ahead of time (`.lower().compile()`) for each number of new
     tokens, so the compile is timed on its own and no warm-up run is needed."""
 
-    def __init__(self, lm, ids, batch):
+    def __init__(self, lm, ids, batch, top_p: float = 1.0):
         from jax_introspect import generate as generate_lib
         from jax_introspect import inject
         self.lm, self.gen = lm, generate_lib
@@ -70,7 +70,7 @@ class Ours:
         self.valid = np.ones_like(self.tokens, bool)
         self.injection = inject.make(LAYER, STRENGTH, injection_vector(lm.config.d_model), start=START, batch=batch)
         keys = np.stack([generate_lib.trial_key(0, f"row{i}") for i in range(batch)])
-        self.sample = generate_lib.sampling(batch, 1.0, 1.0, keys)
+        self.sample = generate_lib.sampling(batch, 1.0, top_p, keys)
         self.eos, self.pad = np.array([-1], np.int32), np.int32(0)
         self.compiled = {}
 

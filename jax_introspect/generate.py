@@ -63,9 +63,20 @@ def _sample_row(logits, key, temperature, top_p):
     return jax.random.categorical(key, jnp.where(scaled >= threshold, scaled, -jnp.inf))
 
 
+def _sample_whole_vocabulary(logits, key, temperature):
+    """What `_sample_row` draws when top_p keeps every token, without its sort."""
+    return jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6))
+
+
 def next_tokens(logits: jax.Array, params: Sampling, step: jax.Array) -> jax.Array:
     keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(params.keys)
-    sampled = jax.vmap(_sample_row)(logits, keys, params.temperature, params.top_p)
+    # Sorting the vocabulary of every row costs more than the decoder step on CPU (and is the
+    # slowest part of top-p anywhere); with top_p = 1 on all rows it changes nothing, so skip it.
+    # Same key, same logits -> the same token as the nucleus path (tests/test_injection.py).
+    sampled = jax.lax.cond(
+        jnp.all(params.top_p >= 1.0),
+        lambda: jax.vmap(_sample_whole_vocabulary)(logits, keys, params.temperature),
+        lambda: jax.vmap(_sample_row)(logits, keys, params.temperature, params.top_p))
     greedy = jnp.argmax(logits, axis=-1)
     return jnp.where(params.temperature > 0, sampled, greedy).astype(jnp.int32)
 
@@ -82,12 +93,15 @@ def _generate(params: model_lib.Params, cfg: ModelConfig, tokens: jax.Array, tok
     layout: optional `sharding.Layout` pinning the KV cache and activations (see `sharded_generate`).
     """
     batch, prompt_len = tokens.shape
-    cache = model_lib.init_cache(cfg, batch, prompt_len + max_new_tokens, params.embed.dtype)
+    cache = model_lib.init_cache(cfg, batch, prompt_len, params.embed.dtype)
     if layout is not None:
         cache = layout.constrain_cache(cache)
     positions = model_lib.prompt_positions(token_valid)
     logits, cache, _ = model_lib.forward(params, cfg, tokens, positions, token_valid, cache,
                                          injection=injection, layout=layout, last_only=True)
+    cache = model_lib.extend_cache(cache, max_new_tokens)
+    if layout is not None:
+        cache = layout.constrain_cache(cache)
     last = logits[:, -1]
     first = next_tokens(last, sample, jnp.int32(0))
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)

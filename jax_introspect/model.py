@@ -48,8 +48,12 @@ class Params:
 
 @flax.struct.dataclass
 class KVCache:
-    k: jax.Array  # [L, B, S, K, hd], keys after RoPE
-    v: jax.Array  # [L, B, S, K, hd]
+    """Head-major: each (row, KV head) owns a contiguous block, so a decode step's attention is a
+    batched matrix-vector product with no transpose of the cache (keys are stored transposed,
+    `[hd, S]`, so both products read the cache in its stored order; docs/performance.md)."""
+
+    k: jax.Array  # [L, B, K, hd, S], keys after RoPE
+    v: jax.Array  # [L, B, K, S, hd]
     valid: jax.Array  # [B, S] bool: slot holds a real (non-pad) token
     length: jax.Array  # int32 scalar: slots written so far (same for every row)
 
@@ -72,9 +76,20 @@ def global_param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> KVCache:
-    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+    L, K, hd = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+    return KVCache(k=jnp.zeros((L, batch, K, hd, max_len), dtype),
+                   v=jnp.zeros((L, batch, K, max_len, hd), dtype),
                    valid=jnp.zeros((batch, max_len), bool), length=jnp.zeros((), jnp.int32))
+
+
+def extend_cache(cache: KVCache, extra: int) -> KVCache:
+    """The same cache with `extra` empty slots appended. Generation prefills into a cache exactly
+    as long as the prompt (so prefill attends to no empty slots) and then makes room to decode."""
+    def pad(x, axis):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, extra)
+        return jnp.pad(x, widths)
+    return KVCache(k=pad(cache.k, 4), v=pad(cache.v, 3), valid=pad(cache.valid, 1), length=cache.length)
 
 
 # --- building blocks ---------------------------------------------------------------------------
@@ -124,15 +139,19 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _attention(cfg: ModelConfig, q, k_cache, v_cache, mask):
-    """q: [B, T, H, hd]; caches: [B, S, K, hd]; mask: [B, T, S] bool -> [B, T, H, hd]."""
+    """q: [B, T, H, hd]; k_cache: [B, K, hd, S]; v_cache: [B, K, S, hd]; mask: [B, T, S] bool
+    -> [B, T, H, hd]."""
     B, T, H, hd = q.shape
     prec = _precision(q.dtype)
-    q = q.reshape(B, T, cfg.n_kv_heads, cfg.q_per_kv, hd)  # q head h uses kv head h // q_per_kv
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache, precision=prec) * (hd ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores.astype(jnp.float32), -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache, precision=prec)
-    return out.reshape(B, T, H, hd)
+    K, G = cfg.n_kv_heads, cfg.q_per_kv  # q head h uses kv head h // G
+    # The G query heads and T queries of a KV head are the rows of one matmul against its cache.
+    q = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
+    scores = jnp.einsum("bkmd,bkds->bkms", q, k_cache, precision=prec) * (hd ** -0.5)
+    scores = scores.reshape(B, K, G, T, -1).astype(jnp.float32)
+    scores = jnp.where(mask[:, None, None, :, :], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype).reshape(B, K, G * T, -1)
+    out = jnp.einsum("bkms,bksd->bkmd", probs, v_cache, precision=prec)
+    return out.reshape(B, K, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
 
 def _mlp(x, layer: LayerParams):
@@ -190,15 +209,15 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
         k = apply_rope(jnp.einsum("btd,dhk->bthk", x, layer.wk, precision=prec), cos, sin)
         v = jnp.einsum("btd,dhk->bthk", x, layer.wv, precision=prec)
         # The whole cache rides in the carry and is updated in place at this layer's index.
-        k_all = jax.lax.dynamic_update_slice(k_all, k[None], (index, 0, start, 0, 0))
-        v_all = jax.lax.dynamic_update_slice(v_all, v[None], (index, 0, start, 0, 0))
+        k_all = jax.lax.dynamic_update_slice(k_all, k.transpose(0, 2, 3, 1)[None], (index, 0, 0, 0, start))
+        v_all = jax.lax.dynamic_update_slice(v_all, v.transpose(0, 2, 1, 3)[None], (index, 0, 0, start, 0))
         attn = _attention(cfg, q, k_all[index], v_all[index], mask)
         h = h + jnp.einsum("bthk,hkd->btd", attn, layer.wo, precision=prec)
         mlp_out = _mlp(rms_norm(h, layer.mlp_norm, cfg.rms_norm_eps), layer)
         h = h + mlp_out
         if injection is not None:
             h = h + inject.residual_delta(injection, index, positions, token_valid, mlp_out, h.dtype)
-        h, k_all, v_all = pin(h, "hidden"), pin(k_all, "cache_kv"), pin(v_all, "cache_kv")
+        h, k_all, v_all = pin(h, "hidden"), pin(k_all, "cache_k"), pin(v_all, "cache_v")
         return (h, k_all, v_all), (h if return_residuals else None)
 
     h = pin(params.embed[tokens], "hidden")

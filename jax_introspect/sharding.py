@@ -71,8 +71,8 @@ LAYER_AXES = {
     "w_down": ("layers", "mlp", "embed"),
 }
 CACHE_AXES = {
-    "k": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
-    "v": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+    "k": ("layers", "batch", "kv_heads", "head_dim", "cache_seq"),
+    "v": ("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
     "valid": ("batch", "cache_seq"),
     "length": (),
 }
@@ -86,7 +86,8 @@ ACTIVATION_AXES = {
     "hidden": ("batch", "seq", "embed"),
     "logits": ("batch", "seq", "vocab"),
     "residuals": ("layers", "batch", "seq", "residual_embed"),
-    "cache_kv": CACHE_AXES["k"],
+    "cache_k": CACHE_AXES["k"],
+    "cache_v": CACHE_AXES["v"],
     "rows": ("batch",),
 }
 

@@ -117,13 +117,15 @@ def test_trial_text_does_not_depend_on_its_batch(tiny):
     assert [g.token_ids for g in other_seed] != [g.token_ids for g in together]
 
 
-def test_sampling_matches_reference_distribution(tiny):
+@pytest.mark.parametrize("top_p", [0.8, 1.0])
+def test_sampling_matches_reference_distribution(tiny, top_p):
     """Temperature/top-p sampling against an independent numpy computation of the nucleus
-    distribution: empirical frequencies of the first sampled token over many keys."""
+    distribution: empirical frequencies of the first sampled token over many keys. top_p = 1
+    takes the sort-free path of `next_tokens`."""
     lm, _ = tiny
     prompt = _tokens(1, 10, seed=3)[0].tolist()
     logits = lm.logits([prompt])[0, -1].astype(np.float64)
-    temperature, top_p = 1.5, 0.8
+    temperature = 1.5
     p = np.exp((logits - logits.max()) / temperature)
     p /= p.sum()
     order = np.argsort(-p)
@@ -138,6 +140,21 @@ def test_sampling_matches_reference_distribution(tiny):
     freq = np.bincount(tokens, minlength=len(p)) / n
     assert set(np.nonzero(freq)[0]) <= set(keep.tolist())
     assert np.abs(freq - expected).max() < 0.03
+
+
+def test_top_p_one_rows_draw_the_same_tokens_on_both_sampling_paths(tiny):
+    """A row with top_p = 1 must draw the same token whether its batch takes the sort-free path
+    (every row top_p = 1) or the nucleus path (some other row has top_p < 1)."""
+    lm, _ = tiny
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(64, lm.config.vocab_size)) * 3, jnp.float32)
+    keys = np.stack([generate_lib.trial_key(5, str(i)) for i in range(64)])
+    all_one = generate_lib.sampling(64, 1.3, 1.0, keys)
+    mixed = generate_lib.sampling(64, 1.3, np.r_[np.ones(63), 0.5].astype(np.float32), keys)
+    for step in range(3):
+        fast = np.asarray(generate_lib.next_tokens(logits, all_one, jnp.int32(step)))
+        nucleus = np.asarray(generate_lib.next_tokens(logits, mixed, jnp.int32(step)))
+        np.testing.assert_array_equal(fast[:63], nucleus[:63])
+        assert len(set(fast.tolist())) > 32  # really sampled, not greedy
 
 
 @pytest.mark.parametrize("bad,message", [

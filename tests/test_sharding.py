@@ -54,7 +54,7 @@ def test_rules_map_every_array_axis_in_one_table():
     assert rules.spec(sharding.LAYER_AXES["w_down"]) == P(None, "tensor", None)
     assert rules.spec(sharding.PARAM_AXES["embed"]) == P("tensor", None)
     assert rules.spec(sharding.PARAM_AXES["lm_head"]) == P(None, "tensor")
-    assert rules.spec(sharding.CACHE_AXES["k"]) == P(None, "data", None, "tensor", None)
+    assert rules.spec(sharding.CACHE_AXES["k"]) == P(None, "data", "tensor", None, None)
     assert rules.spec(sharding.INJECTION_AXES["vector"]) == P("data", None)
     assert rules.spec(sharding.ACTIVATION_AXES["logits"]) == P("data", None, "tensor")
     with pytest.raises(sharding.LayoutError, match="no axis rule for logical axis 'experts'"):
