@@ -104,9 +104,8 @@ def sweep_time(cfg, chip: Chip, chips: int, batches: list[tuple[int, int]], new_
     """(prefill s, decode s) over all batches; every batch runs all `new_tokens` steps."""
     pre = dec = 0.0
     for rows, bucket in batches:
-        slots = bucket + new_tokens
-        pre += prefill(cfg, chip, chips, rows, bucket, slots)
-        dec += new_tokens * decode_step(cfg, chip, chips, rows, slots)["t"]
+        pre += prefill(cfg, chip, chips, rows, bucket, bucket)  # prefill's cache holds only the prompt
+        dec += new_tokens * decode_step(cfg, chip, chips, rows, bucket + new_tokens)["t"]
     return pre, dec
 
 
