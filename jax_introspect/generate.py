@@ -52,26 +52,45 @@ def sampling(batch: int, temperature=0.0, top_p=1.0, keys=None) -> Sampling:
     return Sampling(temperature=temperature, top_p=top_p, keys=keys)
 
 
+def nucleus_mask(logits: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Top-p set of one row's logits [V] as a bool mask: the most probable tokens whose mass
+    reaches top_p, the token that crosses it included (ties at the edge all kept).
+
+    Sort-free: the set is {p >= t*}, t* = the smallest t with mass(p > t) < top_p. Non-negative
+    float32 values order like their int32 bit patterns, so 31 bisection steps over those bits find
+    t* exactly; each step is one masked sum over the vocabulary (a sort of a 128k vocabulary per
+    row per step is far slower, and is poorly parallel on every backend)."""
+    probs = jax.nn.softmax(logits / jnp.maximum(temperature, 1e-6))
+
+    def mass_above(bits):
+        return jnp.sum(jnp.where(probs > jax.lax.bitcast_convert_type(bits, jnp.float32), probs, 0.0))
+
+    def bisect(_, bounds):
+        lo, hi = bounds  # invariant: mass_above(hi) < top_p; the answer lies in [lo, hi]
+        mid = lo + (hi - lo) // 2
+        below = mass_above(mid) < top_p
+        return jnp.where(below, lo, mid + 1), jnp.where(below, mid, hi)
+
+    top = jax.lax.bitcast_convert_type(jnp.max(probs), jnp.int32)
+    _, threshold = jax.lax.fori_loop(0, 31, bisect, (jnp.int32(0), top))
+    # top_p = 1 keeps everything even where float32 rounding makes the total mass exceed 1.
+    return (probs >= jax.lax.bitcast_convert_type(threshold, jnp.float32)) | (top_p >= 1.0)
+
+
 def _sample_row(logits, key, temperature, top_p):
     """Temperature + nucleus (top-p) sampling of one row's float32 logits [V]."""
     scaled = logits / jnp.maximum(temperature, 1e-6)
-    sorted_logits = jnp.sort(scaled)[::-1]
-    probs = jax.nn.softmax(sorted_logits)
-    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    keep = (jnp.cumsum(probs) - probs) < top_p
-    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf))
-    return jax.random.categorical(key, jnp.where(scaled >= threshold, scaled, -jnp.inf))
+    return jax.random.categorical(key, jnp.where(nucleus_mask(logits, temperature, top_p), scaled, -jnp.inf))
 
 
 def _sample_whole_vocabulary(logits, key, temperature):
-    """What `_sample_row` draws when top_p keeps every token, without its sort."""
+    """What `_sample_row` draws when top_p keeps every token, without the threshold search."""
     return jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6))
 
 
 def next_tokens(logits: jax.Array, params: Sampling, step: jax.Array) -> jax.Array:
     keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(params.keys)
-    # Sorting the vocabulary of every row costs more than the decoder step on CPU (and is the
-    # slowest part of top-p anywhere); with top_p = 1 on all rows it changes nothing, so skip it.
+    # With top_p = 1 on every row the nucleus is the whole vocabulary: skip its threshold search.
     # Same key, same logits -> the same token as the nucleus path (tests/test_injection.py).
     sampled = jax.lax.cond(
         jnp.all(params.top_p >= 1.0),

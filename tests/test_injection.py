@@ -142,6 +142,33 @@ def test_sampling_matches_reference_distribution(tiny, top_p):
     assert np.abs(freq - expected).max() < 0.03
 
 
+def test_nucleus_set_matches_numpy_sort():
+    """The sort-free top-p set against a float64 numpy nucleus (sort, keep each token whose
+    exclusive cumulative mass is below top_p, i.e. up to and including the one that reaches it;
+    tokens tied with the last kept one kept too), on peaked and flat rows of a 5000-token vocab.
+    Tokens whose cumulative mass lies within float32 round-off (1e-6) of top_p may go either way."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(48, 5000)) * np.repeat([0.3, 2.0, 6.0], 16)[:, None]
+    logits[0, :10] = 4.0  # ties at the top
+    checked = 0
+    for temperature in (0.7, 1.0):
+        for top_p in (0.05, 0.5, 0.9, 0.99, 1.0):
+            got = np.asarray(jax.vmap(generate_lib.nucleus_mask, in_axes=(0, None, None))(
+                jnp.asarray(logits, jnp.float32), jnp.float32(temperature), jnp.float32(top_p)))
+            for row, mask in zip(logits, got):
+                p = np.exp((row - row.max()) / temperature)
+                p /= p.sum()
+                order = np.argsort(-p, kind="stable")
+                exclusive = np.cumsum(p[order]) - p[order]
+                kept = p >= p[order][exclusive < top_p].min()
+                if top_p >= 1.0:
+                    kept[:] = True
+                edge = np.isin(p, p[order][np.abs(exclusive - top_p) < 1e-6])
+                np.testing.assert_array_equal(mask[~edge], kept[~edge], err_msg=f"T={temperature} top_p={top_p}")
+                checked += int(edge.sum() == 0)
+    assert checked > 200  # the round-off allowance must stay an exception
+
+
 def test_top_p_one_rows_draw_the_same_tokens_on_both_sampling_paths(tiny):
     """A row with top_p = 1 must draw the same token whether its batch takes the sort-free path
     (every row top_p = 1) or the nucleus path (some other row has top_p < 1)."""
