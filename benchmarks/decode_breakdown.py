@@ -10,8 +10,8 @@ steps so dispatch is amortized:
 - the same with `model._attention` replaced by the identity (what attention costs; patched in
   this process only, before tracing);
 - sampling on `[batch, vocab]` float32 logits, temperature 1: `generate.next_tokens` with
-  top_p = 1 on every row (its sort-free path, what the sweeps use), with top_p = 0.9 (the
-  sort-based nucleus), inverse-CDF sampling (one uniform per row; not used by the library, it
+  top_p = 1 on every row (the whole vocabulary, what the sweeps use), with top_p = 0.9 (the
+  nucleus threshold found by bisection), inverse-CDF sampling (one uniform per row; not used by the library, it
   would change which token a given key draws), and greedy argmax;
 - end to end: `generate_tokens`' decode rate (batch x 20 / (t(21) - t(1)), median of
   `e2e_runs`) at top_p = 1 and at top_p = 0.9.
@@ -142,8 +142,8 @@ def markdown(rows) -> str:
                      *(f"{r['sample_' + m]:.1f}" for m in SAMPLERS),
                      f"{r['e2e_top_p_1']:.1f}", f"{r['e2e_top_p_0.9']:.1f}", f"{r['load']:.2f}"])
     lines.append(common.table(
-        ["batch", "forward step", "of it attention", "sampling, top_p 1 (shipped, no sort)",
-         "sampling, top_p 0.9 (sort)", "inverse CDF (not used)", "greedy argmax",
+        ["batch", "forward step", "of it attention", "sampling, top_p 1",
+         "sampling, top_p 0.9 (nucleus bisection)", "inverse CDF (not used)", "greedy argmax",
          "decode tok/s, top_p 1", "decode tok/s, top_p 0.9", "load"], body))
     return "\n".join(lines)
 
