@@ -644,6 +644,12 @@ def our_results_summary(folder: str) -> dict:
 
 # --- outputs ------------------------------------------------------------------------------------
 
+def _cell_row(cell: dict, leading: list) -> str:
+    """A markdown row: the leading columns, then the judge criteria and strict introspection."""
+    rates = [_fmt(cell.get(k)) for k in (*_JUDGE_CRITERIA, "strict_introspection")]
+    return "| " + " | ".join(str(x) for x in [*leading, *rates]) + " |"
+
+
 def _fmt(x) -> str:
     if x is None:
         return "-"
@@ -708,17 +714,13 @@ def to_markdown(report: dict) -> str:
         lines += [f"- {k}: {rep[k]}" for k in _REPLICATION_FIELDS if k in rep]
         lines += ["", "| label | magnitude | n | coherent | affirmative | identifies | immediate | strict |",
                   "|---|---|---|---|---|---|---|---|"]
-        for c in rep["cells"]:
-            lines.append(f"| {c['label']} | {c['magnitude']:g} | {c['n']} | " + " | ".join(
-                _fmt(c.get(k)) for k in (*_JUDGE_CRITERIA, "strict_introspection")) + " |")
+        lines += [_cell_row(c, [c["label"], f"{c['magnitude']:g}", c["n"]]) for c in rep["cells"]]
     ours = report.get("our_results")
     if ours:
         lines += ["", f"## our run (`{ours['path']}`)", "",
                   "| label | layer | strength | n | coherent | affirmative | identifies | immediate | strict |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for c in ours["cells"]:
-            lines.append(f"| {c['label']} | {_fmt(c['layer'])} | {c['magnitude']:g} | {c['n']} | " + " | ".join(
-                _fmt(c.get(k)) for k in (*_JUDGE_CRITERIA, "strict_introspection")) + " |")
+        lines += [_cell_row(c, [c["label"], _fmt(c["layer"]), f"{c['magnitude']:g}", c["n"]]) for c in ours["cells"]]
     vecs = report.get("replication_vectors")
     if vecs:
         lines += ["", "## replication vectors", "", "| name | file | layer | d_model | norm | raw norm | cos(pos, neg) "

@@ -188,3 +188,12 @@ def load_hf_smollm2():
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     return model, tokenizer
+
+
+def build_llama3_checkpoint(root):
+    """A converted 2-layer tiny Llama-3.1 with the real Llama-3 vocabulary and tokenizer (what a
+    sweep needs: chat template, anchors, protocol prompts). Returns the checkpoint path."""
+    from jax_introspect.tokenizer import llama3_tokenizer_model_path
+    build_hf_model("gqa_untied", str(root / "hf"), vocab_size=128256, num_hidden_layers=2)
+    run_convert(str(root / "hf"), str(root / "ckpt"), extra=[f"--tokenizer={llama3_tokenizer_model_path()}"])
+    return str(root / "ckpt")

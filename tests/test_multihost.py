@@ -97,11 +97,7 @@ def test_two_processes_generate_what_one_process_does(tiny, tmp_path, mesh):
 
 @pytest.fixture(scope="module")
 def sweep_checkpoint(tmp_path_factory):
-    from jax_introspect.tokenizer import llama3_tokenizer_model_path
-    root = tmp_path_factory.mktemp("mh_sweep")
-    ref.build_hf_model("gqa_untied", str(root / "hf"), vocab_size=128256, num_hidden_layers=2)
-    ref.run_convert(str(root / "hf"), str(root / "ckpt"), extra=[f"--tokenizer={llama3_tokenizer_model_path()}"])
-    return str(root / "ckpt")
+    return ref.build_llama3_checkpoint(tmp_path_factory.mktemp("mh_sweep"))
 
 
 def _sweep_command():

@@ -20,11 +20,7 @@ EXPECTED_TRIALS = 11
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from jax_introspect.tokenizer import llama3_tokenizer_model_path
-    root = tmp_path_factory.mktemp("sweep")
-    ref.build_hf_model("gqa_untied", str(root / "hf"), vocab_size=128256, num_hidden_layers=2)
-    ref.run_convert(str(root / "hf"), str(root / "ckpt"), extra=[f"--tokenizer={llama3_tokenizer_model_path()}"])
-    return str(root / "ckpt")
+    return ref.build_llama3_checkpoint(tmp_path_factory.mktemp("sweep"))
 
 
 def sweep_cmd(checkpoint, out, *extra, config=CONFIG):
