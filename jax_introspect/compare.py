@@ -89,6 +89,7 @@ def _read_json(path: str):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CompareError(f"{path} is not valid JSON: {e}") from None
 
+
 def read_reference(path: str) -> Reference:
     """Read and structurally validate a dump folder (or its reference.json)."""
     folder = os.path.dirname(path) if path.endswith(".json") else path
