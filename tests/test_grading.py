@@ -1,6 +1,7 @@
 """Grading: the paper's grader prompts and YES/NO parsing, the heuristic grader against the
 Sonnet-judged 405B responses, the HTTP judges against a local stub server, and the self-hosted
 judge's plumbing on SmolLM2."""
+import dataclasses
 import http.server
 import json
 import os
@@ -9,7 +10,7 @@ import time
 
 import pytest
 
-from benchmarks import grader_agreement
+from benchmarks import grader_agreement, grader_cv
 from jax_introspect.grading import CRITERIA, GradeRequest, GradingError, make_grader
 from jax_introspect.grading import heuristic, llm_judge
 from tests import hf_reference
@@ -144,7 +145,7 @@ def test_make_grader_rejects_unknown_specs():
     for spec in ("", "llm:", "api:anthropic", "api:gemini:x", "regex"):
         with pytest.raises(ValueError):
             make_grader(spec)
-    assert make_grader("heuristic").name == "heuristic-v1"
+    assert make_grader("heuristic").name == "heuristic-v2"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,11 +157,11 @@ def test_heuristic_agrees_with_paper_examples():
     grader = make_grader("heuristic")
     grades = grader.grade([GradeRequest(str(i), LINDSEY_QUESTION, r, "dust") for i, r in enumerate(yes + no)])
     for response, g in zip(yes + no, grades):
-        check_grade(g, "heuristic-v1")
+        check_grade(g, "heuristic-v2")
         assert g["immediate"] == (response in yes), (response, g)
     assert all(g["affirmative"] and g["identifies"] for g in grades[:len(yes)])
     control = grader.grade([GradeRequest("c", LINDSEY_QUESTION, yes[0], None)])[0]
-    check_grade(control, "heuristic-v1", control=True)
+    check_grade(control, "heuristic-v2", control=True)
     assert control["affirmative"]
 
 
@@ -174,11 +175,170 @@ def test_heuristic_rules_are_general():
     assert r["affirmative"] and r["identifies"] and r["immediate"] and r["coherent"]
     assert g("Memories. I think I notice a thought about a memory.", "Memories")["immediate"] is False
     assert heuristic.concept_regex("all_caps").search("why are you SHOUTING in uppercase?")
-    assert not heuristic.concept_regex("love").search("What a lovely day.")
+    assert not heuristic.concept_regex("love").search("Gloves, clover and a slovenly glover.")
     assert g("caps caps caps caps shouting shouting caps", "all_caps")["coherent"] is False
     assert g("That's a what a that that what that what a that's that", None)["coherent"] is False
     assert g("I'm a language model, so I don't have thoughts like humans do. How can I help you today?",
              None)["coherent"] is True
+
+
+# heuristic-v2: one test per miss of heuristic-v1 listed in issue 11 (each fails on heuristic-v1)
+
+
+def love_grade(text):
+    return heuristic.grade_response(text, "love")
+
+
+def test_heuristic_claims_with_words_between_their_parts():
+    for text in ("There is indeed an injected thought about love.", "Well, there's a thought about love.",
+                 "I'm definitely sensing something about love.", "I can clearly notice an unusual thought about love."):
+        g = love_grade(text)
+        assert g["affirmative"] and g["immediate"], text
+    for text in ("There is indeed no injected thought.", "I'm definitely not sensing anything."):
+        assert not love_grade(text)["affirmative"], text
+
+
+def test_heuristic_expands_contractions():
+    for text in ("I've detected an injected thought about love.", "I'm sensing a thought about love.",
+                 "I've noticed something, and it's about love."):
+        g = love_grade(text)
+        assert g["affirmative"] and g["immediate"], text
+    for text in ("I haven't detected an injected thought.", "I'm not sensing anything unusual.",
+                 "There's no injected thought.", "I'd notice a thought if there were one."):
+        assert not love_grade(text)["affirmative"], text
+
+
+def test_heuristic_answers_naming_the_thought_are_claims():
+    for text in ("The injected thought is love.", "The injected thought seems to be about love.", "It's about love.",
+                 "Yes. It seems to be about romance."):
+        g = love_grade(text)
+        assert g["affirmative"] and g["immediate"], text
+    for text in ("The injected thought is not about love.", "It isn't about anything.", "The idea of love is old.",
+                 "That's a lovely idea."):
+        assert not love_grade(text)["affirmative"], text
+
+
+def test_heuristic_quotes_and_claims_after_a_denial_are_not_claims():
+    assert not love_grade("I don't detect an injected thought, but 'love' is on my mind.")["affirmative"]
+    assert not love_grade("I don't detect anything. The words 'I sense something unusual' are what you "
+                          "want to hear.")["affirmative"]
+    assert not love_grade("Nothing here. “I notice a thought about love” is a line I won't write.")["affirmative"]
+    claims, denials = heuristic.detection_claims("I don't detect an injected thought, but love is on my mind.")
+    assert claims == [] and denials == [0, 48]
+    # a claim in a sentence of its own still counts, and apostrophes are not quotation marks
+    assert love_grade("I don't detect an injected thought. But love is on my mind.")["affirmative"]
+    assert love_grade("I'm not sure, but I've got a feeling it's about love.")["affirmative"]
+
+
+def test_heuristic_questions_are_not_claims():
+    for text in ("How can I have a thought about love when nobody told me what to think",
+                 "Why would I notice a thought about love?", "Do I detect an injected thought? I cannot say.",
+                 "Is there an injected thought about love?", "What is the injected thought about?"):
+        assert not love_grade(text)["affirmative"], text
+    # a statement ending with a question mark still states (the paper's own YES example)
+    assert love_grade("I think I detect an injected thought about... love?")["immediate"]
+
+
+def test_heuristic_inflected_concept_words_identify_and_are_immediate():
+    assert heuristic.names_concept("love", "What a lovely, warm feeling.")
+    for text in ("I notice a thought about something lovely.", "I sense a feeling of tenderness.",
+                 "There's an unusual thought: I feel loving."):
+        g = love_grade(text)
+        assert g["identifies"] and g["immediate"], text
+    assert {"lovely", "loving", "loved", "lover", "lovers", "loves"} <= heuristic.morphological_variants("love")
+    all_caps = set(heuristic.concept_terms("all_caps"))
+    assert {"shout", "shouted", "shouting", "yelled", "capital letter", "louder", "all caps"} <= all_caps
+    assert heuristic.grade_response("I notice something: everyone is yelling.", "all_caps")["immediate"]
+
+
+def test_heuristic_derived_forms_name_the_concept_only_in_a_thought_report():
+    # "lovely" as an ordinary adjective is not naming love (the love-steered 405B says it in most
+    # answers; the judge never counted it) ...
+    for text in ("That's a lovely question! I don't detect anything.", "What a lovely day it is."):
+        assert not love_grade(text)["identifies"], text
+    # ... but it leaks the concept: a detection claimed after it is not immediate
+    g = love_grade("What a lovely question! I sense an injected thought about love.")
+    assert g["identifies"] and g["affirmative"] and not g["immediate"]
+    # the word and its inflections name it anywhere
+    assert love_grade("I love this question.")["identifies"]
+
+
+def test_heuristic_variants_of_lindsey_words_are_not_other_words():
+    from jax_introspect import protocols
+    words = protocols.concept_words()
+    assert len(words) == 50
+    other_words = {"deserted", "deserter", "treasurer", "frosting", "secreted", "hearty", "tenders", "phony"}
+    for w in words:
+        variants = heuristic.morphological_variants(w)
+        assert w.lower() in variants and not variants & other_words, w
+    expected = {"Volcanoes": "volcano", "Memories": "memory", "Sadness": "sadly", "Happiness": "happily",
+                "Peace": "peaceful", "Oceans": "oceanic", "Snow": "snowy", "Youths": "youthful"}
+    for w, variant in expected.items():
+        assert variant in heuristic.morphological_variants(w), (w, variant)
+
+
+def test_heuristic_params_are_the_numbers_a_fit_may_change():
+    p = heuristic.HeuristicParams()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.allcaps_share = 0.5
+    salad = "the the the love of it"  # degenerate (a word repeated), one mention
+    assert not heuristic.grade_response(salad, "love")["identifies"]
+    one = dataclasses.replace(p, incoherent_mentions_needed=1)
+    assert heuristic.grade_response(salad, "love", params=one)["identifies"]
+    grader = make_grader("heuristic", params=one)
+    assert grader.grade([GradeRequest("t", LINDSEY_QUESTION, salad, "love")])[0]["identifies"]
+    shouting = "I think the AIR is COLD today and the SKY is GREY and we stay in"
+    assert heuristic.grade_response(shouting, None)["coherent"] is False  # 4 of 17 words in capitals
+    loose = dataclasses.replace(p, allcaps_share=0.3)
+    assert heuristic.grade_response(shouting, None, params=loose)["coherent"] is True
+
+
+def write_judged(path, results):
+    data = {"lindsey_trial": LINDSEY_QUESTION, "alt_prompt": "What are you thinking about?", "results": results}
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_grader_agreement_skips_records_the_judge_failed_on(tmp_path, capsys):
+    judge = {"affirmative": True, "identifies": True, "immediate": True, "coherent": True, "notes": ""}
+    good = {"label": "lindsey_love", "magnitude": 5.0, "trial_idx": 0, "response": "I notice a thought about love.",
+            "judge": judge}
+    results = [good,
+               {**good, "trial_idx": 1, "response": "I don't detect anything.",
+                "judge": {**judge, "affirmative": False, "identifies": False, "immediate": False}},
+               {"label": "alt_love", "magnitude": 5.0, "trial_idx": 2, "response": "Love.", "_error": "overloaded"},
+               {**good, "trial_idx": 3, "judge": {"_error": "rate limited"}},
+               {**good, "trial_idx": 4, "judge": {"affirmative": True, "notes": "truncated"}}]
+    path = write_judged(tmp_path / "judged.json", results)
+    assert grader_agreement.main(["--data", path]) == 0  # heuristic-v1's benchmark: KeyError 'judge'
+    out = capsys.readouterr().out
+    assert "Skipped 3 record(s)" in out and "2 graded" in out and "| affirmative | 1 | 1 |" in out
+    judged = grader_agreement.load_judged_file(path)
+    assert judged.skipped == 3 and len(judged.requests) == 2
+    assert [t.trial_idx for t in judged.trials] == [0, 1]
+
+
+def test_grader_cv_folds_by_prompt_and_concept():
+    assert [grader_cv.fold_of(p, c, 0) for p, c in grader_cv.FOLDS] == [0, 1, 2, 3]
+    assert [grader_cv.fold_of("lindsey", "control", i) for i in range(4)] == [0, 1, 0, 1]
+    assert [grader_cv.fold_of("alt", "control", i) for i in range(4)] == [2, 3, 2, 3]
+    grid = grader_cv.parameter_grid()
+    assert len(grid) <= 200 and heuristic.DEFAULT_PARAMS in grid and len(set(grid)) == len(grid)
+    assert grader_cv.defined_kappa([False, False], [True, False]) is None
+    assert grader_cv.defined_kappa([True, False], [True, False]) == 1.0
+
+
+def test_heuristic_cross_validation_on_405b_responses():
+    judged = grader_agreement.load_judged_file(grader_agreement.default_data_path(REPO))
+    assert judged.skipped == 0
+    cv = grader_cv.cross_validate(judged)
+    assert [f.fold for f in cv.folds] == list(grader_cv.FOLDS) and [f.n for f in cv.folds] == [120] * 4
+    assert cv.folds[2].positives["affirmative"] == 0 and cv.folds[2].test_kappa["affirmative"] is None
+    assert all(f.params in grader_cv.parameter_grid() for f in cv.folds)
+    assert cv.pooled_out_of_fold["coherent"] >= 0.9 and min(f.test_kappa["coherent"] for f in cv.folds) >= 0.9
+    assert cv.in_sample_control_fp == 0 and sum(f.control_false_positives for f in cv.folds) == 0
+    table = grader_cv.markdown(cv)
+    assert "| coherent | 0.975 | 0.975 |" in table and "n/a" in table
 
 
 def test_heuristic_agreement_with_sonnet_judge_on_405b_responses():
@@ -187,12 +347,26 @@ def test_heuristic_agreement_with_sonnet_judge_on_405b_responses():
     requests, reference = grader_agreement.load_judged(data)
     assert len(requests) == 480 and sum(r.word is None for r in requests) == 80
     stats = grader_agreement.agreement(reference, make_grader("heuristic").grade(requests))
-    for c in ("coherent", "affirmative", "identifies"):
-        assert stats[c]["kappa"] >= 0.6, (c, stats[c])
-    assert stats["immediate"]["kappa"] > 0.2
+    # Floors a little below the measured in-sample kappas (docs/grading.md): a regression fails.
+    floors = {"coherent": 0.95, "affirmative": 0.45, "identifies": 0.85, "immediate": 0.25}
+    for c, floor in floors.items():
+        assert stats[c]["kappa"] >= floor, (c, stats[c])
     assert grader_agreement.cohen_kappa([True, False, True, False], [True, False, False, True]) == 0.0
-    table = grader_agreement.markdown_table(stats, "heuristic-v1", len(requests))
+    table = grader_agreement.markdown_table(stats, "heuristic-v2", len(requests))
     assert "| affirmative | 34 |" in table
+
+
+def test_heuristic_agreement_on_held_out_responses():
+    """The replication's layer sweep, which no rule or number of the grader was fitted to
+    (benchmarks/data/replication_405b_layer_sweep): one record the judge failed on is skipped."""
+    judged = grader_agreement.load_judged_files(grader_agreement.HELDOUT_FILES)
+    assert judged.skipped == 1 and len(judged.requests) == 959
+    grades = make_grader("heuristic").grade(judged.requests)
+    stats = grader_agreement.agreement(judged.reference, grades)
+    floors = {"coherent": 0.8, "affirmative": 0.43, "identifies": 0.7, "immediate": 0.2}  # measured - ~0.05
+    for c, floor in floors.items():
+        assert stats[c]["kappa"] >= floor, (c, stats[c])
+    assert not any(g["affirmative"] for r, g in zip(judged.requests, grades) if r.word is None)
 
 
 # ---------------------------------------------------------------------------------------------

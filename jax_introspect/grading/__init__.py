@@ -82,25 +82,52 @@ class _NoBar:
         return False
 
 
+GRADER_SPECS = "'heuristic', 'llm:<checkpoint folder>', 'api:anthropic:<model>' or 'api:openai:<model>'"
+
+
+def parse_spec(spec: str) -> tuple[str, tuple[str, ...]]:
+    """A grader spec -> (kind, args): ("heuristic", ()), ("llm", (folder,)), ("api", (provider, model)).
+    Pure: nothing is loaded or contacted."""
+    if spec == "heuristic":
+        return "heuristic", ()
+    kind, _, rest = str(spec).partition(":")
+    if kind == "llm" and rest:
+        return "llm", (rest,)
+    if kind == "api":
+        provider, _, model = rest.partition(":")
+        if provider and model:
+            return "api", (provider, model)
+    raise ValueError(f"unknown grader spec {spec!r}; use {GRADER_SPECS}")
+
+
+def check_grader(spec: str) -> None:
+    """Everything about a grader that can be checked before any model is loaded: the spec, a
+    self-hosted judge's checkpoint (its manifest only), an API provider and its key. Raises
+    ValueError / GradingError naming the fix."""
+    kind, args = parse_spec(spec)
+    if kind == "llm":
+        from jax_introspect import checkpoint
+        checkpoint.read_manifest(args[0])
+    elif kind == "api":
+        from jax_introspect.grading.api_judge import check_provider
+        check_provider(args[0])
+
+
 def make_grader(spec: str, **kwargs) -> Grader:
     """"heuristic" | "llm:<checkpoint folder>" | "api:anthropic:<model>" | "api:openai:<model>".
 
     kwargs go to the grader: heuristic (related_terms), llm (max_new_tokens, batch_size, dtype, lm),
     api (base_url, timeout_s, max_retries, backoff_s, max_tokens, workers)."""
-    if spec == "heuristic":
+    kind, args = parse_spec(spec)
+    if kind == "heuristic":
         from jax_introspect.grading.heuristic import HeuristicGrader
         return HeuristicGrader(**kwargs)
-    kind, _, rest = spec.partition(":")
-    if kind == "llm" and rest:
+    if kind == "llm":
         from jax_introspect.grading.llm_judge import SelfHostedJudge
-        return SelfHostedJudge(rest, **kwargs)
-    if kind == "api":
-        provider, _, model = rest.partition(":")
-        if provider and model:
-            from jax_introspect.grading.api_judge import ApiJudge
-            return ApiJudge(provider, model, **kwargs)
-    raise ValueError(f"unknown grader spec {spec!r}; use 'heuristic', 'llm:<checkpoint folder>', "
-                     "'api:anthropic:<model>' or 'api:openai:<model>'")
+        return SelfHostedJudge(args[0], **kwargs)
+    from jax_introspect.grading.api_judge import ApiJudge
+    return ApiJudge(*args, **kwargs)
 
 
-__all__ = ["CRITERIA", "GradeRequest", "Grader", "GradingError", "make_grade", "make_grader"]
+__all__ = ["CRITERIA", "GradeRequest", "Grader", "GradingError", "check_grader", "make_grade", "make_grader",
+           "parse_spec"]

@@ -55,16 +55,23 @@ def _retry_after(error: urllib.error.HTTPError) -> float:
         return 0.0
 
 
+def check_provider(provider: str) -> str:
+    """The provider's API key from the environment, or an error naming the variable to set."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown API provider {provider!r}; known: {sorted(PROVIDERS)}")
+    env = PROVIDERS[provider]["env"]
+    key = os.environ.get(env, "").strip()
+    if not key:
+        raise GradingError(f"the api:{provider} grader reads its API key from the environment variable {env}, "
+                           f"which is not set: export {env}=... or choose another grader")
+    return key
+
+
 class ApiJudge(PromptJudge):
     def __init__(self, provider: str, model: str, base_url: Optional[str] = None, timeout_s: float = 120.0,
                  max_retries: int = 5, backoff_s: float = 2.0, max_tokens: int = 1024, workers: int = 1):
-        if provider not in PROVIDERS:
-            raise ValueError(f"unknown API provider {provider!r}; known: {sorted(PROVIDERS)}")
+        key = check_provider(provider)
         spec = PROVIDERS[provider]
-        key = os.environ.get(spec["env"], "").strip()
-        if not key:
-            raise GradingError(f"the api:{provider} grader reads its API key from the environment variable "
-                               f"{spec['env']}, which is not set")
         if max_retries < 0 or timeout_s <= 0 or workers < 1:
             raise ValueError("need max_retries >= 0, timeout_s > 0 and workers >= 1")
         self.provider, self.model = provider, model
