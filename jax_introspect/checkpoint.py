@@ -13,7 +13,9 @@ be assembled in host memory, while one layer (~6.4 GB in bf16) can. Conversion t
 layer by layer, and loading restores each layer straight into its target sharding and copies it
 into the stacked, donated device buffer. Conversion stages everything in `NAME.incomplete/`
 and renames it to NAME only when complete, so an interrupted run never looks finished; re-running
-the same conversion resumes from the layers already written.
+the same conversion resumes from the layers already written. Replacing a checkpoint renames the
+old one to `NAME.replaced/` first and deletes it only once the new one is in place, and the writer
+deletes nothing that is not a checkpoint (or staging folder) of ours.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 from typing import Callable, Optional
 
@@ -37,6 +40,7 @@ CONFIG = "config.json"
 TOKENIZER_DIR = "tokenizer"
 GLOBALS = "globals"
 STAGING_SUFFIX = ".incomplete"
+REPLACED_SUFFIX = ".replaced"  # an old checkpoint, set aside by --overwrite until the new one is in place
 _JOB = "conversion.json"
 _SAVE_CHUNK_BYTES = 16 << 20
 
@@ -150,29 +154,117 @@ def _checkpointer():
     return ocp.StandardCheckpointer()
 
 
+# --- writing: staged in NAME.incomplete, renamed into place; never deletes anything not ours -------
+
+# Everything a checkpoint (or its staging folder) of ours holds; `params/` holds only units and
+# orbax's temporary folders of units being written.
+_OUR_ENTRIES = frozenset({MANIFEST, CONFIG, TOKENIZER_DIR, "params", _JOB})
+_UNIT_ENTRY = re.compile(r"(globals|layer_\d{3,})(\.orbax-checkpoint-tmp.*)?$")
+_LISTED_ENTRIES = 5
+
+
+def _read_json_or_none(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):  # absent, unreadable or not JSON: not ours
+        return None
+
+
+def _foreign_entries(folder: str) -> list[str]:
+    """The entries of `folder` that no checkpoint or staging folder of ours holds."""
+    foreign = sorted(name for name in os.listdir(folder) if name not in _OUR_ENTRIES)
+    params = os.path.join(folder, "params")
+    if os.path.isdir(params):
+        foreign += sorted(f"params/{name}" for name in os.listdir(params) if not _UNIT_ENTRY.match(name))
+    elif os.path.lexists(params):
+        foreign.append("params")
+    return foreign
+
+
+def _has_our_marker(folder: str) -> bool:
+    """A manifest (complete checkpoint) or a job file (staging folder) written by this module."""
+    return any(isinstance(data, dict) and data.get("format") == FORMAT
+               for data in (_read_json_or_none(os.path.join(folder, name)) for name in (MANIFEST, _JOB)))
+
+
+def _has_our_layout(folder: str) -> bool:
+    """Left half-way by a conversion of ours (e.g. an interrupted delete of an old checkpoint, or
+    a staging folder of an older version): written units, or our ModelConfig."""
+    params = os.path.join(folder, "params")
+    if os.path.isdir(params):  # its entries are units (checked by _foreign_entries)
+        return True
+    config = _read_json_or_none(os.path.join(folder, CONFIG))
+    try:
+        return isinstance(config, dict) and ModelConfig.from_json_dict(config) is not None
+    except (TypeError, ValueError):
+        return False
+
+
+def _describe_entries(entries: list[str]) -> str:
+    shown = ", ".join(entries[:_LISTED_ENTRIES])
+    return shown + (f" and {len(entries) - _LISTED_ENTRIES} more" if len(entries) > _LISTED_ENTRIES else "")
+
+
+def _replaceable_error(path: str, role: str) -> Optional[str]:
+    """Why the existing `path` may not be deleted to make room for a checkpoint (None: it may).
+    `role` names it in the message (e.g. '--out')."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return (f"{role} {path} is a file or a link, not a checkpoint folder: choose another --out, "
+                "or move it away")
+    foreign = _foreign_entries(path)
+    entries = foreign or sorted(os.listdir(path))
+    if foreign or (entries and not (_has_our_marker(path) or _has_our_layout(path))):
+        return (f"refusing to delete {role} {path}: it holds {_describe_entries(entries)}, which is not a "
+                "jax_introspect checkpoint nor one left by an interrupted conversion (--overwrite only "
+                "replaces those); choose another --out, or move those files away")
+    return None
+
+
+def _refuse_unless_ours(path: str, role: str) -> None:
+    """`path`, when it exists, must be a folder this module may delete: empty, or a checkpoint
+    (complete or left half-way) or staging folder of ours."""
+    refusal = _replaceable_error(path, role) if os.path.lexists(path) else None
+    if refusal is not None:
+        raise CheckpointError(refusal)
+
+
+def _remove_tree(path: str) -> None:
+    if os.path.lexists(path):
+        shutil.rmtree(path)
+
+
 class CheckpointWriter:
-    """Stages a checkpoint unit by unit; `finalize` makes it visible atomically."""
+    """Stages a checkpoint unit by unit; `finalize` makes it visible atomically.
+
+    It deletes only folders of ours: with `overwrite`, `out` must hold a checkpoint of ours (or
+    one left half-way) or be empty; anything else is refused with a `CheckpointError` naming what
+    is there, before anything is written or deleted."""
 
     def __init__(self, out: str, job: dict, overwrite: bool = False):
         self.out = os.path.abspath(out.rstrip("/"))
         self.staging = self.out + STAGING_SUFFIX
-        if os.path.exists(self.out) and not overwrite:
-            raise CheckpointError(f"{self.out} already exists; choose another --out or pass --overwrite")
+        self.replaced = self.out + REPLACED_SUFFIX
+        _refuse_unless_ours(self.out, "--out")
+        if os.path.lexists(self.out) and not overwrite:
+            raise CheckpointError(f"{self.out} already exists; choose another --out or pass --overwrite to replace it")
+        _refuse_unless_ours(self.staging, "staging folder")
+        _refuse_unless_ours(self.replaced, "set-aside folder")
         previous = self._read_job()
-        if previous is not None and previous != job:
-            # Left by a conversion of other input or options: nothing in it can be reused.
-            shutil.rmtree(self.staging)
+        if previous != job:
+            # Left by a conversion of other input or options (or one whose job is unknown):
+            # nothing in it can be reused.
+            _remove_tree(self.staging)
         os.makedirs(os.path.join(self.staging, "params"), exist_ok=True)
         with open(os.path.join(self.staging, _JOB), "w") as f:
-            json.dump(job, f, indent=2, sort_keys=True)
+            json.dump({"format": FORMAT, "job": job}, f, indent=2, sort_keys=True)
         self.resumed = previous == job
 
     def _read_job(self) -> Optional[dict]:
-        try:
-            with open(os.path.join(self.staging, _JOB)) as f:
-                return json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+        stored = _read_json_or_none(os.path.join(self.staging, _JOB))
+        if isinstance(stored, dict) and stored.get("format") == FORMAT:
+            return stored.get("job")
+        return None
 
     def _unit_path(self, unit: str) -> str:
         return os.path.join(self.staging, "params", unit)
@@ -195,8 +287,13 @@ class CheckpointWriter:
             (jax.Array, ocp.type_handlers.ArrayHandler()))  # unused; without it orbax warns
         checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
         save_args = {name: ocp.SaveArgs(chunk_byte_size=_SAVE_CHUNK_BYTES) for name in arrays}
-        checkpointer.save(self._unit_path(unit), args=ocp.args.PyTreeSave(
-            arrays, save_args=save_args, ocdbt_target_data_file_size=_SAVE_CHUNK_BYTES))
+        try:
+            checkpointer.save(self._unit_path(unit), args=ocp.args.PyTreeSave(
+                arrays, save_args=save_args, ocdbt_target_data_file_size=_SAVE_CHUNK_BYTES))
+        except (OSError, ValueError) as e:  # tensorstore reports a full disk or a refused write as ValueError
+            raise CheckpointError(
+                f"could not write {unit} into {self.staging}: {e}. Free disk space (or make the folder "
+                "writable) and re-run the same command: the units already written are kept") from e
 
     def finalize(self, cfg: ModelConfig, tokenizer, description: dict, dtype: str) -> str:
         cfg.save(os.path.join(self.staging, CONFIG))
@@ -210,10 +307,14 @@ class CheckpointWriter:
                     "tokenizer": tokenizer is not None}
         with open(os.path.join(self.staging, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
-        os.remove(os.path.join(self.staging, _JOB))
-        if os.path.exists(self.out):
-            shutil.rmtree(self.out)
+        # Killed at any point below, a checkpoint (old or new) survives and the same command
+        # finishes the job: the old one is set aside, not deleted, until the new one is in place.
+        if os.path.lexists(self.out):
+            _remove_tree(self.replaced)  # an even older one, left by an interrupted replacement
+            os.rename(self.out, self.replaced)
         os.rename(self.staging, self.out)
+        os.remove(os.path.join(self.out, _JOB))
+        _remove_tree(self.replaced)
         return self.out
 
 
@@ -237,6 +338,14 @@ def read_manifest(path: str) -> dict:
 def load_config(path: str) -> ModelConfig:
     read_manifest(path)
     return ModelConfig.from_json_dict(_read_json(join(normalize(path), CONFIG)))
+
+
+def load_tokenizer(path: str):
+    """The checkpoint's tokenizer, or None when it was converted without one (no weights are read)."""
+    if not read_manifest(path).get("tokenizer"):
+        return None
+    from jax_introspect import tokenizer as tok_lib
+    return tok_lib.load_tokenizer(local_copy(join(normalize(path), TOKENIZER_DIR)))
 
 
 def _restore(path: str, targets: dict) -> dict:

@@ -86,6 +86,24 @@ class ModelConfig:
             return cls.from_json_dict(json.load(f))
 
 
+class ContextTooLongError(ValueError):
+    """A prompt (plus the tokens to generate) past the model's positions."""
+
+
+def check_context(config: ModelConfig, n_prompt_tokens: int, max_new_tokens: int = 0) -> None:
+    """Refuse a prompt of `n_prompt_tokens` that, with `max_new_tokens` generated after it, needs
+    more positions than `config.max_position_embeddings`: RoPE would still compute there, but the
+    model never saw those positions, so its output would be silently unreliable. Cheap: call it
+    before loading weights (`checkpoint.load_config(path)` gives the config)."""
+    needed = n_prompt_tokens + max_new_tokens
+    if needed > config.max_position_embeddings:
+        new = f" + {max_new_tokens} new tokens" if max_new_tokens else ""
+        fix = "shorten the prompt" + (" or lower max_new_tokens" if max_new_tokens else "")
+        raise ContextTooLongError(
+            f"a prompt of {n_prompt_tokens} tokens{new} needs {needed} positions, more than the model's "
+            f"max_position_embeddings={config.max_position_embeddings}: {fix}")
+
+
 # --- HF config.json ---------------------------------------------------------------------------
 
 _HF_ARCHITECTURES = {"LlamaForCausalLM"}
@@ -100,30 +118,87 @@ _HF_UNSUPPORTED_IF_SET = {
 _HF_ACTIVATIONS = {"silu", "swish"}
 
 
-def _hf_rope(hf: Mapping[str, Any], source: str) -> tuple[float, RopeScaling | None]:
-    """Both layouts: Llama-3.1's `rope_scaling` + top-level `rope_theta`, and transformers 5's
-    `rope_parameters` (which carries rope_theta inside)."""
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = params.get("rope_theta", hf.get("rope_theta"))
-    if theta is None:
-        raise ConfigError(f"{source}: no rope_theta (top level or in rope_parameters)")
+# transformers' defaults for a config.json that omits a field (LlamaConfig / RotaryEmbeddingConfigMixin).
+HF_DEFAULT_MAX_POSITION_EMBEDDINGS = 2048
+_HF_DEFAULT_ROPE_THETA = 10000.0
+# transformers 5 (`convert_rope_params_to_dict`) takes `rope_scaling` when it is set, else
+# `rope_parameters`; an empty or null field counts as absent.
+_HF_ROPE_FIELDS = ("rope_scaling", "rope_parameters")
+
+
+def _rope_of_field(params: Mapping[str, Any], top_theta, field: str,
+                   source: str) -> tuple[float | None, RopeScaling | None]:
+    """(rope_theta, llama3 scaling or None) one rope field describes; its theta falls back to the
+    top-level `rope_theta` (None when neither gives one)."""
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"{source}: {field}={params!r} must be an object such as "
+                          "{\"rope_type\": \"llama3\", \"factor\": 8.0, ...}")
+    theta = params.get("rope_theta", top_theta)
+    theta = None if theta is None else float(theta)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
-        return float(theta), None
+        return theta, None
     if rope_type != "llama3":
         raise ConfigError(
-            f"{source}: rope type {rope_type!r} is not supported (only 'default' and 'llama3'); "
-            "convert a Llama-3.x checkpoint or add that rope type to jax_introspect.model")
+            f"{source}: {field} has rope type {rope_type!r}, which is not supported (only 'default' and "
+            "'llama3'); convert a Llama-3.x checkpoint or add that rope type to jax_introspect.model")
     missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor",
                            "original_max_position_embeddings") if k not in params]
     if missing:
-        raise ConfigError(f"{source}: llama3 rope scaling lacks {missing}")
-    return float(theta), RopeScaling(
+        raise ConfigError(f"{source}: llama3 rope scaling in {field} lacks {missing}")
+    return theta, RopeScaling(
         factor=float(params["factor"]),
         low_freq_factor=float(params["low_freq_factor"]),
         high_freq_factor=float(params["high_freq_factor"]),
         original_max_position_embeddings=int(params["original_max_position_embeddings"]),
     )
+
+
+def _describe_rope(theta: float | None, scaling: RopeScaling | None) -> str:
+    kind = "default RoPE" if scaling is None else "llama3 RoPE"
+    if theta is None:
+        return f"{kind} with rope_theta={_HF_DEFAULT_ROPE_THETA} (transformers' default: none is given)"
+    return f"{kind} with rope_theta={theta}"
+
+
+def _hf_rope(hf: Mapping[str, Any], source: str) -> tuple[float, RopeScaling | None]:
+    """Both layouts: Llama-3.1's `rope_scaling` + top-level `rope_theta`, and transformers 5's
+    `rope_parameters` (which carries rope_theta inside). A config with both is accepted only when
+    they describe the same RoPE: when they contradict each other, neither can be trusted."""
+    fields = {field: hf[field] for field in _HF_ROPE_FIELDS if hf.get(field)}
+    ropes = {field: _rope_of_field(params, hf.get("rope_theta"), field, source) for field, params in fields.items()}
+    if len(set(ropes.values())) > 1:
+        raise ConfigError(
+            f"{source}: rope_scaling and rope_parameters contradict each other: "
+            f"rope_scaling={fields['rope_scaling']!r} means {_describe_rope(*ropes['rope_scaling'])}, "
+            f"rope_parameters={fields['rope_parameters']!r} means {_describe_rope(*ropes['rope_parameters'])}. "
+            "transformers uses rope_scaling when both are set; delete the wrong one of the two (compare "
+            "with the config.json published with the model)")
+    theta, scaling = next(iter(ropes.values()), (hf.get("rope_theta"), None))
+    if theta is None:
+        raise ConfigError(f"{source}: no rope_theta (top level or in rope_parameters)")
+    return float(theta), scaling
+
+
+_REQUIRED = object()
+
+
+def _hf_int(hf: Mapping[str, Any], key: str, source: str, default: Any = _REQUIRED) -> int:
+    """A positive integer field of config.json, `default` when absent (refused when required)."""
+    if key not in hf:
+        if default is _REQUIRED:
+            raise ConfigError(f"{source}: no {key}; use the config.json that came with these weights")
+        return default
+    value = hf[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{source}: {key}={value!r} must be a positive integer; use the config.json "
+                          "that came with these weights")
+    return value
+
+
+def _hf_optional_int(hf: Mapping[str, Any], key: str, source: str, default: int) -> int:
+    """Like `_hf_int`, but a null counts as absent too (as transformers does for this field)."""
+    return default if hf.get(key) is None else _hf_int(hf, key, source)
 
 
 def from_hf_dict(hf: Mapping[str, Any], source: str = "config.json", name: str = "llama") -> ModelConfig:
@@ -140,20 +215,21 @@ def from_hf_dict(hf: Mapping[str, Any], source: str = "config.json", name: str =
     if hf.get("pretraining_tp", 1) not in (1, None):
         raise ConfigError(f"{source}: pretraining_tp={hf['pretraining_tp']} is not supported (use 1)")
     theta, scaling = _hf_rope(hf, source)
-    n_heads = int(hf["num_attention_heads"])
-    d_model = int(hf["hidden_size"])
+    n_heads = _hf_int(hf, "num_attention_heads", source)
+    d_model = _hf_int(hf, "hidden_size", source)
     return ModelConfig(
-        vocab_size=int(hf["vocab_size"]),
+        vocab_size=_hf_int(hf, "vocab_size", source),
         d_model=d_model,
-        n_layers=int(hf["num_hidden_layers"]),
+        n_layers=_hf_int(hf, "num_hidden_layers", source),
         n_heads=n_heads,
-        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-        head_dim=int(hf.get("head_dim") or d_model // n_heads),
-        d_ff=int(hf["intermediate_size"]),
+        n_kv_heads=_hf_optional_int(hf, "num_key_value_heads", source, default=n_heads),
+        head_dim=_hf_optional_int(hf, "head_dim", source, default=d_model // n_heads),
+        d_ff=_hf_int(hf, "intermediate_size", source),
         rope_theta=theta,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 131072)),
+        max_position_embeddings=_hf_int(hf, "max_position_embeddings", source,
+                                        default=HF_DEFAULT_MAX_POSITION_EMBEDDINGS),
         rope_scaling=scaling,
         name=name,
     )
@@ -167,8 +243,11 @@ def from_hf_config_file(path: str) -> ModelConfig:
     with open(path) as f:
         try:
             hf = json.load(f)
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # not JSON, or not UTF-8
             raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{path} holds a JSON {type(hf).__name__}, not an object; an HF config.json maps "
+                          "field names to values")
     return from_hf_dict(hf, source=path, name=os.path.basename(os.path.dirname(os.path.abspath(path))))
 
 
@@ -201,7 +280,8 @@ def from_gguf_metadata(meta: Mapping[str, Any], vocab_size: int, has_output_tens
         rope_theta=float(meta.get(p + "rope.freq_base", 10000.0)),
         rms_norm_eps=float(meta[p + "attention.layer_norm_rms_epsilon"]),
         tie_word_embeddings=not has_output_tensor,
-        max_position_embeddings=int(meta.get(p + "context_length", 8192)),
+        # Missing: what transformers gives a GGUF without it (LlamaConfig's default), as for config.json.
+        max_position_embeddings=int(meta.get(p + "context_length", HF_DEFAULT_MAX_POSITION_EMBEDDINGS)),
         rope_scaling=None,
         name=name,
     )

@@ -14,7 +14,7 @@ from jax_introspect import generate as generate_lib
 from jax_introspect import inject as inject_lib
 from jax_introspect import model as model_lib
 from jax_introspect import sharding as sharding_lib
-from jax_introspect.config import ModelConfig
+from jax_introspect.config import ModelConfig, check_context
 
 TokenBatch = Union[np.ndarray, Sequence[Sequence[int]]]
 _LENGTH_BUCKET = 32  # prompts are left-padded to a multiple of this, so lengths share compiles
@@ -93,6 +93,11 @@ class LanguageModel:
     def dtype(self):
         return self.params.embed.dtype
 
+    def check_context(self, n_prompt_tokens: int, max_new_tokens: int = 0) -> None:
+        """Raise `config.ContextTooLongError` (a ValueError) when a prompt of `n_prompt_tokens`, plus
+        `max_new_tokens` to generate, needs more positions than the model has."""
+        check_context(self.config, n_prompt_tokens, max_new_tokens)
+
     def _pad_id(self) -> int:
         return self._tokenizer.pad_id if self._tokenizer is not None else 0
 
@@ -129,6 +134,7 @@ class LanguageModel:
 
     def _forward(self, token_ids, injection, return_residuals):
         tokens, valid = self._batch(token_ids)
+        self.check_context(tokens.shape[1])
         injection = self._injection(injection, len(tokens))
         if self.layout is None:
             return _prefill(self.params, self.config, tokens, valid, injection, return_residuals)
@@ -168,6 +174,7 @@ class LanguageModel:
             prompt_ids = [self.tokenizer.encode(p) for p in prompts]
         else:
             prompt_ids = [list(map(int, p)) for p in prompts]
+        self.check_context(max(map(len, prompt_ids), default=0), max_new_tokens)
         tokens, valid = self._batch(prompt_ids, bucket=_LENGTH_BUCKET)
         trial_ids = list(trial_ids) if trial_ids is not None else [str(i) for i in range(len(tokens))]
         if len(trial_ids) != len(tokens):
@@ -226,8 +233,4 @@ def load(path: str, dtype=None, shardings=None, mesh=None, rules=None) -> Langua
         shardings = layout.params(config)
     params = ckpt.load_params(path, config, dtype=dtype, shardings=shardings,
                               kv_heads=None if layout is None else layout.kv_heads)
-    tokenizer = None
-    if ckpt.read_manifest(path).get("tokenizer"):
-        from jax_introspect import tokenizer as tok_lib
-        tokenizer = tok_lib.load_tokenizer(ckpt.local_copy(ckpt.join(path, ckpt.TOKENIZER_DIR)))
-    return LanguageModel(config, params, tokenizer, path=ckpt.normalize(path), layout=layout)
+    return LanguageModel(config, params, ckpt.load_tokenizer(path), path=ckpt.normalize(path), layout=layout)

@@ -223,15 +223,33 @@ runpy.run_module("launch.convert", run_name="__main__", alter_sys=True)
 """
 
 
-def _wait_until_stopped(proc, timeout_s=120):
+def _wait_until_stopped(proc, point="layer_001", timeout_s=120):
+    """Wait until `proc` stops itself (SIGSTOP) at `point` (named in the failure message)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         pid, status = os.waitpid(proc.pid, os.WUNTRACED | os.WNOHANG)
         if pid:
-            assert os.WIFSTOPPED(status), f"converter exited (status {status}) before layer_001 was written"
+            assert os.WIFSTOPPED(status), f"converter exited (status {status}) before reaching {point}"
             return
         time.sleep(0.01)
-    raise AssertionError(f"converter did not reach layer_001 within {timeout_s} s")
+    raise AssertionError(f"converter did not reach {point} within {timeout_s} s")
+
+
+def kill_when_stopped(script, args, log_path, point, env=None):
+    """Run `python -c script *args` (a converter that stops itself with SIGSTOP at `point`), then
+    kill -9 it there: an interruption at a known point, no race with a fast conversion."""
+    with open(log_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", script, *args], cwd=hf_reference.REPO,
+                                stdout=subprocess.DEVNULL, stderr=err,
+                                env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+    try:
+        _wait_until_stopped(proc, point)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, open(log_path).read()[-2000:]
 
 
 def test_interrupted_conversion_resumes(tmp_path):
@@ -241,20 +259,8 @@ def test_interrupted_conversion_resumes(tmp_path):
     staging = out + ckpt.STAGING_SUFFIX
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the reference conversion, meanwhile
         fresh_proc = pool.submit(hf_reference.run_convert, src, fresh)
-
-        with open(tmp_path / "stderr.txt", "w") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", _STOP_AFTER_LAYER_1, f"--source={src}", f"--out={out}", "--dtype=float32"],
-                cwd=hf_reference.REPO, stdout=subprocess.DEVNULL, stderr=err,
-                env={**os.environ, "JAX_PLATFORMS": "cpu"})
-        try:
-            _wait_until_stopped(proc)
-            os.kill(proc.pid, signal.SIGKILL)  # kill -9 mid-conversion
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-        assert proc.returncode == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()[-2000:]
+        kill_when_stopped(_STOP_AFTER_LAYER_1, [f"--source={src}", f"--out={out}", "--dtype=float32"],
+                          tmp_path / "stderr.txt", point="layer_001")
         fresh_proc.result()
 
     # Killed: never looks finished, and the error says what to do.
