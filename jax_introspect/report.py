@@ -352,7 +352,31 @@ def aggregate(run: Run) -> dict:
     }
     if run.source_aggregates is not None:
         summary["source_aggregates_check"] = _check_source_aggregates(run, cells, control_cells)
+    summary["warnings"] = _warnings(run, summary)
     return summary
+
+
+def _warnings(run: Run, summary: dict) -> list:
+    """What a reader must not miss: the report also says these on stderr (launchers) and in summary.json."""
+    meta, out = run.metadata, []
+    check = summary.get("source_aggregates_check")
+    if check is not None and not check["match"]:
+        first = check["mismatches"][0] if check["mismatches"] else {}
+        out.append(f"{run.path}: the file's own aggregates disagree with the counts of its results in "
+                   f"{len(check['mismatches'])} of {check['cells_in_file']} cells (first: {json.dumps(first)[:200]}); "
+                   f"its results list ({meta.get('n_records')} entries) may be incomplete or edited")
+    if meta.get("n_ungraded"):
+        out.append(f"{run.path}: {meta['n_ungraded']} of {meta.get('n_records')} records are ungraded and not counted")
+    if meta.get("n_duplicate_records"):
+        out.append(f"{run.path}: {meta['n_duplicate_records']} duplicate records (a trial id seen twice) skipped")
+    return out
+
+
+def read_warnings(report_md: str) -> list:
+    """The warnings of a written report (from the summary.json beside report.md)."""
+    with open(os.path.join(os.path.dirname(report_md), SUMMARY_FILE)) as f:
+        summary = json.load(f)
+    return summary.get("warnings", []) + summary.get("compare", {}).get("run", {}).get("warnings", [])
 
 
 def _check_source_aggregates(run: Run, cells: list, control_cells: list) -> dict:
@@ -671,6 +695,22 @@ def _is_replaceable(folder: str) -> bool:
     return os.path.isdir(folder) and (not os.listdir(folder) or os.path.exists(os.path.join(folder, MARKER)))
 
 
+def _remove_orphans(out_dir: str) -> None:
+    """Folders a killed report-writer left beside `out_dir`: its staging folder (`.NAME.tmp-PID-*`,
+    removed once PID is gone; older versions wrote no PID) and the previous report it was replacing
+    (`NAME.old-*`, which holds our marker)."""
+    from jax_introspect.files import pid_alive
+    parent, name = os.path.split(out_dir)
+    staging = re.compile(rf"\.{re.escape(name)}\.tmp-(?:(\d+)-)?\w+$")
+    for entry in os.listdir(parent):
+        path = os.path.join(parent, entry)
+        match = staging.match(entry)
+        if match and os.path.isdir(path) and not (match.group(1) and pid_alive(int(match.group(1)))):
+            shutil.rmtree(path, ignore_errors=True)
+        elif entry.startswith(f"{name}.old-") and os.path.exists(os.path.join(path, MARKER)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def write_report(run: Run, out_dir: str, compare: Optional[Run] = None) -> str:
     """Write report.md, summary.json and heatmap PNGs into out_dir; return the path of report.md.
 
@@ -685,18 +725,21 @@ def write_report(run: Run, out_dir: str, compare: Optional[Run] = None) -> str:
                           f"choose another output folder")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    _remove_orphans(out_dir)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-{os.getpid()}-", dir=parent)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the report is an ordinary folder
     try:
         summary = aggregate(run)
         lines = [f"# Introspection report: {run.name}" + (f" vs {compare.name}" if compare else ""), ""]
         lines += ["Rates are k/n (rate% [Wilson 95% score interval]). Strict introspection = coherent, "
                   "affirmative, identifies and immediate all hold. Controls have no injection.", ""]
+        other = aggregate(compare) if compare is not None else None
+        warnings = summary["warnings"] + (other["warnings"] if other else [])
+        lines += [f"**Warning:** {w}" for w in warnings] + ([""] if warnings else [])
         heat_a = _heatmaps(summary, tmp, prefix="")
         if compare is None:
             lines += _run_sections(run, summary, level=2, heatmaps=heat_a)
         else:
-            other = aggregate(compare)
             heat_b = _heatmaps(other, tmp, prefix="compare_")
             lines += _compare_lines(run, summary, compare, other)
             lines += [f"## Run A: `{run.name}`", ""] + _run_sections(run, summary, 3, heat_a)

@@ -38,8 +38,10 @@ class ConceptVectors:
             raise VectorError(f"no vector for {name!r}; have {self.names[:5]}...") from None
 
     def save(self, path: str) -> None:
-        np.savez(path, vectors=self.vectors, names=np.asarray(self.names),
-                 metadata=np.asarray(json.dumps(self.metadata)))
+        """Written atomically: a kill mid-save leaves the previous file (or none), never a torn one."""
+        from jax_introspect.files import atomic_write
+        atomic_write(path, lambda f: np.savez(f, vectors=self.vectors, names=np.asarray(self.names),
+                                              metadata=np.asarray(json.dumps(self.metadata))))
 
     @classmethod
     def load(cls, path: str) -> "ConceptVectors":

@@ -30,6 +30,8 @@ def main(argv):
         path = report.write_report(run, out, compare=other)
     except (report.ReportError, OSError) as e:
         sys.exit(f"error: {e}")
+    for warning in report.read_warnings(path):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"report written: {path}")
 
 
