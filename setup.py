@@ -6,6 +6,7 @@ setup(
     version="0.1.0",
     description="Concept-injection introspection experiments (Lindsey 2026) on Llama-3.1 in JAX/Flax",
     packages=find_packages(include=["jax_introspect", "jax_introspect.*", "launch", "launch.*"]),
+    package_data={"jax_introspect.experiment.protocols": ["data/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",

@@ -43,7 +43,7 @@ PROMPT_LEN = 128
 
 
 def prompt_ids(lm, length: int = PROMPT_LEN) -> list[int]:
-    from jax_introspect import protocols
+    from jax_introspect.experiment import protocols
     text = lm.tokenizer.chat_prompt(protocols.protocol("lindsey_injected_thought")["messages"])
     ids = lm.tokenizer.encode(text)
     while len(ids) < length:

@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from jax_introspect.grading import CRITERIA, GradeRequest, make_grader
+from jax_introspect.experiment.grading import CRITERIA, GradeRequest, make_grader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_FILE = "replication_405b_layer84_canonical.judged.json"

@@ -26,8 +26,8 @@ import sys
 from typing import Optional, Sequence
 
 from benchmarks.grader_agreement import JudgedFile, cohen_kappa, load_judged_file
-from jax_introspect.grading import CRITERIA
-from jax_introspect.grading import heuristic
+from jax_introspect.experiment.grading import CRITERIA
+from jax_introspect.experiment.grading import heuristic
 
 FOLDS = (("lindsey", "love"), ("lindsey", "all_caps"), ("alt", "love"), ("alt", "all_caps"))
 # heuristic-v1's in-sample kappas (docs/grading.md before heuristic-v2), for comparison.

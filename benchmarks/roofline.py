@@ -80,7 +80,7 @@ def sweep_batches(config_module: str, prompt_tokens: dict[str, int]) -> tuple[li
     """[(rows, prompt bucket)] of a sweep config's batches, as `run_sweep` forms them."""
     import importlib
 
-    from jax_introspect import sweep
+    from jax_introspect.experiment import sweep
     config = importlib.import_module(config_module).get_config()
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.to_dict().items()}
     trials = sweep.plan_trials(config, list(config["words"]), list(config["layers"]))
@@ -93,7 +93,7 @@ def sweep_batches(config_module: str, prompt_tokens: dict[str, int]) -> tuple[li
 
 
 def llama3_prompt_tokens(protocol_names: Sequence[str], system_header: bool = True) -> dict[str, int]:
-    from jax_introspect import protocols
+    from jax_introspect.experiment import protocols
     from jax_introspect import tokenizer as tok_lib
     tok = tok_lib.from_tiktoken_model(tok_lib.llama3_tokenizer_model_path())
     return {n: len(tok.encode(tok.chat_prompt(protocols.protocol(n)["messages"], system_header=system_header)))

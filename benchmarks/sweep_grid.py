@@ -57,7 +57,7 @@ def grid_config(new_tokens: int, batch: int) -> dict:
 
 
 def run_ours(lm, config: dict) -> dict:
-    from jax_introspect import results, sweep
+    from jax_introspect.experiment import results, sweep
     out = tempfile.mkdtemp(prefix="bench_sweep_")
     try:
         with common.CompileCounter() as compiles:
@@ -68,7 +68,7 @@ def run_ours(lm, config: dict) -> dict:
         batches = {}
         for r in records:
             batches[r.timing["unix_time"]] = r.timing["batch_seconds"]
-        from jax_introspect import vectors
+        from jax_introspect.experiment import vectors
         concept = vectors.ConceptVectors.load(os.path.join(out, "vectors.npz"))
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -83,7 +83,7 @@ def run_ours(lm, config: dict) -> dict:
 def run_hf(model, lm, config: dict, layers: Sequence[int], concept) -> dict:
     import torch
 
-    from jax_introspect import sweep
+    from jax_introspect.experiment import sweep
     from tests.hf_reference import HFInjection
     info = sweep.prompt_info(lm, config["protocols"][0], config["system_header"])
     assert not info.norm_match  # HFInjection's per-row vectors below are for raw injection

@@ -104,37 +104,3 @@ def residual_delta(injection: Injection, index: jax.Array, positions: jax.Array,
     matched = injection.strength[:, None, None] * direction * token_norm
     delta = jnp.where(injection.norm_match[:, None, None], matched, raw)
     return jnp.where(here[..., None], delta, 0.0).astype(dtype)
-
-
-# --- injection windows ------------------------------------------------------------------------
-
-def start_at_anchor(tokenizer, prompt_text: str, anchor: str, *, token_before: bool = True,
-                    occurrence: int = 0) -> int:
-    """Token position where injection starts: the token just before the one holding `anchor`
-    (Lindsey's window starts at the token before "Trial 1"). Works on character offsets, so a
-    tokenizer that merges ".\\n\\n" into one token still finds it."""
-    from jax_introspect.tokenizer import token_index_at_char
-    position = -1
-    for _ in range(occurrence + 1):
-        position = prompt_text.find(anchor, position + 1)
-        if position < 0:
-            raise InjectionError(f"anchor {anchor!r} not found in the prompt text "
-                                 f"(occurrence {occurrence}); check the protocol's anchor string")
-    ids, offsets = tokenizer.encode_with_offsets(prompt_text)
-    index = token_index_at_char(offsets, position)
-    return max(index - 1, 0) if token_before else index
-
-
-ALL_POSITIONS = 0
-
-
-def window_start(tokenizer, prompt_text: str, window: str, anchor: Optional[str] = None) -> int:
-    """First injected position for a protocol's window: 'anchor' (Lindsey: from the token before
-    `anchor` on) or 'all_positions'."""
-    if window == "all_positions":
-        return ALL_POSITIONS
-    if window == "anchor":
-        if not anchor:
-            raise InjectionError("an 'anchor' window needs an anchor string")
-        return start_at_anchor(tokenizer, prompt_text, anchor)
-    raise InjectionError(f"unknown injection window {window!r}; use 'anchor' or 'all_positions'")

@@ -57,7 +57,7 @@ def _log(message):
 
 
 def _make_reference(gpu_reference):
-    from jax_introspect import compare
+    from jax_introspect import parity as compare
     model, tokenizer = gpu_reference.load_model(FLAGS.hf_dir, FLAGS.gguf_file, FLAGS.device, FLAGS.hf_dtype)
     meta, tensors = gpu_reference.build_reference(
         model, tokenizer, gpu_reference.read_prompts_file(FLAGS.prompts_file),
@@ -76,7 +76,7 @@ def _make_reference(gpu_reference):
 
 
 def run() -> int:
-    from jax_introspect import compare
+    from jax_introspect import parity as compare
     from launch import gpu_reference
     report = {}
     if FLAGS.reference or FLAGS.hf_dir:
@@ -103,7 +103,7 @@ def run() -> int:
     if FLAGS.replication_vectors:
         ours = None
         if FLAGS.vectors:
-            from jax_introspect.vectors import ConceptVectors
+            from jax_introspect.experiment.vectors import ConceptVectors
             if not os.path.isfile(FLAGS.vectors):
                 raise compare.CompareError(f"--vectors={FLAGS.vectors} not found")
             ours = ConceptVectors.load(FLAGS.vectors)
@@ -136,7 +136,7 @@ def run() -> int:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    from jax_introspect import compare
+    from jax_introspect import parity as compare
     from launch import gpu_reference
     try:
         return run()

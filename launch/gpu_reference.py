@@ -15,7 +15,7 @@ re-implements in torch exactly what jax_introspect computes:
 
 - Residuals: forward hooks on every decoder layer record its output (the raw residual stream
   after the layer, before the final norm; with an injection at that layer, injection included).
-- Concept vectors (Lindsey's "Tell me about {word}" method, jax_introspect.vectors.concept_vectors
+- Concept vectors (Lindsey's "Tell me about {word}" method, jax_introspect.experiment.vectors.concept_vectors
   with position="last"): the chat prompt [user: template.format(word)] with the assistant
   generation header, the residual after every layer at its last token, minus the mean of the
   same over the baseline words. Not normalised.
@@ -65,7 +65,7 @@ PROBE_TEXT = ("Trial 1: Do you detect an injected thought? If so, what is it abo
               "  Café, naïve, 日本語, 🙂! Numbers: 3.14159, -42. ALL CAPS and\ttabs.\n")
 DEFAULT_TEMPLATE = "Tell me about {word}"
 # The first 20 of Lindsey's 100 baseline words (pass --baseline_words=@file for the full list,
-# e.g. jax_introspect/protocols/data/baseline_words.json).
+# e.g. jax_introspect/experiment/protocols/data/baseline_words.json).
 DEFAULT_BASELINE_WORDS = ["Desks", "Jackets", "Gondolas", "Laughter", "Intelligence", "Bicycles", "Chairs",
                           "Orchestras", "Sand", "Pottery", "Arrowheads", "Jewelry", "Daffodils", "Plateaus",
                           "Estuaries", "Quilts", "Moments", "Bamboo", "Ravines", "Archives"]
@@ -354,7 +354,7 @@ def encode(tokenizer, text: str) -> list[int]:
 
 
 def anchor_start(tokenizer, text: str, anchor: str) -> int:
-    """The token before the one holding the anchor's first character (jax_introspect.inject.start_at_anchor)."""
+    """The token before the one holding the anchor's first character (jax_introspect.experiment.protocols.start_at_anchor)."""
     where = text.find(anchor)
     if where < 0:
         raise ReferenceError(f"anchor {anchor!r} not found in the prompt text")
@@ -425,7 +425,7 @@ def concept_vectors(model, tokenizer, words: Sequence[str], baseline_words: Sequ
 def load_vector_file(path: str) -> list[tuple[str, np.ndarray, dict]]:
     """(name, vector [D] or [L, D], info) from a .pt file (the 405B replication's
     {"direction", "concept", "layer", ...} dict, a dict name -> tensor, or a bare tensor), or a
-    .npz written by jax_introspect.vectors.ConceptVectors.save (names + vectors [n, L, D])."""
+    .npz written by jax_introspect.experiment.vectors.ConceptVectors.save (names + vectors [n, L, D])."""
     stem = os.path.splitext(os.path.basename(path))[0]
     if not os.path.isfile(path):
         raise ReferenceError(f"vector file {path} not found")

@@ -27,8 +27,9 @@ def main(argv):
     del argv
     import numpy as np
 
-    from jax_introspect import inject, protocols, vectors
-    from jax_introspect.grading.heuristic import names_concept
+    from jax_introspect import inject
+    from jax_introspect.experiment import protocols, vectors
+    from jax_introspect.experiment.grading.heuristic import names_concept
     lm = load_model(FLAGS.checkpoint)
     n = lm.config.n_layers
     layer = int(FLAGS.layer) if FLAGS.layer >= 1 else min(int(round(FLAGS.layer * n)), n - 1)
@@ -40,7 +41,7 @@ def main(argv):
         concept = vectors.concept_vectors(lm, FLAGS.words, protocols.baseline_words(), position=position)
         cells = [(w, s, t) for s in strengths for w in FLAGS.words for t in range(FLAGS.trials)]
         injection = inject.make(layer, [s for _, s, _ in cells],
-                                np.stack([concept.vector(w, layer) for w, _, _ in cells]), start=inject.ALL_POSITIONS)
+                                np.stack([concept.vector(w, layer) for w, _, _ in cells]), start=protocols.ALL_POSITIONS)
         out = lm.generate([prompt] * len(cells), max_new_tokens=FLAGS.max_new_tokens, injection=injection,
                           temperature=1.0, seed=FLAGS.seed, trial_ids=[f"{w}/{s}/{t}" for w, s, t in cells])
         hit = {(w, s, t): names_concept(w, g.text) for (w, s, t), g in zip(cells, out)}

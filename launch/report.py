@@ -22,7 +22,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
-    from jax_introspect import report
+    from jax_introspect.experiment import report
     try:
         run = report.load_run(FLAGS.results)
         other = report.load_run(FLAGS.compare) if FLAGS.compare else None

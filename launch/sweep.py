@@ -35,7 +35,8 @@ _LIST_OVERRIDES: dict = {}  # list field -> its value from the command line (the
 def _plan(config: dict, writer: bool):
     """Check everything that needs no weights and plan the sweep: the config, the grader, the
     checkpoint's config.json and tokenizer (layers, prompt lengths)."""
-    from jax_introspect import checkpoint, grading, sweep
+    from jax_introspect import checkpoint
+    from jax_introspect.experiment import grading, sweep
     sweep.validate_config(config)
     if writer or grading.parse_spec(config["grader"])[0] == "llm":
         grading.check_grader(config["grader"])
@@ -48,7 +49,7 @@ def _plan(config: dict, writer: bool):
 
 
 def _sweep(stack: contextlib.ExitStack) -> None:
-    from jax_introspect import files, report, results, sweep
+    from jax_introspect.experiment import files, report, results, sweep
     from launch.common import load_model
     writer = distributed.is_primary()  # on a pod every process computes; process 0 writes
     config = sweep.config_to_dict(FLAGS.config)
@@ -78,7 +79,7 @@ def main(argv):
         distributed.initialize_from_flags()
     except distributed.DistributedError as e:
         sys.exit(f"error: {e}")
-    from jax_introspect import files, grading
+    from jax_introspect.experiment import files, grading
     try:
         with contextlib.ExitStack() as stack:
             _sweep(stack)
@@ -93,7 +94,7 @@ def main(argv):
 def _split_config_args(argv: list) -> tuple[list, list]:
     """(argv without the list fields' `--config.FIELD` flags, [(field, value), ...] in order).
     Both `--config.FIELD=VALUE` and `--config.FIELD VALUE` are understood."""
-    from jax_introspect.sweep import CONFIG_FIELDS, LIST_FIELDS
+    from jax_introspect.experiment.sweep import CONFIG_FIELDS, LIST_FIELDS
     kept, lists, i = [argv[0]], [], 1
     while i < len(argv):
         arg = argv[i]
@@ -121,7 +122,7 @@ def _split_config_args(argv: list) -> tuple[list, list]:
 def parse_flags(argv):
     """absl's parser, with one-line errors instead of tracebacks, and the list fields parsed here:
     ml_collections would read `--config.words=Dust,Oceans` as one word and append repeated flags."""
-    from jax_introspect import sweep
+    from jax_introspect.experiment import sweep
     argv, lists = _split_config_args(list(argv))
     try:
         for field, value in lists:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from jax_introspect import compare
+from jax_introspect import parity as compare
 from tests import hf_reference as ref
 
 REPO = ref.REPO
@@ -215,7 +215,7 @@ def test_gpu_reference_bad_input(tiny, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    from jax_introspect import protocols
+    from jax_introspect.experiment import protocols
     from jax_introspect.convert.gguf_file import smollm2_path
     root = tmp_path_factory.mktemp("compare_smollm2")
     ckpt = str(root / "ckpt")
@@ -296,7 +296,7 @@ def test_smollm2_prompt_mismatches_are_refused(smollm2):
 # --- the 405B replication's artifacts ----------------------------------------------------------
 
 def test_replication_artifacts_side_by_side(tmp_path):
-    from jax_introspect.vectors import ConceptVectors
+    from jax_introspect.experiment.vectors import ConceptVectors
     assert os.path.isfile(JUDGED_405B), f"shared data missing: {JUDGED_405B}"
     torch.manual_seed(0)
     direction = torch.randn(64)

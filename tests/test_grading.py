@@ -11,8 +11,8 @@ import time
 import pytest
 
 from benchmarks import grader_agreement, grader_cv
-from jax_introspect.grading import CRITERIA, GradeRequest, GradingError, make_grader
-from jax_introspect.grading import heuristic, llm_judge
+from jax_introspect.experiment.grading import CRITERIA, GradeRequest, GradingError, make_grader
+from jax_introspect.experiment.grading import heuristic, llm_judge
 from tests import hf_reference
 
 REPO = hf_reference.REPO
@@ -264,7 +264,7 @@ def test_heuristic_derived_forms_name_the_concept_only_in_a_thought_report():
 
 
 def test_heuristic_variants_of_lindsey_words_are_not_other_words():
-    from jax_introspect import protocols
+    from jax_introspect.experiment import protocols
     words = protocols.concept_words()
     assert len(words) == 50
     other_words = {"deserted", "deserter", "treasurer", "frosting", "secreted", "hearty", "tenders", "phony"}

@@ -217,30 +217,31 @@ def test_lindsey_window_starts_at_the_merged_token_before_trial_1():
 
     from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
-    from jax_introspect import protocols
+    from jax_introspect.experiment import protocols
     from jax_introspect.tokenizer import from_tiktoken_model, llama3_tokenizer_model_path
     tokenizer = from_tiktoken_model(llama3_tokenizer_model_path())
     meta = MetaTokenizer(pathlib.Path(llama3_tokenizer_model_path()))
     lindsey = protocols.protocol("lindsey_injected_thought")
     prompt = tokenizer.chat_prompt(lindsey["messages"])
     ids = meta.encode(prompt, bos=False, eos=False, allowed_special="all")
-    start = inject.window_start(tokenizer, prompt, lindsey["window"], lindsey["anchor"])
+    start = protocols.window_start(tokenizer, prompt, lindsey["window"], lindsey["anchor"])
     assert meta.decode([ids[start]]) == ".\n\n"
     assert meta.decode([ids[start + 1]]) == "Trial"
-    assert inject.window_start(tokenizer, prompt, "all_positions") == 0
+    assert protocols.window_start(tokenizer, prompt, "all_positions") == 0
 
 
 def test_missing_anchor_is_refused():
+    from jax_introspect.experiment import protocols
     from jax_introspect.tokenizer import from_tiktoken_model, llama3_tokenizer_model_path
     tokenizer = from_tiktoken_model(llama3_tokenizer_model_path())
-    with pytest.raises(inject.InjectionError, match="not found"):
-        inject.window_start(tokenizer, "Ok, let's get started. Question 1:", "anchor", "Trial 1")
-    with pytest.raises(inject.InjectionError, match="unknown injection window"):
-        inject.window_start(tokenizer, "x", "sometimes")
+    with pytest.raises(protocols.ProtocolError, match="not found"):
+        protocols.window_start(tokenizer, "Ok, let's get started. Question 1:", "anchor", "Trial 1")
+    with pytest.raises(protocols.ProtocolError, match="unknown injection window"):
+        protocols.window_start(tokenizer, "x", "sometimes")
 
 
 def test_empty_or_duplicate_word_lists_are_refused(tiny):
-    from jax_introspect import vectors
+    from jax_introspect.experiment import vectors
     lm, _ = tiny
     with pytest.raises(vectors.VectorError, match="empty"):
         vectors.concept_vectors(lm, [], ["a"])

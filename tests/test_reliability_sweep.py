@@ -68,7 +68,7 @@ def listing(folder):
     ("strengths", "2.0", (2.0,)),
 ])
 def test_every_list_field_reads_the_same_forms(field, text, expected):
-    from jax_introspect import sweep
+    from jax_introspect.experiment import sweep
     value = sweep.parse_list(field, text)
     assert value == expected and [type(v) for v in value] == [type(v) for v in expected]
 
@@ -80,7 +80,7 @@ def test_every_list_field_reads_the_same_forms(field, text, expected):
     ("layers", "(0.5,", "not a valid list literal"),
 ])
 def test_malformed_list_values_are_named(field, text, message):
-    from jax_introspect import sweep
+    from jax_introspect.experiment import sweep
     with pytest.raises(sweep.SweepError, match=message):
         sweep.parse_list(field, text)
 
@@ -96,7 +96,7 @@ def test_repeated_flags_replace_and_both_flag_forms_are_read():
 
 def _config(**changes):
     from configs.sweeps import quickstart
-    from jax_introspect import sweep
+    from jax_introspect.experiment import sweep
     config = sweep.config_to_dict(quickstart.get_config())
     config.update(changes)
     return config
@@ -115,13 +115,13 @@ def _config(**changes):
     (dict(grader="api:foo"), "unknown grader spec 'api:foo'"),
 ])
 def test_config_checks_need_no_model(changes, message):
-    from jax_introspect import sweep
+    from jax_introspect.experiment import sweep
     with pytest.raises(sweep.SweepError, match=message):
         sweep.validate_config(_config(**changes))
 
 
 def test_two_layer_specs_naming_one_layer_are_refused():
-    from jax_introspect import sweep
+    from jax_introspect.experiment import sweep
     with pytest.raises(sweep.SweepError, match="layers 0.5 and 15 are both layer 15 of this 30-layer model"):
         sweep.resolve_layers([0.5, 15], 30)
 
@@ -173,7 +173,7 @@ def test_out_that_is_a_file_is_refused_before_the_weights_load(weightless, tmp_p
 
 
 def test_read_only_and_full_disks_are_refused(tmp_path, monkeypatch):
-    from jax_introspect import results
+    from jax_introspect.experiment import results
     real_open = open
 
     def read_only(path, *args, **kw):
@@ -191,7 +191,7 @@ def test_read_only_and_full_disks_are_refused(tmp_path, monkeypatch):
 
 def test_estimated_bytes_bound_what_a_sweep_writes(checkpoint, tmp_path):
     from jax_introspect import checkpoint as ckpt
-    from jax_introspect import sweep
+    from jax_introspect.experiment import sweep
     config = _config(words=["Dust", "Snow"], layers=[0, 1], strengths=[1.0, 4.0], trials_per_cell=2,
                      control_trials=3, max_new_tokens=6, batch_size=4, baseline_words=["Desks", "Sand"])
     model_config = ckpt.load_config(checkpoint)
@@ -204,7 +204,7 @@ def test_estimated_bytes_bound_what_a_sweep_writes(checkpoint, tmp_path):
 
 # --- 6: one writer per results folder ----------------------------------------------------------
 
-HOLDER = ("import sys, time; from jax_introspect.files import FolderLock\n"
+HOLDER = ("import sys, time; from jax_introspect.experiment.files import FolderLock\n"
           "with FolderLock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)\n")
 
 
@@ -227,7 +227,7 @@ def test_second_writer_is_refused_and_a_killed_writer_leaves_no_stale_lock(check
 
 
 def test_lock_is_reentrant_within_a_process(tmp_path):
-    from jax_introspect.files import FolderLock, FolderBusyError
+    from jax_introspect.experiment.files import FolderLock, FolderBusyError
     with FolderLock(str(tmp_path)):
         with FolderLock(str(tmp_path)):
             pass
@@ -240,7 +240,7 @@ def test_lock_is_reentrant_within_a_process(tmp_path):
 # --- 7: atomic files; a torn file is named and recovered ----------------------------------------
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_dies(tmp_path):
-    from jax_introspect.files import atomic_write
+    from jax_introspect.experiment.files import atomic_write
     path = tmp_path / "vectors.npz"
     path.write_bytes(b"old")
 
@@ -274,7 +274,7 @@ def test_torn_vector_cache_and_run_file_are_recovered(checkpoint, tmp_path):
 
 
 def test_torn_run_file_of_other_trials_is_refused_with_what_to_do(tmp_path):
-    from jax_introspect import results
+    from jax_introspect.experiment import results
     store = results.ResultsStore(str(tmp_path), {"a": 1})
     store.append([results.TrialRecord(store.hash, "t0", "control", "p", None, None, 0.0, "m", 0, 0, "", "", "", 0,
                                       True, {}, {})])
@@ -300,7 +300,7 @@ def test_grader_batch_size_and_a_symlinked_checkpoint_resume_the_same_folder(che
 
 
 def test_binding_leaves_out_grader_and_batch_size_and_resolves_layers():
-    from jax_introspect import sweep
+    from jax_introspect.experiment import sweep
     a = sweep.binding(_config(grader="heuristic", batch_size=8), [15], "m", "/x", "float32")
     b = sweep.binding(_config(grader="api:openai:gpt", batch_size=32), [15], "m", "/x", "float32")
     assert a == b and "grader" not in a and a["layers"] == [15]
@@ -308,7 +308,7 @@ def test_binding_leaves_out_grader_and_batch_size_and_resolves_layers():
 
 
 def test_results_folder_of_an_earlier_version_is_migrated(tmp_path):
-    from jax_introspect import results, sweep
+    from jax_introspect.experiment import results, sweep
     config = _config()
     old = dict(config, resolved_layers=[10, 15], model="m", checkpoint=str(tmp_path))
     (tmp_path / "run.json").write_text(json.dumps({"config_hash": results.config_hash(old), "config": old}))
@@ -338,7 +338,7 @@ def test_cut_replication_file_warns_on_stderr_and_in_the_summary(tmp_path):
 
 
 def test_orphan_staging_folders_of_killed_report_writers_are_removed(tmp_path):
-    from jax_introspect import report
+    from jax_introspect.experiment import report
     from tests.test_report import _write_synthetic
     folder = _write_synthetic(tmp_path / "run")
     out = os.path.join(folder, "report")
@@ -356,7 +356,7 @@ def test_orphan_staging_folders_of_killed_report_writers_are_removed(tmp_path):
 
 
 def test_corrupted_middle_line_says_how_to_recover(tmp_path):
-    from jax_introspect import report
+    from jax_introspect.experiment import report
     from tests.test_report import _write_synthetic
     folder = _write_synthetic(tmp_path / "run")
     path = os.path.join(folder, "trials.jsonl")

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from jax_introspect import report, results, stats
+from jax_introspect.experiment import report, results, stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")

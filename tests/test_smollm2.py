@@ -105,9 +105,10 @@ def test_lm_chat_answers(lm):
 
 # --- concept vectors and injection on real weights ------------------------------------------
 
-from jax_introspect import inject, protocols, vectors  # noqa: E402
+from jax_introspect import inject  # noqa: E402
+from jax_introspect.experiment import protocols, vectors  # noqa: E402
 
-from jax_introspect.grading.heuristic import names_concept  # noqa: E402
+from jax_introspect.experiment.grading.heuristic import names_concept  # noqa: E402
 
 WORDS = ["Dust", "Oceans", "Bread", "Snow", "Milk", "Silver"]
 
@@ -148,7 +149,7 @@ def test_injection_matches_hf_hooks_on_smollm2(lm, hf_smollm2):
     prompt = lm.tokenizer.chat_prompt(lindsey["messages"])
     ids = lm.tokenizer.encode(prompt)
     assert ids == hf_tok(prompt, add_special_tokens=False)["input_ids"]
-    start = inject.window_start(lm.tokenizer, prompt, lindsey["window"], lindsey["anchor"])
+    start = protocols.window_start(lm.tokenizer, prompt, lindsey["window"], lindsey["anchor"])
     assert lm.tokenizer.decode(ids[start + 1:]).startswith("Trial 1")
     assert lm.tokenizer.decode(ids[start:start + 1]).endswith("\n")
     layer = 15
@@ -176,7 +177,7 @@ def test_positive_control_mentions_rise_with_strength(lm):
     layer, strengths, trials = 15, (0.0, 0.5, 1.0, 2.0), 4
     cells = [(w, s, t) for s in strengths for w in WORDS for t in range(trials)]
     injection = inject.make(layer, [s for _, s, _ in cells], np.stack([concept.vector(w, layer) for w, _, _ in cells]),
-                            start=inject.ALL_POSITIONS)
+                            start=protocols.ALL_POSITIONS)
     out = lm.generate([prompt] * len(cells), max_new_tokens=32, injection=injection, temperature=1.0, seed=0,
                       trial_ids=[f"{w}/{s}/{t}" for w, s, t in cells])
     rate = {s: np.mean([names_concept(w, g.text) for (w, s2, _), g in zip(cells, out) if s2 == s])

@@ -129,7 +129,8 @@ def test_missing_checkpoint_is_refused(tmp_path):
 def test_whole_grid_compiles_once_per_prompt_bucket(checkpoint, tmp_path):
     """Rows of a batch differ in word, layer, strength and control: one generate program."""
     import jax_introspect
-    from jax_introspect import generate, sweep
+    from jax_introspect import generate
+    from jax_introspect.experiment import sweep
     from configs.sweeps import quickstart
     config = sweep.config_to_dict(quickstart.get_config())
     config.update(words=["Dust", "Snow", "Milk"], layers=[0, 1], strengths=[0.5, 1.0, 2.0, 4.0],
@@ -144,7 +145,7 @@ def test_whole_grid_compiles_once_per_prompt_bucket(checkpoint, tmp_path):
 
 def test_grading_failure_keeps_responses_and_resume_grades_them(checkpoint, tmp_path, monkeypatch):
     import jax_introspect
-    from jax_introspect import grading, results, sweep
+    from jax_introspect.experiment import grading, results, sweep
     from configs.sweeps import quickstart
     config = sweep.config_to_dict(quickstart.get_config())
     config.update(words=["Dust", "Snow"], layers=[0, 1], strengths=[1.0, 4.0], trials_per_cell=2, control_trials=3,

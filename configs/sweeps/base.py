@@ -2,15 +2,15 @@
 e.g. `--config.layers=70,84 --config.strengths=1.0,2.0`."""
 from ml_collections import ConfigDict
 
-from jax_introspect import protocols
+from jax_introspect.experiment import protocols
 
 
 def base_config() -> ConfigDict:
     return ConfigDict({
-        # Protocol names from jax_introspect/protocols/data/prompts.json. Injected trials run on
+        # Protocol names from jax_introspect/experiment/protocols/data/prompts.json. Injected trials run on
         # every protocol; control trials (no injection) too.
         "protocols": ("lindsey_injected_thought",),
-        # Lindsey's 50 concepts and 100 baseline words (jax_introspect/protocols/data, with sources).
+        # Lindsey's 50 concepts and 100 baseline words (jax_introspect/experiment/protocols/data, with sources).
         "words": tuple(protocols.concept_words()),
         "baseline_words": tuple(protocols.baseline_words()),
         "vector_method": "mean_difference",  # mean_difference | contrast_pairs | random

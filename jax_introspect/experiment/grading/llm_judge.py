@@ -22,7 +22,7 @@ import os
 import re
 from typing import Optional, Sequence
 
-from jax_introspect.grading import GradeRequest, Grader, make_grade, progress_bar
+from jax_introspect.experiment.grading import GradeRequest, Grader, make_grade, progress_bar
 
 PROMPTS_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "protocols", "data",
                             "grader_prompts.json")

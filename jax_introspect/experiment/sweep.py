@@ -22,7 +22,8 @@ import jax
 import numpy as np
 
 from jax_introspect import config as config_lib
-from jax_introspect import files, inject, protocols, results, vectors
+from jax_introspect import inject
+from jax_introspect.experiment import files, protocols, results, vectors
 
 VECTORS_FILE = "vectors.npz"
 
@@ -229,7 +230,7 @@ def validate_config(config: dict) -> None:
         if not isinstance(config[field], (bool, np.bool_)):
             raise SweepError(f"{field} must be True or False, got {config[field]!r}")
     try:
-        from jax_introspect import grading
+        from jax_introspect.experiment import grading
         grading.parse_spec(config["grader"])
     except ValueError as e:
         raise SweepError(str(e)) from e
@@ -309,7 +310,7 @@ class PromptInfo:
 def prompt_info(tokenizer, name: str, system_header: bool) -> PromptInfo:
     data = protocols.protocol(name)
     text = tokenizer.chat_prompt(data["messages"], system_header=system_header)
-    start = inject.window_start(tokenizer, text, data["window"], data.get("anchor"))
+    start = protocols.window_start(tokenizer, text, data["window"], data.get("anchor"))
     return PromptInfo(text=text, ids=tokenizer.encode(text), question=protocols.question(data), start=start,
                       norm_match=bool(data.get("norm_match", False)))
 
@@ -397,7 +398,7 @@ def generate_batch(lm, batch: list[Trial], config: dict, prompts: dict[str, Prom
 def grade_and_store(records: list[results.TrialRecord], grader, store: Optional[results.ResultsStore]) -> None:
     """Grade records and append them. If the grader fails part-way, the graded ones are stored and
     the rest kept in the store's ungraded file, so no response is lost; the next run grades them."""
-    from jax_introspect import grading
+    from jax_introspect.experiment import grading
     requests = [grading.GradeRequest(trial_id=r.trial_id, question=r.question, response=r.response, word=r.word)
                 for r in records]
     try:
@@ -440,7 +441,8 @@ def run_sweep(lm, config: dict, out: str, *, progress: bool = True, is_writer: b
 
 def _run(lm, plan: SweepPlan, out: str, store: Optional[results.ResultsStore], progress: bool,
          on_batch: Optional[Callable[[int], None]]) -> dict:
-    from jax_introspect import distributed, grading
+    from jax_introspect import distributed
+    from jax_introspect.experiment import grading
     config = plan.config
     # Only process 0's disk has the results folder: its view of what is done decides for all, or
     # the processes would plan different batches and deadlock in their collectives.

@@ -31,7 +31,7 @@ import functools
 import re
 from typing import Iterable, Mapping, Optional, Sequence
 
-from jax_introspect.grading import GradeRequest, Grader, make_grade, progress_bar
+from jax_introspect.experiment.grading import GradeRequest, Grader, make_grade, progress_bar
 
 NAME = "heuristic-v2"
 

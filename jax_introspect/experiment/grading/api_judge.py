@@ -29,8 +29,8 @@ import urllib.error
 import urllib.request
 from typing import Optional, Sequence
 
-from jax_introspect.grading import GradeRequest, GradingError, progress_bar
-from jax_introspect.grading.llm_judge import PromptJudge, judge_prompts, parse_yes_no, tail
+from jax_introspect.experiment.grading import GradeRequest, GradingError, progress_bar
+from jax_introspect.experiment.grading.llm_judge import PromptJudge, judge_prompts, parse_yes_no, tail
 
 PROVIDERS = {
     "anthropic": {"env": "ANTHROPIC_API_KEY", "base_url": "https://api.anthropic.com", "path": "/v1/messages"},

@@ -39,7 +39,7 @@ class ConceptVectors:
 
     def save(self, path: str) -> None:
         """Written atomically: a kill mid-save leaves the previous file (or none), never a torn one."""
-        from jax_introspect.files import atomic_write
+        from jax_introspect.experiment.files import atomic_write
         atomic_write(path, lambda f: np.savez(f, vectors=self.vectors, names=np.asarray(self.names),
                                               metadata=np.asarray(json.dumps(self.metadata))))
 

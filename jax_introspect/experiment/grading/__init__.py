@@ -7,7 +7,7 @@
 
 Each grade is {"coherent", "affirmative", "identifies", "immediate": bool, "grader": name, "notes": str};
 for a control trial (word None) identifies and immediate are False. Strict introspection (all four,
-`jax_introspect.results.strict`) is left to the caller.
+`jax_introspect.experiment.results.strict`) is left to the caller.
 
 Homes: `llm_judge` holds the paper's grader prompts, their formatting, YES/NO parsing and the
 self-hosted judge; `api_judge` the HTTP judges; `heuristic` the offline grader.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
-from jax_introspect.results import CRITERIA
+from jax_introspect.experiment.results import CRITERIA
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +109,7 @@ def check_grader(spec: str) -> None:
         from jax_introspect import checkpoint
         checkpoint.read_manifest(args[0])
     elif kind == "api":
-        from jax_introspect.grading.api_judge import check_provider
+        from jax_introspect.experiment.grading.api_judge import check_provider
         check_provider(args[0])
 
 
@@ -120,12 +120,12 @@ def make_grader(spec: str, **kwargs) -> Grader:
     api (base_url, timeout_s, max_retries, backoff_s, max_tokens, workers)."""
     kind, args = parse_spec(spec)
     if kind == "heuristic":
-        from jax_introspect.grading.heuristic import HeuristicGrader
+        from jax_introspect.experiment.grading.heuristic import HeuristicGrader
         return HeuristicGrader(**kwargs)
     if kind == "llm":
-        from jax_introspect.grading.llm_judge import SelfHostedJudge
+        from jax_introspect.experiment.grading.llm_judge import SelfHostedJudge
         return SelfHostedJudge(args[0], **kwargs)
-    from jax_introspect.grading.api_judge import ApiJudge
+    from jax_introspect.experiment.grading.api_judge import ApiJudge
     return ApiJudge(*args, **kwargs)
 
 

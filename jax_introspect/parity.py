@@ -245,7 +245,7 @@ def check_tokenizer(ref: Reference, lm) -> str:
 
 def prompt_token_ids(ref: Reference, lm) -> list[list[int]]:
     """Our token ids for each reference prompt; any difference from the reference's is an error."""
-    from jax_introspect import inject
+    from jax_introspect.experiment import protocols
     out = []
     vocab = lm.config.vocab_size
     for i, p in enumerate(ref.prompts):
@@ -264,7 +264,7 @@ def prompt_token_ids(ref: Reference, lm) -> list[list[int]]:
                 raise CompareError(f"{label}: our token ids differ from the reference's ("
                                    + _describe_ids(lm.tokenizer, ours, p["ids"]) + ")")
             if "anchor" in p:
-                start = inject.start_at_anchor(lm.tokenizer, text, p["anchor"])
+                start = protocols.start_at_anchor(lm.tokenizer, text, p["anchor"])
                 if start != p["inject_start"]:
                     raise CompareError(f"{label}: the anchor {p['anchor']!r} gives injection start {start} here, "
                                        f"{p['inject_start']} in the reference")
@@ -308,7 +308,7 @@ def check_reference(ref: Reference, lm) -> dict:
 def run_jax(lm, ref: Reference, ids: Sequence[Sequence[int]], batch_size: int = 8, log=print) -> dict:
     """Our tensors under the reference's names."""
     from jax_introspect import inject
-    from jax_introspect import vectors as vectors_lib
+    from jax_introspect.experiment import vectors as vectors_lib
     rows = [(c, prefix, i) for c, prefix in ref.prefixes() for i in range(len(ids))]
     layers = ref.residual_layers
     out = {}
@@ -561,7 +561,7 @@ def read_pt_vectors(path: str) -> list[dict]:
 def pt_to_concept_vectors(paths: Sequence[str]):
     """ConceptVectors-like arrays from .pt files: vectors [n, 1, D] (each file's single layer);
     the layers go in metadata['layers']."""
-    from jax_introspect.vectors import ConceptVectors
+    from jax_introspect.experiment.vectors import ConceptVectors
     rows = [r for p in paths for r in read_pt_vectors(p)]
     dims = {r["vector"].shape[-1] for r in rows}
     if len(dims) != 1 or any(r["vector"].ndim != 1 for r in rows):
@@ -627,7 +627,7 @@ def replication_summary(path: str) -> dict:
 
 def our_results_summary(folder: str) -> dict:
     """Per-cell rates of one of our results folders (trials.jsonl), shaped like the replication's."""
-    from jax_introspect import results as results_lib
+    from jax_introspect.experiment import results as results_lib
     path = os.path.join(folder, results_lib.RESULTS_FILE)
     if not os.path.isfile(path):
         raise CompareError(f"{folder} has no {results_lib.RESULTS_FILE}")

@@ -23,7 +23,7 @@ import shutil
 import sys
 from typing import Iterable, Iterator, Optional
 
-from jax_introspect.files import atomic_write_json
+from jax_introspect.experiment.files import atomic_write_json
 
 CRITERIA = ("coherent", "affirmative", "identifies", "immediate")
 STRICT = "strict_introspection"

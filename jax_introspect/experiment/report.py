@@ -24,8 +24,8 @@ import uuid
 from collections import defaultdict
 from typing import Optional
 
-from jax_introspect import results as results_lib
-from jax_introspect.stats import Z95, proportion
+from jax_introspect.experiment import results as results_lib
+from jax_introspect.experiment.stats import Z95, proportion
 
 CRITERIA = tuple(results_lib.CRITERIA)  # coherent, affirmative, identifies, immediate
 STRICT = results_lib.STRICT
@@ -337,7 +337,7 @@ def aggregate(run: Run) -> dict:
 
     protocols = sorted({r.protocol for r in run.rows})
     summary = {
-        "generator": "jax_introspect.report",
+        "generator": "jax_introspect.experiment.report",
         "run": _jsonable(run.metadata),
         "measures": list(MEASURES),
         "interval": {"method": "wilson_score", "z": Z95, "level": 0.95},
@@ -699,7 +699,7 @@ def _remove_orphans(out_dir: str) -> None:
     """Folders a killed report-writer left beside `out_dir`: its staging folder (`.NAME.tmp-PID-*`,
     removed once PID is gone; older versions wrote no PID) and the previous report it was replacing
     (`NAME.old-*`, which holds our marker)."""
-    from jax_introspect.files import pid_alive
+    from jax_introspect.experiment.files import pid_alive
     parent, name = os.path.split(out_dir)
     staging = re.compile(rf"\.{re.escape(name)}\.tmp-(?:(\d+)-)?\w+$")
     for entry in os.listdir(parent):
@@ -756,7 +756,7 @@ def write_report(run: Run, out_dir: str, compare: Optional[Run] = None) -> str:
         with open(os.path.join(tmp, REPORT_FILE), "w", encoding="utf-8") as f:
             f.write("\n".join(lines).rstrip() + "\n")
         with open(os.path.join(tmp, MARKER), "w") as f:
-            f.write("written by jax_introspect.report\n")
+            f.write("written by jax_introspect.experiment.report\n")
         old = None
         if os.path.exists(out_dir):
             old = f"{out_dir}.old-{uuid.uuid4().hex[:8]}"
