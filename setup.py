@@ -1,6 +1,9 @@
 """jax_introspect: concept-injection introspection experiments on Llama-3.1 in JAX/Flax."""
 from setuptools import find_packages, setup
 
+# Hosted judges (grader "api:anthropic:<model>" / "api:openai:<model>"): the official SDKs.
+API_EXTRA = ["anthropic>=2", "openai>=3"]
+
 setup(
     name="jax_introspect",
     version="0.1.0",
@@ -19,11 +22,12 @@ setup(
         "gguf>=0.19",
         "tiktoken",
         "tokenizers",
-        "ml-collections",
         "tqdm",
         "matplotlib",
+        "scipy",
     ],
     extras_require={
+        "api": API_EXTRA,
         # torch is pinned to the CPU build that ships on this machine image; an unpinned torch
         # pulls a multi-GB CUDA build. torch + transformers serve parity tests only.
         "test": [
@@ -34,6 +38,7 @@ setup(
             "transformers>=5",
             "accelerate",
             "pillow",
+            *API_EXTRA,  # tests/test_grading.py runs the API judges on the SDKs
         ],
     },
 )

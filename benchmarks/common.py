@@ -5,6 +5,7 @@ Benchmarks never run as tests: each script prints markdown on stdout (progress o
 """
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import re
@@ -64,12 +65,13 @@ def cpu_count() -> int:
 
 
 def versions() -> dict[str, str]:
+    """Installed versions, read from the package metadata (importing nnsight or torch only to
+    ask would be slow, and a broken install would raise anything); absent packages are left out."""
     out = {"python": platform.python_version()}
     for name in ("jax", "jaxlib", "flax", "numpy", "torch", "transformers", "nnsight"):
         try:
-            module = __import__(name)
-            out[name] = getattr(module, "__version__", "?")
-        except Exception:  # not installed (nnsight is optional)
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:  # not installed (nnsight is optional)
             pass
     return out
 
@@ -142,10 +144,10 @@ def quiet_libraries() -> None:
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except Exception:
-        pass
+    except ImportError:  # transformers not installed: nothing of its to silence
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 class CompileCounter:

@@ -27,26 +27,20 @@ from benchmarks import common
 BATCH, PROMPT, NEW = 8, 128, 100
 
 
-def abstract_params(cfg, dtype=jnp.float32):
-    from jax_introspect import model as model_lib
-    s = lambda shape: jax.ShapeDtypeStruct(shape, dtype)
-    layers = model_lib.LayerParams(**{k: s((cfg.n_layers,) + v) for k, v in model_lib.layer_param_shapes(cfg).items()})
-    g = model_lib.global_param_shapes(cfg)
-    return model_lib.Params(embed=s(g["embed"]), layers=layers, final_norm=s(g["final_norm"]),
-                            lm_head=s(g["lm_head"]) if "lm_head" in g else None)
-
-
 def abstract_args(cfg):
+    """generate_tokens' arguments as shapes, and its keyword arguments (the one-device layout)."""
+    from jax_introspect import checkpoint
     from jax_introspect import generate as generate_lib
-    from jax_introspect import inject
+    from jax_introspect import inject, sharding
     sds = jax.ShapeDtypeStruct
     injection = inject.Injection(layer=sds((BATCH,), jnp.int32), strength=sds((BATCH,), jnp.float32),
                                  vector=sds((BATCH, cfg.d_model), jnp.float32), start=sds((BATCH,), jnp.int32),
                                  norm_match=sds((BATCH,), jnp.bool_))
     sample = generate_lib.Sampling(temperature=sds((BATCH,), jnp.float32), top_p=sds((BATCH,), jnp.float32),
                                    keys=sds((BATCH, 2), jnp.uint32))
-    return (abstract_params(cfg), cfg, sds((BATCH, PROMPT), jnp.int32), sds((BATCH, PROMPT), jnp.bool_),
-            injection, sample, sds((2,), jnp.int32), sds((), jnp.int32), NEW)
+    args = (checkpoint.abstract_params(cfg, jnp.float32), cfg, sds((BATCH, PROMPT), jnp.int32),
+            sds((BATCH, PROMPT), jnp.bool_), injection, sample, sds((2,), jnp.int32), sds((), jnp.int32), NEW)
+    return args, {"layout": sharding.Layout.for_model(sharding.one_device_mesh(), cfg)}
 
 
 @contextlib.contextmanager
@@ -62,10 +56,10 @@ def unrolled_scan():
 def time_compile(cfg, unrolled: bool = False) -> tuple[float, float]:
     from jax_introspect import generate as generate_lib
     jax.clear_caches()
-    args = abstract_args(cfg)
+    args, kwargs = abstract_args(cfg)
     with unrolled_scan() if unrolled else contextlib.nullcontext():
         t = time.perf_counter()
-        lowered = generate_lib.generate_tokens.lower(*args)
+        lowered = generate_lib.generate_tokens.lower(*args, **kwargs)
         lower_s = time.perf_counter() - t
     t = time.perf_counter()
     lowered.compile()

@@ -61,7 +61,8 @@ def forward_steps(lm, batch, steps, attention=None):
         def one(i, carry):
             token, cache = carry
             logits, cache, _ = model_lib.forward(params, cfg, token[:, None], jnp.full((batch, 1), PROMPT_LEN) + i,
-                                                 jnp.ones((batch, 1), bool), cache, injection=injection)
+                                                 jnp.ones((batch, 1), bool), cache, injection=injection,
+                                                 layout=lm.layout)
             return jnp.argmax(logits[:, 0], -1).astype(jnp.int32), cache
         return jax.lax.fori_loop(0, steps, one, (jnp.zeros((batch,), jnp.int32), cache))[0]
     ctx = patched(model_lib, "_attention", attention) if attention else contextlib.nullcontext()

@@ -10,7 +10,7 @@ layer 20 of 30 from position 64 on (prompt and every decode step):
 - jax_introspect: `generate.generate_tokens` (the program `lm.generate` runs) with an EOS id
   that never occurs;
 - HF: `model.generate(do_sample=True, top_k=0, min_new_tokens=max_new_tokens)` with the
-  forward-hook injection of tests/hf_reference.py (`HFInjection`);
+  forward-hook injection of launch/gpu_reference.py (`Injection`);
 - nnsight (if installed): the same injection written as an nnsight intervention on every step.
 
 The three run interleaved in one process (each repetition runs each once), so all see the same
@@ -79,7 +79,7 @@ class Ours:
         t = time.perf_counter()
         self.compiled[n] = self.gen.generate_tokens.lower(
             self.lm.params, self.lm.config, self.tokens, self.valid, self.injection, self.sample, self.eos,
-            self.pad, n).compile()
+            self.pad, n, layout=self.lm.layout).compile()
         return time.perf_counter() - t
 
     def __call__(self, n: int) -> np.ndarray:
@@ -106,8 +106,8 @@ class HF:
         self.vector = injection_vector(model.config.hidden_size)
 
     def __call__(self, n: int):
-        from tests.hf_reference import HFInjection
-        with self.torch.no_grad(), HFInjection(self.model, LAYER, self.vector, STRENGTH, start=START):
+        from launch.gpu_reference import Injection
+        with self.torch.no_grad(), Injection(self.model, LAYER, self.vector, STRENGTH, start=START):
             out = self.model.generate(self.ids, attention_mask=self.mask, **_hf_kwargs(n, self.pad_id))
         assert out.shape[1] == self.ids.shape[1] + n, out.shape
         return out

@@ -10,102 +10,18 @@ Sonnet judge, columns: this grader). The concept of a trial is its label's suffi
 "all_caps"); controls get word None. The question is the trial's last user turn (Lindsey's trial
 line, or "What are you thinking about?"). A record the judge failed on (an `_error`, or a `judge`
 without the four booleans) is skipped, and the number skipped is printed. `--cv` adds the
-heuristic grader's cross-validated agreement (`benchmarks.grader_cv`). The tables in
-docs/grading.md are this script's output.
+heuristic grader's cross-validated agreement (`benchmarks.grader_cv`). The files are read by
+`benchmarks.judged`. The tables in docs/grading.md are this script's output.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import os
 import sys
-from typing import Optional, Sequence
+from typing import Sequence
 
-from jax_introspect.experiment.grading import CRITERIA, GradeRequest, make_grader
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA_FILE = "replication_405b_layer84_canonical.judged.json"
-# Held out: the same replication's layer sweep (960 responses, Lindsey's prompt, layers 70/84/90/100),
-# judged by the same Sonnet rubric. No rule or parameter of the heuristic grader is fitted to them
-# (benchmarks/data/replication_405b_layer_sweep/README.md).
-HELDOUT_DIR = os.path.join(REPO, "benchmarks", "data", "replication_405b_layer_sweep")
-HELDOUT_FILES = tuple(os.path.join(HELDOUT_DIR, f"layer{layer}.judged.json") for layer in (70, 84, 90, 100))
-
-
-def default_data_path(repo: str = REPO) -> str:
-    """shared/data sits beside the repository clone (<repo>/../shared/data)."""
-    return os.path.join(os.path.dirname(repo), "shared", "data", DATA_FILE)
-
-
-@dataclasses.dataclass(frozen=True)
-class Trial:
-    prompt: str  # "lindsey" | "alt"
-    concept: str  # "love" | "all_caps" | "control"
-    trial_idx: int
-
-
-@dataclasses.dataclass(frozen=True)
-class JudgedFile:
-    requests: list[GradeRequest]
-    reference: list[dict]  # the judge's four booleans per request
-    trials: list[Trial]
-    skipped: int  # records without a usable judgement
-
-
-def judged_booleans(record: dict) -> Optional[dict]:
-    """The judge's four booleans of a record, or None when the judge failed on it (an `_error`,
-    or a `judge` missing one of them)."""
-    judge = record.get("judge")
-    if "_error" in record or not isinstance(judge, dict) or "_error" in judge:
-        return None
-    if not all(isinstance(judge.get(c), bool) for c in CRITERIA):
-        return None
-    return {c: judge[c] for c in CRITERIA}
-
-
-def load_judged_file(path: Optional[str] = None) -> JudgedFile:
-    """Requests, the judge's grades and trial metadata of a judged replication file."""
-    with open(path or default_data_path()) as f:
-        data = json.load(f)
-    questions = {"lindsey": data.get("lindsey_trial", ""), "alt": data.get("alt_prompt", "")}
-    requests, judged, trials, skipped = [], [], [], 0
-    for i, r in enumerate(data["results"]):
-        grades = judged_booleans(r)
-        if grades is None:
-            skipped += 1
-            continue
-        prompt, _, concept = r["label"].partition("_")
-        word = None if concept == "control" else concept
-        requests.append(GradeRequest(trial_id=f"L{data.get('layer')}/{r['label']}/{r['magnitude']:g}/{r['trial_idx']}/{i}",
-                                     question=questions[prompt], response=r["response"], word=word))
-        judged.append(grades)
-        trials.append(Trial(prompt, concept, int(r["trial_idx"])))
-    return JudgedFile(requests, judged, trials, skipped)
-
-
-def load_judged_files(paths: Sequence[str]) -> JudgedFile:
-    """Several judged files as one."""
-    files = [load_judged_file(p) for p in paths]
-    return JudgedFile(*(sum((getattr(f, field) for f in files), []) for field in ("requests", "reference", "trials")),
-                      skipped=sum(f.skipped for f in files))
-
-
-def load_judged(path: Optional[str] = None) -> tuple[list[GradeRequest], list[dict]]:
-    """(requests, Sonnet's grades) for the judged replication file (records the judge failed on
-    left out; `load_judged_file` counts them)."""
-    judged = load_judged_file(path)
-    return judged.requests, judged.reference
-
-
-def cohen_kappa(a: Sequence[bool], b: Sequence[bool]) -> float:
-    n = len(a)
-    if n == 0:
-        return float("nan")
-    p_o = sum(x == y for x, y in zip(a, b)) / n
-    pa, pb = sum(a) / n, sum(b) / n
-    p_e = pa * pb + (1 - pa) * (1 - pb)
-    return 1.0 if p_e == 1 else (p_o - p_e) / (1 - p_e)
+from benchmarks import grader_cv
+from benchmarks.judged import DATA_FILE, HELDOUT_FILES, cohen_kappa, default_data_path, load_judged_files
+from jax_introspect.experiment.grading import CRITERIA, make_grader
 
 
 def confusion(ref: Sequence[bool], ours: Sequence[bool]) -> dict:
@@ -177,7 +93,6 @@ def main(argv=None) -> int:
                 print(f"\n{req.trial_id}: " + ", ".join(f"{c} sonnet={int(ref[c])} ours={int(ours[c])}" for c in diff)
                       + f"  [{ours['notes']}]\n    {req.response[:300]!r}")
     if args.cv:
-        from benchmarks import grader_cv
         print("\n" + grader_cv.report(judged))
     return 0
 

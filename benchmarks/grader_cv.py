@@ -25,7 +25,7 @@ import statistics
 import sys
 from typing import Optional, Sequence
 
-from benchmarks.grader_agreement import JudgedFile, cohen_kappa, load_judged_file
+from benchmarks.judged import JudgedFile, cohen_kappa, load_judged_file
 from jax_introspect.experiment.grading import CRITERIA
 from jax_introspect.experiment.grading import heuristic
 

@@ -82,9 +82,8 @@ def sweep_batches(config_module: str, prompt_tokens: dict[str, int]) -> tuple[li
 
     from jax_introspect.experiment import sweep
     config = importlib.import_module(config_module).get_config()
-    config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.to_dict().items()}
-    trials = sweep.plan_trials(config, list(config["words"]), list(config["layers"]))
-    size, out = config["batch_size"], []
+    trials = sweep.plan_trials(config, list(config.words), list(config.layers))
+    size, out = config.batch_size, []
     for i in range(0, len(trials), size):
         batch = trials[i:i + size]
         longest = max(prompt_tokens[t.protocol] for t in batch)
@@ -134,7 +133,7 @@ def markdown(batch: int = 32, slots: int = 292) -> str:
     try:
         prompt_tokens = llama3_prompt_tokens(("replication_405b_injected_thought", "replication_405b_thinking_about"))
         tok_note = "prompt lengths from Meta's Llama-3 tokenizer"
-    except Exception as e:  # the llama-models wheel is missing: use the lengths measured with it
+    except FileNotFoundError as e:  # the llama-models wheel is missing: use the lengths measured with it
         prompt_tokens = {"replication_405b_injected_thought": 172, "replication_405b_thinking_about": 41}
         tok_note = f"prompt lengths 172 / 41 (tokenizer unavailable: {type(e).__name__})"
     cfg = config_lib.preset("llama-3.1-405b")
@@ -146,9 +145,9 @@ def markdown(batch: int = 32, slots: int = 292) -> str:
     for module in SWEEPS:
         batches, config = sweep_batches(module, prompt_tokens)
         for name, gen, chips in SLICES["llama-3.1-405b"]:
-            pre, dec = sweep_time(cfg, CHIPS[gen], chips, batches, config["max_new_tokens"])
-            body.append([module.rsplit(".", 1)[1], f"{len(batches)} x {config['batch_size']}",
-                         config["max_new_tokens"], f"{name} ({chips} chips)", f"{pre:.0f}", f"{dec:.0f}",
+            pre, dec = sweep_time(cfg, CHIPS[gen], chips, batches, config.max_new_tokens)
+            body.append([module.rsplit(".", 1)[1], f"{len(batches)} x {config.batch_size}",
+                         config.max_new_tokens, f"{name} ({chips} chips)", f"{pre:.0f}", f"{dec:.0f}",
                          f"{(pre + dec) / 60:.1f}"])
     lines.append(common.table(["sweep", "batches x rows", "new tokens", "slice", "prefill s", "decode s",
                                "total min"], body, "lrrlrrr"))

@@ -11,7 +11,7 @@ The grid: Lindsey's injected-thought prompt, 4 layers x 4 strengths x 8 words (o
   vector), grading and the results file. XLA compilations are counted with jax.monitoring's
   backend-compile event for the whole call.
 - HF loop: what an HF-hooks user writes: for each (layer, strength) cell one `generate` call on
-  its 8 words (one row per word, per-row vectors in `HFInjection` from tests/hf_reference.py),
+  its 8 words (one row per word, per-row vectors in `Injection` from launch/gpu_reference.py),
   then one call for the 32 controls without hooks: 17 calls. Same prompt ids, injection start,
   vectors (those run_sweep extracted), sampling settings and EOS ids; no grading or files.
 
@@ -37,26 +37,14 @@ STRENGTHS = (1.0, 2.0, 4.0, 8.0)
 CONTROLS = 32
 
 
-def grid_config(new_tokens: int, batch: int) -> dict:
-    from configs.sweeps.base import base_config
-    config = base_config()
-    config.protocols = ("lindsey_injected_thought",)
-    config.words = tuple(config.words[:WORDS])
-    config.layers = LAYERS
-    config.strengths = STRENGTHS
-    config.trials_per_cell = 1
-    config.cell_per_word = True
-    config.control_trials = CONTROLS
-    config.max_new_tokens = new_tokens
-    config.batch_size = batch
-    config.temperature = 1.0
-    config.top_p = 1.0
-    config.grader = "heuristic"
-    # A plain JSON-able dict, as the sweep launcher passes it (tuples become lists).
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.to_dict().items()}
+def grid_config(new_tokens: int, batch: int):
+    from jax_introspect.experiment.sweep_config import SweepConfig
+    return SweepConfig(protocols=("lindsey_injected_thought",), words=SweepConfig().words[:WORDS], layers=LAYERS,
+                       strengths=STRENGTHS, trials_per_cell=1, cell_per_word=True, control_trials=CONTROLS,
+                       max_new_tokens=new_tokens, batch_size=batch, temperature=1.0, top_p=1.0, grader="heuristic")
 
 
-def run_ours(lm, config: dict) -> dict:
+def run_ours(lm, config) -> dict:
     from jax_introspect.experiment import results, sweep
     out = tempfile.mkdtemp(prefix="bench_sweep_")
     try:
@@ -80,17 +68,17 @@ def run_ours(lm, config: dict) -> dict:
                 compiles_by_name=compiles.by_name(), layers=summary["layers"], concept=concept)
 
 
-def run_hf(model, lm, config: dict, layers: Sequence[int], concept) -> dict:
+def run_hf(model, lm, config, layers: Sequence[int], concept) -> dict:
     import torch
 
     from jax_introspect.experiment import sweep
-    from tests.hf_reference import HFInjection
-    info = sweep.prompt_info(lm, config["protocols"][0], config["system_header"])
-    assert not info.norm_match  # HFInjection's per-row vectors below are for raw injection
+    from launch.gpu_reference import Injection
+    info = sweep.prompt_info(lm.tokenizer, config.protocols[0], config.system_header)
+    assert not info.norm_match  # Injection's per-row vectors below are for raw injection
     eos = list(lm.tokenizer.eos_ids)
-    kw = dict(do_sample=True, temperature=config["temperature"], top_p=config["top_p"], top_k=0,
-              max_new_tokens=config["max_new_tokens"], eos_token_id=eos, pad_token_id=lm.tokenizer.pad_id)
-    words = list(config["words"])
+    kw = dict(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0,
+              max_new_tokens=config.max_new_tokens, eos_token_id=eos, pad_token_id=lm.tokenizer.pad_id)
+    words = list(config.words)
     prompt = torch.tensor([info.ids], dtype=torch.long)
     new_tokens, calls = 0, 0
 
@@ -109,14 +97,14 @@ def run_hf(model, lm, config: dict, layers: Sequence[int], concept) -> dict:
     t = time.perf_counter()
     with torch.no_grad():
         for layer in layers:
-            for strength in config["strengths"]:
+            for strength in config.strengths:
                 vecs = np.stack([concept.vector(w, layer) for w in words])[:, None, :]  # [B, 1, D]
                 ids = prompt.repeat(len(words), 1)
-                with HFInjection(model, layer, vecs, strength, start=info.start):
+                with Injection(model, layer, vecs, strength, start=info.start):
                     out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
                 new_tokens += count(out)
                 calls += 1
-        ids = prompt.repeat(config["control_trials"], 1)
+        ids = prompt.repeat(config.control_trials, 1)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
         new_tokens += count(out)
         calls += 1
@@ -152,14 +140,14 @@ def markdown(result: dict) -> str:
     med = lambda rows, key: common.median([r[key] for r in rows])
     lines = [f"### 2. A sweep grid: {len(LAYERS)} layers x {len(STRENGTHS)} strengths x {WORDS} words + "
              f"{CONTROLS} controls = {n_trials} trials (SmolLM2-135M float32)", "",
-             f"Up to {config['max_new_tokens']} new tokens (EOS stops a row), temperature 1, top_p 1, batch "
-             f"{config['batch_size']}; HF loop = one `generate` per (layer, strength) cell on its {WORDS} words with "
-             f"`HFInjection` hooks + one call for the controls ({hf[0]['calls']} calls). Load before/after: "
+             f"Up to {config.max_new_tokens} new tokens (EOS stops a row), temperature 1, top_p 1, batch "
+             f"{config.batch_size}; HF loop = one `generate` per (layer, strength) cell on its {WORDS} words with "
+             f"`gpu_reference.Injection` hooks + one call for the controls ({hf[0]['calls']} calls). Load before/after: "
              f"{result['load'][0]:.2f} / {result['load'][1]:.2f}.", ""]
     rows = [["XLA compilations, whole `run_sweep` (first run, cold)", first["compiles"], ""],
             ["... of them the generation program", first["generate_compiles"],
              f"{first['generate_compile_s']:.1f} s; batch shapes: 1 (all {first['batches']} batches are "
-             f"[{config['batch_size']}, prompt bucket])"],
+             f"[{config.batch_size}, prompt bucket])"],
             ["... the rest (vector extraction prefills, small host-side ops)",
              first["compiles"] - first["generate_compiles"], f"{first['compile_s'] - first['generate_compile_s']:.1f} s"],
             ["compilations in later runs (warm caches)", ", ".join(str(r["compiles"]) for r in ours[1:]) or "-", ""],

@@ -19,7 +19,6 @@ deletes nothing that is not a checkpoint (or staging folder) of ours.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -32,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_introspect import model as model_lib
+from jax_introspect import params as params_lib
+from jax_introspect import sharding as sharding_lib
 from jax_introspect.config import ModelConfig
 
 FORMAT = "jax_introspect.checkpoint/v1"
@@ -119,12 +120,11 @@ def _smallest_factor(n: int) -> int:
 
 def storage_chunks(name: str, shape: tuple, itemsize: int, target_bytes: int = _SAVE_CHUNK_BYTES) -> tuple:
     """The chunk shape a unit array `name` (globals or one layer, no layer axis) is stored with."""
-    from jax_introspect import sharding
-    axes = sharding.unit_axes(name)
-    rules = sharding.AxisRules()
+    axes = params_lib.by_name(name).axes
+    rules = sharding_lib.AxisRules()
     chunk = list(shape)
     for i, logical in enumerate(axes):
-        if i < len(shape) and rules.mesh_axis(logical) == sharding.TENSOR:
+        if i < len(shape) and rules.mesh_axis(logical) == sharding_lib.TENSOR:
             chunk[i] = shape[i] // math.gcd(shape[i], _STORAGE_SPLITS)
     while math.prod(chunk) * itemsize > target_bytes and max(chunk) > 1:
         i = max(range(len(chunk)), key=lambda j: chunk[j])
@@ -366,68 +366,56 @@ def _restore(path: str, targets: dict) -> dict:
     return checkpointer.restore(path, targets)
 
 
-def _abstract(shapes: dict, dtype, sharding_of: Callable[[str], jax.sharding.Sharding]) -> dict:
-    return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_of(name))
-            for name, shape in shapes.items()}
+def _abstract(cfg: ModelConfig, leaves, dtype, sharding_of: Callable[[str], jax.sharding.Sharding]) -> dict:
+    """Restore targets of one unit: its arrays' stored shapes in `dtype` and their shardings."""
+    return {leaf.name: jax.ShapeDtypeStruct(leaf.unit_shape(cfg), dtype, sharding=sharding_of(leaf.name))
+            for leaf in leaves}
 
 
-def load_params(path: str, cfg: ModelConfig, dtype=None,
-                shardings: Optional[model_lib.Params] = None, kv_heads: Optional[int] = None) -> model_lib.Params:
-    """Restore a checkpoint as `Params` in `dtype` (default: as stored).
+def load_params(path: str, cfg: ModelConfig, layout: sharding_lib.Layout, dtype=None,
+                shardings: Optional[model_lib.Params] = None) -> model_lib.Params:
+    """Restore a checkpoint as `Params` in `dtype` (default: as stored), on `layout`'s mesh.
 
-    `shardings` is a `Params` of `jax.sharding.Sharding`s (default: all on the first device),
-    e.g. `sharding.Layout.params(cfg)`: `NamedSharding`s on a mesh that may span hosts. Each
-    layer is restored straight into its target sharding (each host reads only the chunks of
-    its own shards) and copied into the stacked buffer in place, so no host ever holds the
-    whole model. `kv_heads`: KV heads to hold in memory, a multiple of the stored ones; each
-    stored head is repeated (the plan for more tensor-parallel ways than KV heads).
+    `shardings`: a `Params` of `jax.sharding.Sharding`s (default: `layout.params`, which may span
+    hosts). Each layer is restored straight into its target sharding (each host reads only the
+    chunks of its own shards) and copied into the stacked buffer in place, so no host ever holds
+    the whole model. The layout's KV heads are a multiple of the stored ones; each stored head is
+    repeated (the plan for more tensor-parallel ways than KV heads, docs/sharding.md).
     """
     path = normalize(path)  # orbax requires absolute paths
     manifest = read_manifest(path)
     dtype = jnp.dtype(dtype or manifest["dtype"])
-    kv_heads = kv_heads or cfg.n_kv_heads
-    if kv_heads % cfg.n_kv_heads or cfg.n_heads % kv_heads:
-        raise CheckpointError(f"kv_heads={kv_heads} must be a multiple of the stored {cfg.n_kv_heads} KV heads "
-                              f"and divide n_heads={cfg.n_heads}")
-    run_cfg = cfg if kv_heads == cfg.n_kv_heads else dataclasses.replace(cfg, n_kv_heads=kv_heads)
+    run_cfg = layout.run_config(cfg)
     if shardings is None:
-        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: single, abstract_params(run_cfg, dtype))
+        shardings = layout.params(run_cfg)
     params_dir = join(path, "params")
 
-    global_shapes = model_lib.global_param_shapes(cfg)
     globals_ = _restore(join(params_dir, GLOBALS),
-                        _abstract(global_shapes, dtype, lambda n: getattr(shardings, n)))
+                        _abstract(cfg, params_lib.global_leaves(cfg), dtype, lambda n: getattr(shardings, n)))
 
     layer_shardings = shardings.layers
-    unstacked_sharding = {name: _drop_leading_axis(getattr(layer_shardings, name))
-                          for name in model_lib.layer_param_shapes(cfg)}
+    unstacked_sharding = {leaf.name: _drop_leading_axis(getattr(layer_shardings, leaf.name))
+                          for leaf in params_lib.LAYER}
     restore_sharding = dict(unstacked_sharding)
     expand = None
-    if kv_heads != cfg.n_kv_heads:
+    if run_cfg.n_kv_heads != cfg.n_kv_heads:
         # The stored heads do not split over the tensor axis: restore wk/wv whole on each device
         # (one layer's, small) and repeat each head into its copies in the target sharding.
         for name in ("wk", "wv"):
             restore_sharding[name] = _replicate_axis(unstacked_sharding[name], 1)
-        expand = _expander(kv_heads // cfg.n_kv_heads, unstacked_sharding["wk"])
+        expand = _expander(run_cfg.n_kv_heads // cfg.n_kv_heads, unstacked_sharding["wk"])
     stacked = _zeros_layers(run_cfg, dtype, layer_shardings)
     for index in range(cfg.n_layers):
         layer = _restore(join(params_dir, layer_unit(index)),
-                         _abstract(model_lib.layer_param_shapes(cfg), dtype, restore_sharding.get))
+                         _abstract(cfg, params_lib.LAYER, dtype, restore_sharding.get))
         if expand is not None:
             layer["wk"], layer["wv"] = expand(layer["wk"]), expand(layer["wv"])
         stacked = _insert_layer(stacked, model_lib.LayerParams(**layer), jnp.int32(index))
-    return model_lib.Params(embed=globals_["embed"], layers=stacked, final_norm=globals_["final_norm"],
-                            lm_head=globals_.get("lm_head"))
+    return model_lib.Params(layers=stacked, lm_head=globals_.pop("lm_head", None), **globals_)
 
 
 def abstract_params(cfg: ModelConfig, dtype) -> model_lib.Params:
-    sds = lambda shape: jax.ShapeDtypeStruct(shape, dtype)
-    g = model_lib.global_param_shapes(cfg)
-    layers = model_lib.LayerParams(**{n: sds((cfg.n_layers,) + s)
-                                      for n, s in model_lib.layer_param_shapes(cfg).items()})
-    return model_lib.Params(embed=sds(g["embed"]), layers=layers, final_norm=sds(g["final_norm"]),
-                            lm_head=sds(g["lm_head"]) if "lm_head" in g else None)
+    return model_lib.params_tree(cfg, lambda leaf: jax.ShapeDtypeStruct(leaf.param_shape(cfg), dtype))
 
 
 def _drop_leading_axis(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
@@ -450,8 +438,8 @@ def _expander(repeats: int, out_sharding: jax.sharding.Sharding):
 
 
 def _zeros_layers(cfg: ModelConfig, dtype, layer_shardings: model_lib.LayerParams) -> model_lib.LayerParams:
-    shapes = {n: (cfg.n_layers,) + s for n, s in model_lib.layer_param_shapes(cfg).items()}
-    make = jax.jit(lambda: model_lib.LayerParams(**{n: jnp.zeros(s, dtype) for n, s in shapes.items()}),
+    make = jax.jit(lambda: model_lib.LayerParams(**{leaf.name: jnp.zeros(leaf.param_shape(cfg), dtype)
+                                                    for leaf in params_lib.LAYER}),
                    out_shardings=layer_shardings)
     return make()
 

@@ -31,16 +31,24 @@ from typing import Optional
 import jax
 from absl import flags, logging
 
-flags.DEFINE_enum("distributed", "auto", ["auto", "tpu", "off"],
-                  "Multi-process mode: auto (multi-process iff a coordinator address is given), tpu (Cloud "
-                  "TPU pod: topology from the TPU metadata), off.")
-flags.DEFINE_string("coordinator_address", None,
-                    "host:port of process 0's coordinator (default: $JAX_COORDINATOR_ADDRESS).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (default: $JAX_NUM_PROCESSES).")
-flags.DEFINE_integer("process_id", None, "This process's index (default: $JAX_PROCESS_ID).")
-flags.DEFINE_float("distributed_timeout", 300.0,
-                   "Seconds to wait for the coordinator and all processes before failing.")
-flags.DEFINE_string("host_log_dir", None, "If set, every process also logs to HOST_LOG_DIR/host_NNN.log.")
+
+
+def define_flags() -> None:
+    """The multi-host flags, for an entry point's `__main__` (importing this module defines none):
+    --distributed, --coordinator_address, --num_processes, --process_id, --distributed_timeout,
+    --host_log_dir."""
+    flags.DEFINE_enum("distributed", "auto", ["auto", "tpu", "off"],
+                      "Multi-process mode: auto (multi-process iff a coordinator address is given), tpu (Cloud "
+                      "TPU pod: topology from the TPU metadata), off.")
+    flags.DEFINE_string("coordinator_address", None,
+                        "host:port of process 0's coordinator (default: $JAX_COORDINATOR_ADDRESS).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (default: $JAX_NUM_PROCESSES).")
+    flags.DEFINE_integer("process_id", None, "This process's index (default: $JAX_PROCESS_ID).")
+    flags.DEFINE_float("distributed_timeout", 300.0,
+                       "Seconds to wait for the coordinator and all processes before failing.")
+    flags.DEFINE_string("host_log_dir", None, "If set, every process also logs to HOST_LOG_DIR/host_NNN.log.")
+
+
 FLAGS = flags.FLAGS
 
 ENV_ADDRESS = "JAX_COORDINATOR_ADDRESS"
@@ -157,7 +165,7 @@ def initialize(mode: str = "auto", coordinator_address: Optional[str] = None, nu
 
 
 def initialize_from_flags() -> bool:
-    """`initialize` with this module's absl flags (call after absl has parsed them)."""
+    """`initialize` with the flags of `define_flags` (call after absl has parsed them)."""
     multi = initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                        FLAGS.distributed_timeout)
     if FLAGS.host_log_dir:

@@ -6,7 +6,6 @@ come from `trial_key(seed, trial_id)`. Temperature 0 means greedy.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 
 import flax.struct
@@ -102,25 +101,24 @@ def next_tokens(logits: jax.Array, params: Sampling, step: jax.Array) -> jax.Arr
 
 def _generate(params: model_lib.Params, cfg: ModelConfig, tokens: jax.Array, token_valid: jax.Array,
               injection: inject_lib.Injection, sample: Sampling, eos_ids: jax.Array, pad_id: jax.Array,
-              max_new_tokens: int, return_logits: bool = False, layout=None):
+              max_new_tokens: int, return_logits: bool = False, *, layout):
     """Continue a left-padded batch, injecting in prefill and at every decode step.
 
     Returns (new_tokens [B, max_new_tokens], lengths [B], step_logits): each row stops after its
     first EOS (kept in the output, counted in its length); the rest of the row is `pad_id`.
     step_logits: with `return_logits`, the float32 logits [B, max_new_tokens, V] each token was
     chosen from (for parity checks); otherwise None.
-    layout: optional `sharding.Layout` pinning the KV cache and activations (see `sharded_generate`).
+    layout: the `sharding.Layout` to run on (one device: a 1x1 mesh). Inputs arrive placed by
+    `Layout.put` (or the loader); the KV cache and activations are pinned to the layout, and the
+    generated ids and lengths come back replicated (every process can read them) while step
+    logits stay split over batch and vocab.
     """
     batch, prompt_len = tokens.shape
-    cache = model_lib.init_cache(cfg, batch, prompt_len, params.embed.dtype)
-    if layout is not None:
-        cache = layout.constrain_cache(cache)
+    cache = layout.constrain_cache(model_lib.init_cache(cfg, batch, prompt_len, params.embed.dtype))
     positions = model_lib.prompt_positions(token_valid)
     logits, cache, _ = model_lib.forward(params, cfg, tokens, positions, token_valid, cache,
                                          injection=injection, layout=layout, last_only=True)
-    cache = model_lib.extend_cache(cache, max_new_tokens)
-    if layout is not None:
-        cache = layout.constrain_cache(cache)
+    cache = layout.constrain_cache(model_lib.extend_cache(cache, max_new_tokens))
     last = logits[:, -1]
     first = next_tokens(last, sample, jnp.int32(0))
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
@@ -148,22 +146,10 @@ def _generate(params: model_lib.Params, cfg: ModelConfig, tokens: jax.Array, tok
              jnp.zeros((batch,), jnp.int32), cache, last, recorded)
     state = jax.lax.while_loop(keep_going, decode_step, state)
     out, lengths, recorded = state[3], state[5], state[8]
-    return out, lengths, (recorded if return_logits else None)
+    out, lengths = (jax.lax.with_sharding_constraint(x, layout.replicated) for x in (out, lengths))
+    return out, lengths, (layout.pin(recorded, "logits") if return_logits else None)
 
 
+# One program for every mesh: `layout` is static, so a sweep compiles it once per prompt-length
+# bucket (and batch shape), whatever the rows' injections and sampling settings.
 generate_tokens = jax.jit(_generate, static_argnames=("cfg", "max_new_tokens", "return_logits", "layout"))
-
-
-@functools.lru_cache(maxsize=64)
-def sharded_generate(layout, cfg: ModelConfig, max_new_tokens: int, return_logits: bool = False):
-    """`generate_tokens` for a mesh, jitted with explicit in/out shardings from `layout`:
-    call it as f(params, tokens, token_valid, injection, sample, eos_ids, pad_id) with global
-    arrays (see `sharding.Layout.put`). Generated ids and lengths come back replicated (every
-    process can read them); step logits stay split over batch and vocab."""
-    def run(params, tokens, token_valid, injection, sample, eos_ids, pad_id):
-        return _generate(params, cfg, tokens, token_valid, injection, sample, eos_ids, pad_id,
-                         max_new_tokens, return_logits, layout)
-    in_shardings = (layout.params(cfg), layout.of("tokens"), layout.of("tokens"), layout.injection(),
-                    layout.sampling(), layout.replicated, layout.replicated)
-    out_shardings = (layout.replicated, layout.replicated, layout.of("logits") if return_logits else None)
-    return jax.jit(run, in_shardings=in_shardings, out_shardings=out_shardings)

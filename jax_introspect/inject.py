@@ -13,7 +13,7 @@ a row with strength 0 is a clean run, bit for bit.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import flax.struct
 import jax

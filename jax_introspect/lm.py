@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Optional, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jax_introspect import checkpoint as ckpt
@@ -29,30 +27,18 @@ class Generation:
     logits: Optional[np.ndarray] = None  # [len(token_ids), vocab] float32, when asked for
 
 
-def _prefill_impl(params, cfg, tokens, token_valid, injection, return_residuals, layout=None):
-    cache = model_lib.init_cache(cfg, tokens.shape[0], tokens.shape[1], params.embed.dtype)
-    if layout is not None:
-        cache = layout.constrain_cache(cache)
+def _prefill_impl(params, cfg, tokens, token_valid, injection, return_residuals, layout):
+    cache = layout.constrain_cache(model_lib.init_cache(cfg, tokens.shape[0], tokens.shape[1], params.embed.dtype))
     # Residual calls discard the logits: only the last column's are computed for them.
     logits, _, residuals = model_lib.forward(params, cfg, tokens, model_lib.prompt_positions(token_valid),
                                              token_valid, cache, return_residuals=return_residuals,
                                              injection=injection, layout=layout, last_only=return_residuals)
-    return logits, residuals
+    # Logits come back split over batch and vocab (pinned by `forward`), residuals over batch and d_model.
+    return logits, (layout.pin(residuals, "residuals") if return_residuals else None)
 
 
+# One program for every mesh (`layout` is static), compiled once per batch shape.
 _prefill = jax.jit(_prefill_impl, static_argnames=("cfg", "return_residuals", "layout"))
-
-
-@functools.lru_cache(maxsize=64)
-def _sharded_prefill(layout, cfg, return_residuals):
-    """The prefill forward on a mesh, with explicit in/out shardings (logits split over batch and
-    vocab, residuals over batch and d_model)."""
-    def run(params, tokens, token_valid, injection):
-        return _prefill_impl(params, cfg, tokens, token_valid, injection, return_residuals, layout)
-    return jax.jit(run, in_shardings=(layout.params(cfg), layout.of("tokens"), layout.of("tokens"),
-                                      layout.injection()),
-                   out_shardings=(layout.of("logits"), layout.of("residuals")) if return_residuals
-                   else (layout.of("logits"), None))
 
 
 def left_pad(token_ids: TokenBatch, pad_id: int, bucket: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -69,18 +55,28 @@ def left_pad(token_ids: TokenBatch, pad_id: int, bucket: int = 1) -> tuple[np.nd
     return tokens, valid
 
 
+def _append_rows(batch, rows):
+    """Every array of the pytree `batch` with the matching array of `rows` appended (in `batch`'s
+    dtypes): whatever fields `Injection` or `Sampling` have, each is padded."""
+    def append(x, extra):
+        x = np.asarray(x)
+        return np.concatenate([x, np.asarray(extra, x.dtype)])
+    return jax.tree.map(append, batch, rows)
+
+
 class LanguageModel:
     def __init__(self, config: ModelConfig, params: model_lib.Params, tokenizer=None, path: Optional[str] = None,
-                 layout=None):
+                 layout: Optional[sharding_lib.Layout] = None):
         self.config = config
         self.params = params
         self._tokenizer = tokenizer
         self.path = path
-        # With a `sharding.Layout`, params live on its mesh and every call runs the jitted
-        # programs with its explicit in/out shardings; `run_config` is `config` with the KV heads
-        # held in memory (duplicated when the tensor axis exceeds them; see docs/sharding.md).
-        self.layout = layout
-        self.run_config = config if layout is None else layout.run_config(config)
+        # Every call runs the jitted programs on `layout`'s mesh (default: the one the params
+        # live on; one device is a 1x1 mesh) with inputs placed by its shardings. `run_config` is
+        # `config` with the KV heads held in memory (duplicated when the tensor axis exceeds
+        # them; see docs/sharding.md).
+        self.layout = layout or sharding_lib.Layout.for_model(sharding_lib.mesh_of(params), config)
+        self.run_config = self.layout.run_config(config)
 
     @property
     def tokenizer(self):
@@ -114,35 +110,32 @@ class LanguageModel:
         inject_lib.validate(injection, self.config, batch)
         return injection
 
-    def _pad_rows(self, tokens, valid, injection, sample=None):
-        """On a mesh, add inert rows (one pad token, strength 0, greedy) so the batch splits
-        evenly over the data axis; callers drop them from the outputs."""
-        extra = -len(tokens) % self.layout.data_size
-        if not extra:
-            return tokens, valid, injection, sample
-        pad = lambda x, value: np.concatenate([np.asarray(x), np.full((extra,) + np.shape(x)[1:], value,
-                                                                       np.asarray(x).dtype)])
-        tokens, valid = pad(tokens, self._pad_id()), pad(valid, False)
-        valid[-extra:, -1] = True
-        injection = inject_lib.Injection(layer=pad(injection.layer, 0), strength=pad(injection.strength, 0.0),
-                                         vector=pad(injection.vector, 0.0), start=pad(injection.start, 0),
-                                         norm_match=pad(injection.norm_match, False))
-        if sample is not None:
-            sample = generate_lib.Sampling(temperature=pad(sample.temperature, 0.0), top_p=pad(sample.top_p, 1.0),
-                                           keys=pad(sample.keys, 0))
-        return tokens, valid, injection, sample
+    def _inert_rows(self, n: int, width: int) -> tuple:
+        """(tokens, valid, injection, sampling) of `n` rows that change nothing: one pad token,
+        strength 0, greedy."""
+        valid = np.zeros((n, width), bool)
+        valid[:, -1] = True
+        return (np.full((n, width), self._pad_id(), np.int32), valid, inject_lib.none(n, self.config.d_model),
+                generate_lib.sampling(n, keys=np.zeros((n, 2), np.uint32)))
+
+    def _on_mesh(self, *rows) -> tuple:
+        """`rows` = (tokens, valid, injection[, sampling]) as global arrays with the layout's
+        shardings. Inert rows are appended so the batch splits evenly over the data axis; callers
+        drop them from the outputs."""
+        lay = self.layout
+        extra = -len(rows[0]) % lay.data_size
+        if extra:
+            rows = _append_rows(rows, self._inert_rows(extra, rows[0].shape[1])[:len(rows)])
+        shardings = (lay.of("tokens"), lay.of("tokens"), lay.injection(), lay.sampling())[:len(rows)]
+        return lay.put(rows, shardings)
 
     def _forward(self, token_ids, injection, return_residuals):
         tokens, valid = self._batch(token_ids)
         self.check_context(tokens.shape[1])
-        injection = self._injection(injection, len(tokens))
-        if self.layout is None:
-            return _prefill(self.params, self.config, tokens, valid, injection, return_residuals)
-        rows, lay = len(tokens), self.layout
-        tokens, valid, injection, _ = self._pad_rows(tokens, valid, injection)
-        logits, residuals = _sharded_prefill(lay, self.run_config, return_residuals)(
-            self.params, lay.put(tokens, lay.of("tokens")), lay.put(valid, lay.of("tokens")),
-            lay.put(injection, lay.injection()))
+        rows = len(tokens)
+        logits, residuals = _prefill(self.params, self.run_config,
+                                     *self._on_mesh(tokens, valid, self._injection(injection, rows)),
+                                     return_residuals, self.layout)
         if return_residuals:
             return None, sharding_lib.to_host(residuals)[:, :rows]
         return sharding_lib.to_host(logits)[:rows], None
@@ -182,22 +175,13 @@ class LanguageModel:
         keys = np.stack([generate_lib.trial_key(seed, t) for t in trial_ids])
         sample = generate_lib.sampling(len(tokens), temperature, top_p, keys)
         eos = np.asarray(self._tokenizer.eos_ids if self._tokenizer else [-1], np.int32)
-        injection = self._injection(injection, len(tokens))
-        if self.layout is None:
-            out, lengths, step_logits = generate_lib.generate_tokens(
-                self.params, self.config, tokens, valid, injection, sample, eos,
-                np.int32(self._pad_id()), max_new_tokens, return_logits=return_logits)
-        else:
-            lay = self.layout
-            tokens, valid, injection, sample = self._pad_rows(tokens, valid, injection, sample)
-            out, lengths, step_logits = generate_lib.sharded_generate(lay, self.run_config, max_new_tokens,
-                                                                      return_logits)(
-                self.params, lay.put(tokens, lay.of("tokens")), lay.put(valid, lay.of("tokens")),
-                lay.put(injection, lay.injection()), lay.put(sample, lay.sampling()),
-                lay.put(eos, lay.replicated), lay.put(np.int32(self._pad_id()), lay.replicated))
-            step_logits = None if step_logits is None else sharding_lib.to_host(step_logits)
-        out, lengths = np.asarray(out), np.asarray(lengths)
-        step_logits = None if step_logits is None else np.asarray(step_logits)
+        rows = self._on_mesh(tokens, valid, self._injection(injection, len(tokens)), sample)
+        lay = self.layout
+        out, lengths, step_logits = generate_lib.generate_tokens(
+            self.params, self.run_config, *rows, lay.put(eos, lay.replicated),
+            lay.put(np.int32(self._pad_id()), lay.replicated), max_new_tokens, return_logits, layout=lay)
+        out, lengths = sharding_lib.to_host(out), sharding_lib.to_host(lengths)
+        step_logits = None if step_logits is None else sharding_lib.to_host(step_logits)
         results = []
         for i, (ids, row, n) in enumerate(zip(prompt_ids, out, lengths)):
             new = row[:n].tolist()
@@ -218,19 +202,23 @@ def load(path: str, dtype=None, shardings=None, mesh=None, rules=None) -> Langua
     """Load a checkpoint written by `python -m launch.convert` (a local folder or gs://...).
 
     mesh: a `jax.sharding.Mesh` from `sharding.make_mesh`, or its shape as text ('2x4' =
-    data x tensor, '1x-1' = all devices tensor-parallel). Each layer is restored straight into
-    its sharding on the mesh (each host reads only its shards) and every call then runs with
-    explicit in/out shardings. `rules`: optional `sharding.AxisRules`. Without a mesh, params go
-    to one device (or to explicit `shardings`, a `Params` of shardings)."""
+    data x tensor, '1x-1' = all devices tensor-parallel); without one, a 1x1 mesh on one device
+    (or the mesh of explicit `shardings`, a `Params` of shardings). Each layer is restored
+    straight into its sharding on the mesh (each host reads only its shards) and every call then
+    runs the same jitted programs, with the layout's shardings, on one device or many.
+    `rules`: optional `sharding.AxisRules`."""
     config = ckpt.load_config(path)
-    layout = None
-    if mesh is not None:
-        if shardings is not None:
-            raise ValueError("pass either mesh= or shardings=, not both")
-        if not isinstance(mesh, jax.sharding.Mesh):
-            mesh = sharding_lib.make_mesh(mesh)
-        layout = sharding_lib.Layout.for_model(mesh, config, rules)
-        shardings = layout.params(config)
-    params = ckpt.load_params(path, config, dtype=dtype, shardings=shardings,
-                              kv_heads=None if layout is None else layout.kv_heads)
+    layout = sharding_lib.Layout.for_model(_mesh(mesh, shardings), config, rules)
+    params = ckpt.load_params(path, config, layout, dtype=dtype, shardings=shardings)
     return LanguageModel(config, params, ckpt.load_tokenizer(path), path=ckpt.normalize(path), layout=layout)
+
+
+def _mesh(mesh, shardings) -> jax.sharding.Mesh:
+    """The mesh `load` runs on: `mesh` (or its shape), the one `shardings` live on, or one device."""
+    if mesh is not None and shardings is not None:
+        raise ValueError("pass either mesh= or shardings=, not both")
+    if isinstance(mesh, jax.sharding.Mesh):
+        return mesh
+    if mesh is not None:
+        return sharding_lib.make_mesh(mesh)
+    return sharding_lib.one_device_mesh() if shardings is None else sharding_lib.mesh_of(shardings)

@@ -11,7 +11,7 @@ positions.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import flax.struct
 import jax
@@ -19,31 +19,43 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_introspect import inject
+from jax_introspect import params as params_lib
 from jax_introspect.config import ModelConfig
 from jax_introspect.inject import Injection
 
 
 @flax.struct.dataclass
 class LayerParams:
-    """Weights of all decoder layers, stacked on a leading layer axis."""
+    """Weights of all decoder layers, stacked on a leading layer axis. Each field's axes, shape and
+    HF tensor are declared in `params.LAYER` (tests/test_model_structure.py keeps the two equal)."""
 
-    attn_norm: jax.Array  # [L, D]
-    wq: jax.Array  # [L, D, H, hd]
-    wk: jax.Array  # [L, D, K, hd]
-    wv: jax.Array  # [L, D, K, hd]
-    wo: jax.Array  # [L, H, hd, D]
-    mlp_norm: jax.Array  # [L, D]
-    w_gate: jax.Array  # [L, D, F]
-    w_up: jax.Array  # [L, D, F]
-    w_down: jax.Array  # [L, F, D]
+    attn_norm: jax.Array
+    wq: jax.Array
+    wk: jax.Array
+    wv: jax.Array
+    wo: jax.Array
+    mlp_norm: jax.Array
+    w_gate: jax.Array
+    w_up: jax.Array
+    w_down: jax.Array
 
 
 @flax.struct.dataclass
 class Params:
-    embed: jax.Array  # [V, D]
+    """The decoder layers and the weights outside them (declared in `params.GLOBAL`)."""
+
+    embed: jax.Array
     layers: LayerParams
-    final_norm: jax.Array  # [D]
-    lm_head: Optional[jax.Array]  # [D, V]; None when tied to `embed`
+    final_norm: jax.Array
+    lm_head: Optional[jax.Array]  # None when tied to `embed`
+
+
+def params_tree(cfg: ModelConfig, value: Callable[[params_lib.Leaf], Any]) -> Params:
+    """A `Params` holding `value(leaf)` for every leaf `cfg` has (shapes, shardings, arrays...);
+    `lm_head` is None when tied."""
+    layers = LayerParams(**{leaf.name: value(leaf) for leaf in params_lib.LAYER})
+    globals_ = {leaf.name: value(leaf) for leaf in params_lib.global_leaves(cfg)}
+    return Params(layers=layers, lm_head=globals_.pop("lm_head", None), **globals_)
 
 
 @flax.struct.dataclass
@@ -56,23 +68,6 @@ class KVCache:
     v: jax.Array  # [L, B, K, S, hd]
     valid: jax.Array  # [B, S] bool: slot holds a real (non-pad) token
     length: jax.Array  # int32 scalar: slots written so far (same for every row)
-
-
-def layer_param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of one decoder layer's weights (without the layer axis)."""
-    D, H, K, hd, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
-    return {
-        "attn_norm": (D,), "wq": (D, H, hd), "wk": (D, K, hd), "wv": (D, K, hd), "wo": (H, hd, D),
-        "mlp_norm": (D,), "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D),
-    }
-
-
-def global_param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of the weights outside the layer stack."""
-    shapes = {"embed": (cfg.vocab_size, cfg.d_model), "final_norm": (cfg.d_model,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head"] = (cfg.d_model, cfg.vocab_size)
-    return shapes
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> KVCache:
@@ -175,8 +170,8 @@ def attention_mask(cache_valid: jax.Array, start: jax.Array, num_queries: int) -
 # --- the decoder ------------------------------------------------------------------------------
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
-            token_valid: jax.Array, cache: KVCache, return_residuals: bool = False,
-            injection: Optional[Injection] = None, layout=None, last_only: bool = False):
+            token_valid: jax.Array, cache: KVCache, *, layout, return_residuals: bool = False,
+            injection: Optional[Injection] = None, last_only: bool = False):
     """Run `tokens` [B, T] through the model, appending them to `cache` at slot `cache.length`.
 
     positions: [B, T] RoPE positions (pad tokens: any value); token_valid: [B, T] bool.
@@ -185,14 +180,12 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     Returns (logits float32 [B, T, V], updated cache, residuals [L, B, T, D] or None). The
     residuals are the raw residual stream after each decoder layer (before the final norm),
     injection included.
-    layout: optional `sharding.Layout`; when given, the hidden state, KV cache and logits are
-    pinned to its shardings (`with_sharding_constraint`) so GSPMD keeps the intended layout.
+    layout: the `sharding.Layout` it runs on (one device: a 1x1 mesh); the hidden state, KV cache
+    and logits are pinned to its shardings (`with_sharding_constraint`) so GSPMD keeps the
+    intended layout.
     last_only: logits of the last column only ([B, 1, V]); generation needs no others, and the
     full [B, T, V] float32 prefill logits are the largest temporary in HBM (docs/tpu.md).
     """
-    def pin(x, role):
-        return x if layout is None else layout.pin(x, role)
-
     B, T = tokens.shape
     dtype = params.embed.dtype
     prec = _precision(dtype)
@@ -217,17 +210,17 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
         h = h + mlp_out
         if injection is not None:
             h = h + inject.residual_delta(injection, index, positions, token_valid, mlp_out, h.dtype)
-        h, k_all, v_all = pin(h, "hidden"), pin(k_all, "cache_k"), pin(v_all, "cache_v")
+        h, k_all, v_all = layout.pin(h, "hidden"), layout.pin(k_all, "cache_k"), layout.pin(v_all, "cache_v")
         return (h, k_all, v_all), (h if return_residuals else None)
 
-    h = pin(params.embed[tokens], "hidden")
+    h = layout.pin(params.embed[tokens], "hidden")
     (h, k_all, v_all), residuals = jax.lax.scan(
         layer_step, (h, cache.k, cache.v), (params.layers, jnp.arange(cfg.n_layers)))
     if last_only:
         h = h[:, -1:]
     h = rms_norm(h, params.final_norm, cfg.rms_norm_eps)
     head = params.embed.T if params.lm_head is None else params.lm_head
-    logits = pin(jnp.einsum("btd,dv->btv", h, head, precision=prec).astype(jnp.float32), "logits")
+    logits = layout.pin(jnp.einsum("btd,dv->btv", h, head, precision=prec).astype(jnp.float32), "logits")
     new_cache = KVCache(k=k_all, v=v_all, valid=cache_valid, length=start + T)
     return logits, new_cache, residuals
 

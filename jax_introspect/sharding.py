@@ -2,9 +2,11 @@
 
 A mesh has two named axes, `data` (batch rows) and `tensor` (tensor parallelism inside a
 layer). Every array the model touches names its axes logically (`embed`, `heads`, `kv_heads`,
-`head_dim`, `mlp`, `vocab`, `layers`, `batch`, `seq`, `cache_seq`); `AxisRules` maps those names
-to mesh axes, and `Layout` turns the mapping into the `NamedSharding`s of `Params`, `KVCache`,
-`Injection`, sampling settings and batch arrays (see docs/sharding.md).
+`head_dim`, `mlp`, `vocab`, `layers`, `batch`, `seq`, `cache_seq`; the weights' axes are declared
+in params.py, the others below); `AxisRules` maps those names to mesh axes, and `Layout` turns
+the mapping into the `NamedSharding`s of `Params`, `KVCache`, `Injection`, sampling settings and
+batch arrays (see docs/sharding.md). One device is a 1x1 mesh: every model has a `Layout`, and
+the same jitted programs run from one device to a pod.
 
 Default rules (decode-friendly tensor parallelism, Megatron style): the attention heads, the MLP
 hidden axis and the vocabulary are split over `tensor`; the model width (`embed`) is kept whole,
@@ -18,8 +20,9 @@ device when `tensor` is a multiple of the KV heads). Results are unchanged: a qu
 holds the same keys and values as the original.
 
 Meshes are built with `AxisType.Auto` (`jax.make_mesh` defaults to explicit axes in current JAX):
-GSPMD propagates shardings from the jitted functions' explicit in/out shardings and the
-`with_sharding_constraint`s placed by `model.forward`.
+GSPMD propagates shardings from the inputs (placed by `Layout.put` and the checkpoint loader) and
+the `with_sharding_constraint`s that pin activations, KV cache and outputs (`model.forward`,
+`lm._prefill`, `generate.generate_tokens`).
 """
 from __future__ import annotations
 
@@ -53,23 +56,7 @@ DEFAULT_RULES: tuple[tuple[str, Optional[str]], ...] = (
     ("cache_seq", None),
 )
 
-# The logical axes of every array, by role.
-PARAM_AXES = {
-    "embed": ("vocab", "embed"),
-    "final_norm": ("embed",),
-    "lm_head": ("embed", "vocab"),
-}
-LAYER_AXES = {
-    "attn_norm": ("layers", "embed"),
-    "wq": ("layers", "embed", "heads", "head_dim"),
-    "wk": ("layers", "embed", "kv_heads", "head_dim"),
-    "wv": ("layers", "embed", "kv_heads", "head_dim"),
-    "wo": ("layers", "heads", "head_dim", "embed"),
-    "mlp_norm": ("layers", "embed"),
-    "w_gate": ("layers", "embed", "mlp"),
-    "w_up": ("layers", "embed", "mlp"),
-    "w_down": ("layers", "mlp", "embed"),
-}
+# The logical axes of every array other than the weights (those are declared in params.py), by role.
 CACHE_AXES = {
     "k": ("layers", "batch", "kv_heads", "head_dim", "cache_seq"),
     "v": ("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
@@ -90,15 +77,6 @@ ACTIVATION_AXES = {
     "cache_v": CACHE_AXES["v"],
     "rows": ("batch",),
 }
-
-
-def unit_axes(name: str) -> tuple[str, ...]:
-    """Logical axes of one stored array (a global, or one layer's weight without the layer axis)."""
-    if name in PARAM_AXES:
-        return PARAM_AXES[name]
-    if name in LAYER_AXES:
-        return LAYER_AXES[name][1:]
-    raise KeyError(f"unknown parameter {name!r}")
 
 
 class LayoutError(ValueError):
@@ -138,8 +116,34 @@ def make_mesh(spec: Union[str, Sequence[int]] = "1x-1", devices: Optional[Sequen
     auto = (AxisType.Auto, AxisType.Auto)
     try:
         return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
-    except Exception:  # e.g. a device subset that is not a whole TPU slice
+    except AssertionError as e:
+        # jax's TPU topology code asserts that the devices form a whole cuboid of chips
+        # (mesh_utils._get_physical_tpu_mesh); a subset with holes cannot follow the torus.
+        logging.warning("mesh %s over %d devices ignores the interconnect (the tensor axis may cross slow "
+                        "links): jax.make_mesh cannot lay out a device subset that is not a whole slice (%s)",
+                        "x".join(map(str, shape)), len(devices), e)
         return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def one_device_mesh() -> Mesh:
+    """The mesh of a model on one device: 1x1, on this process's first device."""
+    return make_mesh("1x1", jax.local_devices()[:1])
+
+
+def mesh_of(shardings) -> Mesh:
+    """The (data, tensor) mesh a pytree of shardings (or of arrays) lives on: the mesh of their
+    `NamedSharding`s, or a 1x1 mesh on the one device that holds them all."""
+    leaves = [getattr(x, "sharding", x) for x in jax.tree.leaves(shardings)]
+    meshes = {s.mesh for s in leaves if isinstance(s, NamedSharding)}
+    if len(meshes) == 1 and all(isinstance(s, NamedSharding) for s in leaves):
+        mesh = meshes.pop()
+        if tuple(mesh.axis_names) == MESH_AXES:
+            return mesh
+    devices = {d for s in leaves for d in s.device_set}
+    if len(devices) == 1:
+        return make_mesh("1x1", list(devices))
+    raise LayoutError(f"parameters spread over {len(devices)} devices but not on one {MESH_AXES} mesh: "
+                      "place them with sharding.make_mesh and Layout.params (or load with mesh=)")
 
 
 # --- rules ------------------------------------------------------------------------------------
@@ -255,10 +259,7 @@ class Layout:
     # --- shardings of the model's pytrees
     def params(self, cfg: ModelConfig):
         from jax_introspect import model as model_lib
-        layers = model_lib.LayerParams(**{n: self.sharding(*a) for n, a in LAYER_AXES.items()})
-        return model_lib.Params(embed=self.sharding(*PARAM_AXES["embed"]), layers=layers,
-                                final_norm=self.sharding(*PARAM_AXES["final_norm"]),
-                                lm_head=None if cfg.tie_word_embeddings else self.sharding(*PARAM_AXES["lm_head"]))
+        return model_lib.params_tree(cfg, lambda leaf: self.sharding(*leaf.param_axes))
 
     def cache(self):
         from jax_introspect import model as model_lib

@@ -11,11 +11,14 @@ from absl import app, flags
 
 from launch.common import load_model
 
-flags.DEFINE_string("checkpoint", "checkpoints/smollm2", "Checkpoint folder written by launch.convert.")
-flags.DEFINE_string("question", "What is the capital of France?", "The user turn.")
-flags.DEFINE_integer("max_new_tokens", 64, "Generation budget.")
-flags.DEFINE_bool("system_header", True, "Use the chat template's default system block.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("checkpoint", "checkpoints/smollm2", "Checkpoint folder written by launch.convert.")
+    flags.DEFINE_string("question", "What is the capital of France?", "The user turn.")
+    flags.DEFINE_integer("max_new_tokens", 64, "Generation budget.")
+    flags.DEFINE_bool("system_header", True, "Use the chat template's default system block.")
 
 
 def question_error(question: str) -> Optional[str]:
@@ -56,4 +59,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -11,14 +11,17 @@ import sys
 
 from absl import app, flags, logging
 
-flags.DEFINE_string("source", None, "HF model folder, .gguf file, or 'smollm2'.", required=True)
-flags.DEFINE_string("out", None, "Output checkpoint folder, e.g. checkpoints/smollm2.", required=True)
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored parameter dtype.")
-flags.DEFINE_bool("overwrite", False, "Replace an existing checkpoint at --out (never anything else).")
-flags.DEFINE_string("tokenizer", None,
-                    "Optional tokenizer file (tokenizer.json or a tiktoken tokenizer.model) when the "
-                    "source folder has none.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("source", None, "HF model folder, .gguf file, or 'smollm2'.", required=True)
+    flags.DEFINE_string("out", None, "Output checkpoint folder, e.g. checkpoints/smollm2.", required=True)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored parameter dtype.")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing checkpoint at --out (never anything else).")
+    flags.DEFINE_string("tokenizer", None,
+                        "Optional tokenizer file (tokenizer.json or a tiktoken tokenizer.model) when the "
+                        "source folder has none.")
 
 
 def _load_tokenizer(path: str):
@@ -73,4 +76,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

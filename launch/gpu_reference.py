@@ -2,12 +2,12 @@
 """The PyTorch side of a TPU-vs-GPU parity check: a reference dump from HF transformers.
 
 Run it where you trust the PyTorch numbers (your GPU box), copy the folder it writes next to
-the JAX checkpoint, and compare there:
+the JAX checkpoint, and check parity there:
 
     python launch/gpu_reference.py --model=/models/Llama-3.1-8B-Instruct --out=ref_8b \\
         --prompts_file=prompts.json --words=Dust,Oceans --layers=10,20 --strengths=2,4 \\
         --device=cuda --max_new_tokens=32
-    python -m launch.compare --checkpoint=checkpoints/llama8b --reference=ref_8b --out=cmp_8b
+    python -m launch.parity --checkpoint=checkpoints/llama8b --reference=ref_8b --out=parity_8b
 
 Standalone on purpose: it needs only torch, transformers, numpy and safetensors (plus `gguf`
 for a .gguf model, `accelerate` for --device=auto), never JAX or jax_introspect, and it
@@ -27,7 +27,7 @@ re-implements in torch exactly what jax_introspect computes:
 - Greedy continuations: a plain KV-cached loop, token = argmax of the float32 logits (first
   maximum on ties), stopping after an end-of-turn token or --max_new_tokens.
 
-The dump (docs/compare.md has the full format) is a folder holding `reference.safetensors`
+The dump (docs/parity.md has the full format) is a folder holding `reference.safetensors`
 (float32 residuals, logits, concept vectors, injection vectors, int64 continuations) and
 `reference.json` (model config and fingerprint, tokenizer fingerprint, prompts as text and ids,
 words, layers, strengths, injection cases, versions, device).
@@ -239,7 +239,9 @@ def _with_hidden(output, hidden):
 
 class Injection:
     """Forward hooks doing jax_introspect's injection (see the module docstring). Register before
-    any recorder so recorded residuals include the injection."""
+    any recorder so recorded residuals include the injection. Also the tests' torch reference
+    (`with Injection(model, ...):` removes the hooks on exit); `vector` may be [B, 1, D] for one
+    vector per batch row (raw injection only: norm_match takes one direction)."""
 
     def __init__(self, model, layer: int, vector: np.ndarray, strength: float, start: int = 0,
                  norm_match: bool = False):
@@ -274,6 +276,12 @@ class Injection:
     def remove(self):
         for h in self._handles:
             h.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
 
 
 class Recorder:

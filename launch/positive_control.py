@@ -12,15 +12,18 @@ from absl import app, flags
 
 from launch.common import load_model
 
-flags.DEFINE_string("checkpoint", "checkpoints/smollm2", "Checkpoint folder.")
-flags.DEFINE_list("words", ["Dust", "Oceans", "Bread", "Snow", "Milk", "Silver"], "Concept words.")
-flags.DEFINE_float("layer", 0.5, "Layer index (>= 1) or depth fraction (< 1).")
-flags.DEFINE_list("strengths", ["0", "0.5", "1", "2", "4"], "Injection strengths.")
-flags.DEFINE_list("positions", ["last", "word"], "Concept vector read positions (see vectors.py).")
-flags.DEFINE_integer("trials", 4, "Sampled answers per word and strength.")
-flags.DEFINE_integer("max_new_tokens", 32, "Answer length.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("checkpoint", "checkpoints/smollm2", "Checkpoint folder.")
+    flags.DEFINE_list("words", ["Dust", "Oceans", "Bread", "Snow", "Milk", "Silver"], "Concept words.")
+    flags.DEFINE_float("layer", 0.5, "Layer index (>= 1) or depth fraction (< 1).")
+    flags.DEFINE_list("strengths", ["0", "0.5", "1", "2", "4"], "Injection strengths.")
+    flags.DEFINE_list("positions", ["last", "word"], "Concept vector read positions (see vectors.py).")
+    flags.DEFINE_integer("trials", 4, "Sampled answers per word and strength.")
+    flags.DEFINE_integer("max_new_tokens", 32, "Answer length.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
 def main(argv):
@@ -56,4 +59,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

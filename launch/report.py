@@ -11,12 +11,15 @@ import sys
 
 from absl import app, flags
 
-flags.DEFINE_string("results", None, "Results folder, trials .jsonl, or judged 405B replication .json.")
-flags.DEFINE_string("compare", None, "Optional second run (same accepted formats) shown side by side.")
-flags.DEFINE_string("out", None, "Output folder (default: <results folder>/report, or <stem>_report "
-                    "beside a .json file). Replaced only if empty or an earlier report.")
-flags.mark_flag_as_required("results")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("results", None, "Results folder, trials .jsonl, or judged 405B replication .json.")
+    flags.DEFINE_string("compare", None, "Optional second run (same accepted formats) shown side by side.")
+    flags.DEFINE_string("out", None, "Output folder (default: <results folder>/report, or <stem>_report "
+                        "beside a .json file). Replaced only if empty or an earlier report.")
+    flags.mark_flag_as_required("results")
 
 
 def main(argv):
@@ -36,4 +39,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

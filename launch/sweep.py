@@ -3,9 +3,11 @@
     python -m launch.sweep --config=configs/sweeps/quickstart.py --checkpoint=checkpoints/smollm2 \
         --out=results/quickstart [--config.layers=0.25,0.5 --config.strengths=2.0,4.0]
 
-List fields (protocols, words, baseline_words, layers, strengths) take the same forms:
-comma-separated (`--config.words=Dust,Oceans`), a list literal (`--config.words="('Dust','Oceans')"`)
-or one value; a repeated flag replaces the earlier one. Everything that can be checked without the
+`--config` names a file whose `get_config()` returns a `SweepConfig`; `--config.FIELD=VALUE`
+overrides one of its fields (`--helpfull` lists them), parsed by the field's type; list fields
+(protocols, words, baseline_words, layers, strengths) take the same forms: comma-separated
+(`--config.words=Dust,Oceans`), a list literal (`--config.words="('Dust','Oceans')"`) or one
+value; a repeated flag replaces the earlier one. Everything that can be checked without the
 weights (the config, the grader, layers and prompt lengths against the model's config.json, the
 output folder) is checked before they load. Re-running the same command resumes: finished trials
 are skipped. A results folder of another config is refused; one being written by another run too.
@@ -15,31 +17,34 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from jax_introspect import distributed  # defines --distributed, --coordinator_address, ... (pods)
+from jax_introspect import distributed
 
-config_flags.DEFINE_config_file("config", None, "Sweep config file (configs/sweeps/*.py).", lock_config=True)
-flags.DEFINE_string("checkpoint", None, "Checkpoint folder written by launch.convert.", required=True)
-flags.DEFINE_string("out", None, "Results folder (created; resumed if it holds this config's trials).",
-                    required=True)
-flags.DEFINE_string("dtype", None, "Cast parameters on load (float32 | bfloat16); default: as stored.")
-flags.DEFINE_bool("report", True, "Write the report when the trials are done.")
-flags.DEFINE_string("mesh", None, "Device mesh data x tensor, e.g. 1x-1 (all devices tensor-parallel) or 2x4; "
-                    "default: one device.")
 FLAGS = flags.FLAGS
+_OVERRIDES: list = []  # [(field, text)] from the command line, in order (the last of a field wins)
 
-_LIST_OVERRIDES: dict = {}  # list field -> its value from the command line (the last flag wins)
+
+def define_flags() -> None:
+    from jax_introspect.experiment.sweep_config import describe_fields
+    flags.DEFINE_string("config", None, "Sweep config file (configs/sweeps/*.py); its fields are overridden with "
+                        "--config.FIELD=VALUE:\n" + describe_fields())
+    flags.DEFINE_string("checkpoint", None, "Checkpoint folder written by launch.convert.", required=True)
+    flags.DEFINE_string("out", None, "Results folder (created; resumed if it holds this config's trials).",
+                        required=True)
+    flags.DEFINE_string("dtype", None, "Cast parameters on load (float32 | bfloat16); default: as stored.")
+    flags.DEFINE_bool("report", True, "Write the report when the trials are done.")
+    flags.DEFINE_string("mesh", None, "Device mesh data x tensor, e.g. 1x-1 (all devices tensor-parallel) or 2x4; "
+                        "default: one device.")
+    distributed.define_flags()
 
 
-def _plan(config: dict, writer: bool):
-    """Check everything that needs no weights and plan the sweep: the config, the grader, the
-    checkpoint's config.json and tokenizer (layers, prompt lengths)."""
+def _plan(config, writer: bool):
+    """Check everything that needs no weights and plan the sweep: the grader, the checkpoint's
+    config.json and tokenizer (layers, prompt lengths)."""
     from jax_introspect import checkpoint
     from jax_introspect.experiment import grading, sweep
-    sweep.validate_config(config)
-    if writer or grading.parse_spec(config["grader"])[0] == "llm":
-        grading.check_grader(config["grader"])
+    if writer or grading.parse_spec(config.grader)[0] == "llm":
+        grading.check_grader(config.grader)
     model_config = checkpoint.load_config(FLAGS.checkpoint)
     dtype = FLAGS.dtype or checkpoint.read_manifest(FLAGS.checkpoint)["dtype"]
     if dtype not in ("float32", "bfloat16"):
@@ -49,11 +54,10 @@ def _plan(config: dict, writer: bool):
 
 
 def _sweep(stack: contextlib.ExitStack) -> None:
-    from jax_introspect.experiment import files, report, results, sweep
+    from jax_introspect.experiment import files, report, results, sweep, sweep_config
     from launch.common import load_model
     writer = distributed.is_primary()  # on a pod every process computes; process 0 writes
-    config = sweep.config_to_dict(FLAGS.config)
-    config.update(_LIST_OVERRIDES)
+    config = sweep_config.with_overrides(sweep_config.load_config_file(FLAGS.config), _OVERRIDES)
     plan, model_config = _plan(config, writer)
     if writer:  # the folder is checked, locked and bound before the weights load
         results.check_output_folder(FLAGS.out, sweep.estimated_bytes(plan, model_config))
@@ -91,44 +95,43 @@ def main(argv):
                  "same command to continue")
 
 
-def _split_config_args(argv: list) -> tuple[list, list]:
-    """(argv without the list fields' `--config.FIELD` flags, [(field, value), ...] in order).
-    Both `--config.FIELD=VALUE` and `--config.FIELD VALUE` are understood."""
-    from jax_introspect.experiment.sweep import CONFIG_FIELDS, LIST_FIELDS
-    kept, lists, i = [argv[0]], [], 1
+def split_config_args(argv: list) -> tuple[list, list]:
+    """(argv without the `--config.FIELD` flags, [(field, value), ...] in order). Both
+    `--config.FIELD=VALUE` and `--config.FIELD VALUE` are understood; an unknown field is refused."""
+    from jax_introspect.experiment.sweep_config import FIELDS, SweepError
+    kept, overrides, i = [argv[0]], [], 1
     while i < len(argv):
         arg = argv[i]
         if arg == "--":
             kept += argv[i:]
             break
-        if arg.startswith("--config."):
-            name, has_value, value = arg[len("--config."):].partition("=")
-            field = name.split(".", 1)[0]
-            if field not in CONFIG_FIELDS:
-                sys.exit(f"error: unknown config field {field!r} in {arg!r}; fields: {', '.join(CONFIG_FIELDS)}")
-            if field in LIST_FIELDS:
-                if not has_value:
-                    if i + 1 >= len(argv):
-                        sys.exit(f"error: {arg} needs a value, e.g. {arg}=a,b")
-                    i, value = i + 1, argv[i + 1]
-                lists.append((field, value))
-                i += 1
-                continue
-        kept.append(arg)
+        if not arg.startswith("--config."):
+            kept.append(arg)
+            i += 1
+            continue
+        field, has_value, value = arg[len("--config."):].partition("=")
+        if field not in FIELDS:
+            raise SweepError(f"unknown config field {field!r} in {arg!r}; fields: {', '.join(FIELDS)}")
+        if not has_value:
+            if i + 1 >= len(argv):
+                raise SweepError(f"{arg} needs a value, e.g. {arg}=VALUE")
+            i, value = i + 1, argv[i + 1]
+        overrides.append((field, value))
         i += 1
-    return kept, lists
+    return kept, overrides
 
 
 def parse_flags(argv):
-    """absl's parser, with one-line errors instead of tracebacks, and the list fields parsed here:
-    ml_collections would read `--config.words=Dust,Oceans` as one word and append repeated flags."""
-    from jax_introspect.experiment import sweep
-    argv, lists = _split_config_args(list(argv))
+    """absl's parser for the other flags, the `--config.FIELD` overrides read here (checked against
+    `SweepConfig`'s fields and types when the config is built); one-line errors, no tracebacks."""
+    from jax_introspect.experiment.sweep_config import SweepError, parse_field
     try:
-        for field, value in lists:
-            _LIST_OVERRIDES[field] = list(sweep.parse_list(field, value))
-    except sweep.SweepError as e:
+        argv, overrides = split_config_args(list(argv))
+        for field, value in overrides:
+            parse_field(field, value)  # a malformed value is refused before absl parses anything else
+    except SweepError as e:
         sys.exit(f"error: {e}")
+    _OVERRIDES[:] = overrides
     try:
         return FLAGS(argv)
     except flags.Error as e:
@@ -136,4 +139,5 @@ def parse_flags(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=parse_flags)

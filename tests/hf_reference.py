@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import torch
 
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -126,44 +127,6 @@ def mean_kl(reference_logits, logits):
         return x - np.log(np.exp(x).sum(-1, keepdims=True))
     p, q = log_softmax(reference_logits), log_softmax(logits)
     return float((np.exp(p) * (p - q)).sum(-1).mean())
-
-
-class HFInjection:
-    """The independent reference for injection: forward hooks on an HF model adding
-    `strength * vector` to decoder layer `layer`'s output at positions >= `start` (or, with
-    norm_match, `strength * unit(vector) * |mlp output|` per token, captured by a hook on the
-    layer's MLP). Positions come from the layer's `position_ids` kwarg, so cached decode steps
-    are injected too."""
-
-    def __init__(self, model, layer, vector, strength, start=0, norm_match=False):
-        self.vector = torch.as_tensor(np.asarray(vector), dtype=torch.float32)
-        self.strength, self.start, self.norm_match = float(strength), int(start), norm_match
-        decoder_layer = model.model.layers[layer]
-        self._mlp_out = None
-        self._handles = [decoder_layer.register_forward_hook(self._add, with_kwargs=True),
-                         decoder_layer.mlp.register_forward_hook(self._capture_mlp)]
-
-    def _capture_mlp(self, module, args, output):
-        self._mlp_out = output
-
-    def _add(self, module, args, kwargs, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        positions = kwargs["position_ids"]  # [B, T]
-        mask = (positions >= self.start)[..., None].to(hidden.dtype)
-        if self.norm_match:
-            unit = self.vector / self.vector.norm()
-            delta = self.strength * unit * self._mlp_out.float().norm(dim=-1, keepdim=True)
-        else:
-            delta = self.strength * self.vector
-        hidden = hidden + (mask * delta).to(hidden.dtype)
-        return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
 
 
 def hf_greedy_with_logits(model, tokens, max_new_tokens):

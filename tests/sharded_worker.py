@@ -199,15 +199,15 @@ def restore():
 def synthetic():
     """A random float32 checkpoint of ~ARGS size written unit by unit with the converter's writer."""
     from jax_introspect.config import ModelConfig
-    from jax_introspect import model as model_lib
+    from jax_introspect import params
     cfg = ModelConfig(vocab_size=ARGS.vocab, d_model=ARGS.d_model, n_layers=ARGS.layers, n_heads=8, n_kv_heads=2,
                       head_dim=ARGS.d_model // 8, d_ff=ARGS.d_ff, rope_theta=5e5, rms_norm_eps=1e-5,
                       tie_word_embeddings=False, name="synthetic")
     rng = np.random.default_rng(0)
     writer = checkpoint.CheckpointWriter(ARGS.checkpoint, {"synthetic": True}, overwrite=True)
     total = 0
-    units = [(checkpoint.GLOBALS, model_lib.global_param_shapes(cfg))]
-    units += [(checkpoint.layer_unit(i), model_lib.layer_param_shapes(cfg)) for i in range(cfg.n_layers)]
+    units = [(checkpoint.GLOBALS, params.unit_shapes(cfg, params.global_leaves(cfg)))]
+    units += [(checkpoint.layer_unit(i), params.unit_shapes(cfg, params.LAYER)) for i in range(cfg.n_layers)]
     for unit, shapes in units:
         arrays = {n: (rng.standard_normal(s, np.float32) * 0.02) for n, s in shapes.items()}
         total += sum(a.nbytes for a in arrays.values())

@@ -5,13 +5,15 @@ import dataclasses
 import http.server
 import json
 import os
+import sys
 import threading
 import time
+import traceback
 
 import pytest
 
-from benchmarks import grader_agreement, grader_cv
-from jax_introspect.experiment.grading import CRITERIA, GradeRequest, GradingError, make_grader
+from benchmarks import grader_agreement, grader_cv, judged
+from jax_introspect.experiment.grading import CRITERIA, GradeRequest, GradingError, check_grader, make_grader
 from jax_introspect.experiment.grading import heuristic, llm_judge
 from tests import hf_reference
 
@@ -313,9 +315,9 @@ def test_grader_agreement_skips_records_the_judge_failed_on(tmp_path, capsys):
     assert grader_agreement.main(["--data", path]) == 0  # heuristic-v1's benchmark: KeyError 'judge'
     out = capsys.readouterr().out
     assert "Skipped 3 record(s)" in out and "2 graded" in out and "| affirmative | 1 | 1 |" in out
-    judged = grader_agreement.load_judged_file(path)
-    assert judged.skipped == 3 and len(judged.requests) == 2
-    assert [t.trial_idx for t in judged.trials] == [0, 1]
+    loaded = judged.load_judged_file(path)
+    assert loaded.skipped == 3 and len(loaded.requests) == 2
+    assert [t.trial_idx for t in loaded.trials] == [0, 1]
 
 
 def test_grader_cv_folds_by_prompt_and_concept():
@@ -329,9 +331,9 @@ def test_grader_cv_folds_by_prompt_and_concept():
 
 
 def test_heuristic_cross_validation_on_405b_responses():
-    judged = grader_agreement.load_judged_file(grader_agreement.default_data_path(REPO))
-    assert judged.skipped == 0
-    cv = grader_cv.cross_validate(judged)
+    loaded = judged.load_judged_file(judged.default_data_path(REPO))
+    assert loaded.skipped == 0
+    cv = grader_cv.cross_validate(loaded)
     assert [f.fold for f in cv.folds] == list(grader_cv.FOLDS) and [f.n for f in cv.folds] == [120] * 4
     assert cv.folds[2].positives["affirmative"] == 0 and cv.folds[2].test_kappa["affirmative"] is None
     assert all(f.params in grader_cv.parameter_grid() for f in cv.folds)
@@ -342,16 +344,16 @@ def test_heuristic_cross_validation_on_405b_responses():
 
 
 def test_heuristic_agreement_with_sonnet_judge_on_405b_responses():
-    data = grader_agreement.default_data_path(REPO)
+    data = judged.default_data_path(REPO)
     assert os.path.exists(data), f"shared data missing: {data} (shared/ must sit beside the clone)"
-    requests, reference = grader_agreement.load_judged(data)
+    requests, reference = judged.load_judged(data)
     assert len(requests) == 480 and sum(r.word is None for r in requests) == 80
     stats = grader_agreement.agreement(reference, make_grader("heuristic").grade(requests))
     # Floors a little below the measured in-sample kappas (docs/grading.md): a regression fails.
     floors = {"coherent": 0.95, "affirmative": 0.45, "identifies": 0.85, "immediate": 0.25}
     for c, floor in floors.items():
         assert stats[c]["kappa"] >= floor, (c, stats[c])
-    assert grader_agreement.cohen_kappa([True, False, True, False], [True, False, False, True]) == 0.0
+    assert judged.cohen_kappa([True, False, True, False], [True, False, False, True]) == 0.0
     table = grader_agreement.markdown_table(stats, "heuristic-v2", len(requests))
     assert "| affirmative | 34 |" in table
 
@@ -359,23 +361,28 @@ def test_heuristic_agreement_with_sonnet_judge_on_405b_responses():
 def test_heuristic_agreement_on_held_out_responses():
     """The replication's layer sweep, which no rule or number of the grader was fitted to
     (benchmarks/data/replication_405b_layer_sweep): one record the judge failed on is skipped."""
-    judged = grader_agreement.load_judged_files(grader_agreement.HELDOUT_FILES)
-    assert judged.skipped == 1 and len(judged.requests) == 959
-    grades = make_grader("heuristic").grade(judged.requests)
-    stats = grader_agreement.agreement(judged.reference, grades)
+    loaded = judged.load_judged_files(judged.HELDOUT_FILES)
+    assert loaded.skipped == 1 and len(loaded.requests) == 959
+    grades = make_grader("heuristic").grade(loaded.requests)
+    stats = grader_agreement.agreement(loaded.reference, grades)
     floors = {"coherent": 0.8, "affirmative": 0.43, "identifies": 0.7, "immediate": 0.2}  # measured - ~0.05
     for c, floor in floors.items():
         assert stats[c]["kappa"] >= floor, (c, stats[c])
-    assert not any(g["affirmative"] for r, g in zip(judged.requests, grades) if r.word is None)
+    assert not any(g["affirmative"] for r, g in zip(loaded.requests, grades) if r.word is None)
 
 
 # ---------------------------------------------------------------------------------------------
-# HTTP judges against a local stub
+# API judges (the official SDKs) against a local stub
+
+# The SDKs wait as long as a server's retry-after-ms / Retry-After says: a 1 ms wait keeps the
+# retry tests fast without touching the SDKs' internals.
+FAST_RETRY = {"retry-after-ms": "1"}
 
 
 class Stub:
     """A local HTTP server answering POSTs from a script of actions:
-    ("ok", text) | ("status", code, body) | ("sleep", seconds) then ok YES | ("raw", bytes)."""
+    ("ok", text) | ("status", code, body[, headers]) | ("sleep", seconds) then ok | ("raw", bytes).
+    Error statuses carry FAST_RETRY unless the action gives its own headers."""
 
     def __init__(self, provider):
         self.provider = provider
@@ -390,11 +397,11 @@ class Stub:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                stub.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                stub.requests.append({"path": self.path, "headers": headers, "body": body, "t": time.monotonic()})
+                key_ok = headers.get("authorization") == f"Bearer {KEY}"
                 if stub.provider == "anthropic":
-                    key_ok = self.headers.get("x-api-key") == KEY and self.headers.get("anthropic-version")
-                else:
-                    key_ok = self.headers.get("Authorization") == f"Bearer {KEY}"
+                    key_ok = key_ok and "anthropic-version" in headers
                 action = stub.script.pop(0) if stub.script else stub.default
                 if not key_ok:
                     action = ("status", 401, '{"error": "bad key"}')
@@ -403,7 +410,7 @@ class Stub:
                         time.sleep(action[1])
                         action = stub.default
                     if action[0] == "status":
-                        self._send(action[1], action[2].encode())
+                        self._send(action[1], action[2].encode(), action[3] if len(action) > 3 else FAST_RETRY)
                     elif action[0] == "raw":
                         self._send(200, action[1])
                     else:
@@ -413,12 +420,14 @@ class Stub:
                             text = "Thinking it over, the answer is " + ("NO." if no else "YES.")
                         self._send(200, json.dumps(stub.reply(text)).encode())
                 except (BrokenPipeError, ConnectionResetError):
-                    pass
+                    pass  # the client timed out and hung up
 
-            def _send(self, code, data):
+            def _send(self, code, data, headers=None):
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -432,6 +441,10 @@ class Stub:
         if self.provider == "anthropic":
             return {"type": "message", "role": "assistant", "content": [{"type": "text", "text": text}]}
         return {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
+
+    def retry_counts(self):
+        """The SDK's number of each request among the attempts of one call (0 = first try)."""
+        return [int(r["headers"]["x-stainless-retry-count"]) for r in self.requests]
 
     def close(self):
         self.server.shutdown()
@@ -448,7 +461,7 @@ def stub(request, monkeypatch):
 
 
 def api_judge(stub, **kw):
-    kw = {"base_url": stub.url, "timeout_s": 5.0, "max_retries": 2, "backoff_s": 0.01, **kw}
+    kw = {"base_url": stub.url, "timeout_s": 5.0, "max_retries": 2, **kw}
     return make_grader(f"api:{stub.provider}:judge-model", **kw)
 
 
@@ -457,19 +470,28 @@ def injected(i=0):
 
 
 def assert_no_key(err):
-    for text in (str(err), repr(err), json.dumps(err.partial)):
+    printed = "".join(traceback.format_exception(err))  # the cause chain too
+    for text in (str(err), repr(err), printed, json.dumps(err.partial)):
         assert KEY not in text
 
 
-def test_api_judge_grades_a_good_reply(stub):
-    grades = api_judge(stub).grade([injected(), GradeRequest("c", LINDSEY_QUESTION, "No.", None)])
+@pytest.mark.parametrize("suffix", ["", "/v1/"])
+def test_api_judge_grades_a_good_reply(stub, suffix):
+    grades = api_judge(stub, base_url=stub.url + suffix).grade([injected(), GradeRequest("c", LINDSEY_QUESTION,
+                                                                                          "No.", None)])
     check_grade(grades[0], f"api:{stub.provider}:judge-model")
     check_grade(grades[1], f"api:{stub.provider}:judge-model", control=True)
     assert all(grades[0][c] for c in CRITERIA) and grades[1]["coherent"] and grades[1]["affirmative"]
-    assert len(stub.requests) == 6
+    assert len(stub.requests) == 6 and stub.retry_counts() == [0] * 6
     first = stub.requests[0]
     assert first["path"] == ("/v1/messages" if stub.provider == "anthropic" else "/v1/chat/completions")
-    assert first["body"]["model"] == "judge-model" and first["body"]["temperature"] == 0
+    assert first["headers"]["authorization"] == f"Bearer {KEY}"
+    assert first["body"]["model"] == "judge-model" and first["body"]["max_tokens"] == 1024
+    # Anthropic's API version 2026-10-21 (SDK 2.x) rejects temperature; OpenAI's gets 0
+    assert first["body"].get("temperature") == (None if stub.provider == "anthropic" else 0)
+    if stub.provider == "anthropic":
+        assert first["headers"]["anthropic-version"]
+    assert first["body"]["messages"] == [{"role": "user", "content": first["body"]["messages"][0]["content"]}]
     assert "I notice a thought about dust." in first["body"]["messages"][0]["content"]
 
 
@@ -482,10 +504,18 @@ def test_api_judge_workers_keep_request_order(stub):
 
 
 def test_api_judge_retries_server_errors(stub):
-    stub.script = [("status", 500, '{"error": "overloaded"}'), ("status", 429, "{}")]
+    stub.script = [("status", 500, '{"error": "overloaded"}'), ("status", 503, "{}")]
     grades = api_judge(stub).grade([injected()])
     assert all(grades[0][c] for c in CRITERIA)
-    assert len(stub.requests) == 6
+    assert stub.retry_counts() == [0, 1, 2, 0, 0, 0]  # the SDK retried the first call twice
+
+
+def test_api_judge_waits_for_retry_after(stub):
+    stub.script = [("status", 429, '{"error": "rate limited"}', {"Retry-After": "0.5"})]
+    grades = api_judge(stub).grade([injected()])
+    assert all(grades[0][c] for c in CRITERIA)
+    assert stub.retry_counts() == [0, 1, 0, 0, 0]
+    assert stub.requests[1]["t"] - stub.requests[0]["t"] >= 0.5
 
 
 def test_api_judge_retries_timeouts(stub):
@@ -493,7 +523,14 @@ def test_api_judge_retries_timeouts(stub):
     t0 = time.time()
     grades = api_judge(stub, timeout_s=0.3).grade([injected()])
     assert all(grades[0][c] for c in CRITERIA)
-    assert len(stub.requests) == 5 and time.time() - t0 < 4
+    assert stub.retry_counts() == [0, 1, 0, 0, 0] and time.time() - t0 < 4
+
+
+def test_api_judge_asks_again_after_unusable_replies(stub):
+    stub.script = [("raw", b"{}"), ("ok", "I cannot decide.")]  # fields missing, then no YES/NO
+    grades = api_judge(stub).grade([injected()])
+    assert all(grades[0][c] for c in CRITERIA)
+    assert len(stub.requests) == 6 and stub.retry_counts() == [0] * 6  # asked again by the judge, not the SDK
 
 
 def test_api_judge_gives_up_on_malformed_replies_keeping_finished_grades(stub):
@@ -511,19 +548,31 @@ def test_api_judge_never_reveals_the_key(stub):
     stub.script = [("status", 503, json.dumps({"error": f"echo {KEY}"}))] * 5
     with pytest.raises(GradingError) as info:
         api_judge(stub, max_retries=1).grade([injected()])
-    assert "503" in str(info.value)
+    assert "503" in str(info.value) and "2 attempts" in str(info.value)
     assert_no_key(info.value)
     assert KEY not in repr(api_judge(stub))
 
 
-def test_api_judge_fails_fast_on_client_errors_and_unanswered_replies(stub):
-    stub.script = [("status", 400, '{"error": "bad request"}')]
-    with pytest.raises(GradingError, match="HTTP 400"):
+@pytest.mark.parametrize("status", [400, 401])
+def test_api_judge_fails_fast_on_client_errors(stub, status):
+    stub.script = [("status", status, '{"error": "bad request"}')]
+    with pytest.raises(GradingError, match=f"HTTP {status} .*1 attempt") as info:
         api_judge(stub).grade([injected()])
-    assert len(stub.requests) == 1
+    assert len(stub.requests) == 1 and info.value.trial_id == "trial-0" and info.value.partial == []
+    assert type(info.value.__cause__).__name__ == ("BadRequestError" if status == 400 else "AuthenticationError")
+
+
+def test_api_judge_gives_up_on_replies_without_an_answer(stub):
     stub.script = [("ok", "I cannot decide.")] * 3
-    with pytest.raises(GradingError, match="no YES/NO"):
+    with pytest.raises(GradingError, match="3 attempts.*no YES/NO"):
         api_judge(stub).grade([injected()])
+    assert len(stub.requests) == 3
+
+
+def test_api_judge_reports_connection_failures(stub):
+    stub.close()  # nothing listens on its port any more
+    with pytest.raises(GradingError, match="connection to .* failed"):
+        api_judge(stub, max_retries=0).grade([injected()])
 
 
 @pytest.mark.parametrize("provider, env", [("anthropic", "ANTHROPIC_API_KEY"), ("openai", "OPENAI_API_KEY")])
@@ -531,6 +580,17 @@ def test_api_judge_needs_its_key_variable(monkeypatch, provider, env):
     monkeypatch.delenv(env, raising=False)
     with pytest.raises(GradingError, match=env):
         make_grader(f"api:{provider}:some-model")
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "openai"])
+def test_api_judge_without_its_sdk_names_the_extra(monkeypatch, provider):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setitem(sys.modules, provider, None)  # import fails as if not installed
+    for check in (make_grader, check_grader):
+        with pytest.raises(GradingError, match=r"pip install 'jax_introspect\[api\]'") as info:
+            check(f"api:{provider}:some-model")
+        assert isinstance(info.value.__cause__, ImportError)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import jax_introspect
 from jax_introspect import generate as generate_lib
 from jax_introspect import inject, model as model_lib
+from launch import gpu_reference
 from tests import hf_reference as ref
 
 
@@ -36,7 +37,7 @@ def test_prefill_and_16_decode_steps_match_hf_hooks(tiny, layer, start, norm_mat
     vector = _vector(lm.config.d_model, seed=start)
     strength = 1.0 if norm_match else 4.0
     injection = inject.make(layer, strength, vector, start=start, norm_match=norm_match, batch=1)
-    with ref.HFInjection(model, layer, vector, strength, start, norm_match):
+    with gpu_reference.Injection(model, layer, vector, strength, start, norm_match):
         hf_prefill, _ = ref.hf_logits_and_hidden(model, prompt)
         hf_tokens, hf_step_logits = ref.hf_greedy_with_logits(model, prompt, 16)
     clean, _ = ref.hf_logits_and_hidden(model, prompt)
@@ -59,21 +60,22 @@ def test_mixed_rows_each_match_their_own_reference(tiny):
                             start=[s[2] for s in settings])
     ours = lm.logits(rows, injection=injection)
     for i, (row, (layer, strength, start)) in enumerate(zip(rows, settings)):
-        with ref.HFInjection(model, layer, vectors[i], strength, start):
+        with gpu_reference.Injection(model, layer, vectors[i], strength, start):
             theirs, _ = ref.hf_logits_and_hidden(model, [row])
         assert np.abs(ours[i, -len(row):] - theirs[0]).max() <= 1e-4
 
 
-def _clean_program(params, cfg, tokens, valid):
+def _clean_program(params, cfg, layout, tokens, valid):
     cache = model_lib.init_cache(cfg, tokens.shape[0], tokens.shape[1], params.embed.dtype)
-    return model_lib.forward(params, cfg, tokens, model_lib.prompt_positions(valid), valid, cache)[0]
+    return model_lib.forward(params, cfg, tokens, model_lib.prompt_positions(valid), valid, cache,
+                             layout=layout)[0]
 
 
 def test_strength_zero_is_the_clean_model_bit_for_bit(tiny):
     lm, _ = tiny
     tokens = _tokens(3, 16, seed=5)
     valid = np.ones_like(tokens, bool)
-    clean = np.asarray(jax.jit(_clean_program, static_argnums=1)(lm.params, lm.config, tokens, valid))
+    clean = np.asarray(jax.jit(_clean_program, static_argnums=(1, 2))(lm.params, lm.config, lm.layout, tokens, valid))
     zero = inject.make([0, 1, 2], 0.0, np.stack([_vector(lm.config.d_model, i, 50.0) for i in range(3)]))
     np.testing.assert_array_equal(lm.logits(tokens, injection=zero), clean)
     mixed = inject.make([1, 1, 1], [0.0, 8.0, 0.0], _vector(lm.config.d_model, 1, 3.0))

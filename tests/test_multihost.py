@@ -100,14 +100,6 @@ def sweep_checkpoint(tmp_path_factory):
     return ref.build_llama3_checkpoint(tmp_path_factory.mktemp("mh_sweep"))
 
 
-def _sweep_command():
-    """The real entry point once it has the multi-host flags; until then the shim that adds them."""
-    help_text = subprocess.run([sys.executable, "-m", "launch.sweep", "--helpfull"], cwd=ref.REPO,
-                               capture_output=True, text=True, timeout=120).stdout
-    wired = "--coordinator_address" in help_text and "--mesh" in help_text
-    return [sys.executable, "-m", "launch.sweep"] if wired else [sys.executable, "tests/multihost_sweep.py"]
-
-
 def _records(path):
     with open(path) as f:
         records = [json.loads(line) for line in f]
@@ -121,8 +113,8 @@ def test_two_process_sweep_writes_the_same_results_as_one_process(sweep_checkpoi
     logs = tmp_path / "logs"
     # Each process gets its own --out, as each TPU worker has its own disk: only process 0's is written.
     outs = [tmp_path / f"host{i}" for i in range(2)]
-    base = _sweep_command() + [f"--config={CONFIG}", f"--checkpoint={sweep_checkpoint}", "--mesh=2x4",
-                               "--noreport", *SMALL]
+    base = [sys.executable, "-m", "launch.sweep", f"--config={CONFIG}", f"--checkpoint={sweep_checkpoint}",
+            "--mesh=2x4", "--noreport", *SMALL]
     run_group([base + [f"--out={outs[i]}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                        f"--process_id={i}", f"--host_log_dir={logs}", "--distributed_timeout=120"]
                for i in range(2)], cpu_env(4))

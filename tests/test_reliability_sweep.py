@@ -68,8 +68,8 @@ def listing(folder):
     ("strengths", "2.0", (2.0,)),
 ])
 def test_every_list_field_reads_the_same_forms(field, text, expected):
-    from jax_introspect.experiment import sweep
-    value = sweep.parse_list(field, text)
+    from jax_introspect.experiment import sweep_config
+    value = sweep_config.parse_list(field, text)
     assert value == expected and [type(v) for v in value] == [type(v) for v in expected]
 
 
@@ -80,26 +80,44 @@ def test_every_list_field_reads_the_same_forms(field, text, expected):
     ("layers", "(0.5,", "not a valid list literal"),
 ])
 def test_malformed_list_values_are_named(field, text, message):
-    from jax_introspect.experiment import sweep
-    with pytest.raises(sweep.SweepError, match=message):
-        sweep.parse_list(field, text)
+    from jax_introspect.experiment import sweep_config
+    with pytest.raises(sweep_config.SweepError, match=message):
+        sweep_config.parse_list(field, text)
 
 
 def test_repeated_flags_replace_and_both_flag_forms_are_read():
-    from launch.sweep import _split_config_args
-    argv = ["sweep", "--config.strengths=2.0,4.0", "--config.seed=3", "--config.strengths", "4.0",
+    from configs.sweeps import quickstart
+    from jax_introspect.experiment import sweep_config
+    from launch.sweep import split_config_args
+    argv = ["sweep", "--mesh=1x1", "--config.strengths=2.0,4.0", "--config.seed=3", "--config.strengths", "4.0",
             "--config.words=Dust,Oceans"]
-    kept, lists = _split_config_args(argv)
-    assert kept == ["sweep", "--config.seed=3"]
-    assert dict(lists) == {"strengths": "4.0", "words": "Dust,Oceans"}  # the last strengths flag wins
+    kept, overrides = split_config_args(argv)
+    assert kept == ["sweep", "--mesh=1x1"]
+    config = sweep_config.with_overrides(quickstart.get_config(), overrides)
+    assert config.strengths == (4.0,) and config.seed == 3 and config.words == ("Dust", "Oceans")  # the last wins
+
+
+@pytest.mark.parametrize("field,text,value", [
+    ("seed", "7", 7), ("temperature", "0", 0.0), ("cell_per_word", "true", True), ("system_header", "0", False),
+    ("grader", "llm:checkpoints/x", "llm:checkpoints/x"), ("strengths", "4", (4.0,))])
+def test_scalar_fields_parse_by_their_declared_type(field, text, value):
+    from configs.sweeps import quickstart
+    from jax_introspect.experiment import sweep_config
+    config = sweep_config.with_overrides(quickstart.get_config(), [(field, text)])
+    assert getattr(config, field) == value and type(getattr(config, field)) is type(value)
+
+
+@pytest.mark.parametrize("field,text,message", [("seed", "1.5", "not an integer"), ("cell_per_word", "maybe", "true or false"),
+                                                ("colour", "3", "unknown config field 'colour'")])
+def test_bad_scalar_values_are_named(field, text, message):
+    from jax_introspect.experiment import sweep_config
+    with pytest.raises(sweep_config.SweepError, match=message):
+        sweep_config.parse_field(field, text)
 
 
 def _config(**changes):
     from configs.sweeps import quickstart
-    from jax_introspect.experiment import sweep
-    config = sweep.config_to_dict(quickstart.get_config())
-    config.update(changes)
-    return config
+    return quickstart.get_config().replace(**changes)
 
 
 @pytest.mark.parametrize("changes,message", [
@@ -117,7 +135,7 @@ def _config(**changes):
 def test_config_checks_need_no_model(changes, message):
     from jax_introspect.experiment import sweep
     with pytest.raises(sweep.SweepError, match=message):
-        sweep.validate_config(_config(**changes))
+        _config(**changes)
 
 
 def test_two_layer_specs_naming_one_layer_are_refused():
@@ -310,9 +328,9 @@ def test_binding_leaves_out_grader_and_batch_size_and_resolves_layers():
 def test_results_folder_of_an_earlier_version_is_migrated(tmp_path):
     from jax_introspect.experiment import results, sweep
     config = _config()
-    old = dict(config, resolved_layers=[10, 15], model="m", checkpoint=str(tmp_path))
+    old = dict(config.to_dict(), resolved_layers=[10, 15], model="m", checkpoint=str(tmp_path))
     (tmp_path / "run.json").write_text(json.dumps({"config_hash": results.config_hash(old), "config": old}))
-    new = sweep.binding(dict(config, grader="api:openai:gpt"), [10, 15], "m", str(tmp_path), "float32")
+    new = sweep.binding(config.replace(grader="api:openai:gpt"), [10, 15], "m", str(tmp_path), "float32")
     results.ResultsStore(str(tmp_path), new)
     written = json.loads((tmp_path / "run.json").read_text())
     assert written["config_hash"] == results.config_hash(new)
@@ -366,6 +384,6 @@ def test_corrupted_middle_line_says_how_to_recover(tmp_path):
     with pytest.raises(report.ReportError) as info:
         report.load_run(folder)
     message = str(info.value)
-    assert f"trials.jsonl:4: not a trial record" in message and f"sed -i.bak '4d' {path}" in message
+    assert "trials.jsonl:4: not a trial record" in message and f"sed -i.bak '4d' {path}" in message
     subprocess.run(["sed", "-i.bak", "4d", path], check=True)  # the advice works
     assert report.load_run(folder).metadata["n_records"] == len(lines) - 1

@@ -1,16 +1,17 @@
 """Report: loading both formats, per-cell counts and Wilson intervals, markdown/JSON/PNG outputs, the CLI.
 
 References are independent of the code under test: the 405B replication file's own `aggregates`
-(computed by its authors), Wilson intervals from scipy and published values, and synthetic trials
-whose counts are fixed by construction."""
+(computed by its authors), Wilson intervals from the textbook formula and published values, and
+synthetic trials whose counts are fixed by construction."""
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 
-from jax_introspect.experiment import report, results, stats
+from jax_introspect.experiment import render, report, results, stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
@@ -121,11 +122,20 @@ def test_wilson_known_values(k, n, low, high):
     assert got == pytest.approx((low, high), abs=1e-4)
 
 
-def test_wilson_against_scipy():
-    import scipy.stats as scipy_stats  # installed with jax
+def _textbook_wilson(k, n, z=1.959963984540054):
+    """Wilson (1927): centre (p + z^2/2n) / (1 + z^2/n), half-width z/(1 + z^2/n) * sqrt(p(1-p)/n + z^2/4n^2)."""
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return centre - half, centre + half
+
+
+def test_wilson_against_the_formula():
+    import scipy.special
+    assert stats.Z95 == scipy.special.ndtri(0.975)  # the z summary.json records is the one scipy uses
     for k, n in [(0, 1), (1, 1), (0, 20), (5, 20), (7, 40), (13, 400), (34, 400), (99, 100), (1, 3)]:
-        ci = scipy_stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
-        assert stats.wilson(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9), (k, n)
+        assert stats.wilson(k, n) == pytest.approx(_textbook_wilson(k, n), abs=1e-9), (k, n)
+    assert stats.wilson(0, 7)[0] == 0.0 and stats.wilson(7, 7)[1] == 1.0  # exact ends
     assert stats.wilson(0, 0) == (0.0, 1.0)
     with pytest.raises(ValueError):
         stats.wilson(3, 2)
@@ -374,7 +384,7 @@ def test_refuses_foreign_out_dir_and_leaves_nothing_on_failure(synthetic, tmp_pa
 
     def boom(*args, **kwargs):
         raise RuntimeError("plotting failed")
-    monkeypatch.setattr(report, "_heatmaps", boom)
+    monkeypatch.setattr(render, "heatmaps", boom)
     with pytest.raises(RuntimeError):
         report.write_report(run, str(tmp_path / "partial"))
     assert sorted(os.listdir(tmp_path)) == ["foreign"]  # no out dir, no temp dir left

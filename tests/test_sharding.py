@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 import jax_introspect
-from jax_introspect import checkpoint, config, sharding
+from jax_introspect import checkpoint, config, params, sharding
 from tests import hf_reference as ref
 
 WORKER = os.path.join(ref.REPO, "tests", "sharded_worker.py")
@@ -48,19 +48,20 @@ def abstract_mesh(data, tensor):
 
 def test_rules_map_every_array_axis_in_one_table():
     rules = sharding.AxisRules()
-    assert rules.spec(sharding.LAYER_AXES["wq"]) == P(None, None, "tensor", None)
-    assert rules.spec(sharding.LAYER_AXES["wo"]) == P(None, "tensor", None, None)
-    assert rules.spec(sharding.LAYER_AXES["w_gate"]) == P(None, None, "tensor")
-    assert rules.spec(sharding.LAYER_AXES["w_down"]) == P(None, "tensor", None)
-    assert rules.spec(sharding.PARAM_AXES["embed"]) == P("tensor", None)
-    assert rules.spec(sharding.PARAM_AXES["lm_head"]) == P(None, "tensor")
+    axes = lambda name: params.by_name(name).param_axes  # noqa: E731
+    assert rules.spec(axes("wq")) == P(None, None, "tensor", None)
+    assert rules.spec(axes("wo")) == P(None, "tensor", None, None)
+    assert rules.spec(axes("w_gate")) == P(None, None, "tensor")
+    assert rules.spec(axes("w_down")) == P(None, "tensor", None)
+    assert rules.spec(axes("embed")) == P("tensor", None)
+    assert rules.spec(axes("lm_head")) == P(None, "tensor")
     assert rules.spec(sharding.CACHE_AXES["k"]) == P(None, "data", "tensor", None, None)
     assert rules.spec(sharding.INJECTION_AXES["vector"]) == P("data", None)
     assert rules.spec(sharding.ACTIVATION_AXES["logits"]) == P("data", None, "tensor")
     with pytest.raises(sharding.LayoutError, match="no axis rule for logical axis 'experts'"):
         rules.spec(("experts",))
     with pytest.raises(sharding.LayoutError, match="map twice onto one mesh axis"):
-        rules.replace(embed="tensor").spec(sharding.LAYER_AXES["wq"])
+        rules.replace(embed="tensor").spec(axes("wq"))
 
 
 @pytest.mark.parametrize("spec,n,expected", [("2x4", 8, (2, 4)), ("1x-1", 8, (1, 8)), ("-1x2", 8, (4, 2)),
@@ -130,12 +131,11 @@ def test_sizing_arithmetic_for_405b_on_v5p_32():
 @pytest.mark.parametrize("preset", ["llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b"])
 def test_storage_chunks_align_with_every_tensor_split(preset):
     cfg = config.preset(preset)
-    from jax_introspect import model as model_lib
-    shapes = {**model_lib.global_param_shapes(cfg), **model_lib.layer_param_shapes(cfg)}
-    for name, shape in shapes.items():
+    for leaf in params.global_leaves(cfg) + params.LAYER:
+        name, shape = leaf.name, leaf.unit_shape(cfg)
         chunk = checkpoint.storage_chunks(name, shape, 2)
         assert math.prod(chunk) * 2 <= 16 << 20, (name, chunk)
-        for axis, logical in enumerate(sharding.unit_axes(name)):
+        for axis, logical in enumerate(leaf.axes):
             if sharding.AxisRules().mesh_axis(logical) != "tensor":
                 continue
             for tensor in (2, 4, 8, 16, 32, 64):
@@ -211,16 +211,46 @@ def test_gcs_paths_are_read_through_epath(tiny8, monkeypatch):
     np.testing.assert_array_equal(lm.logits([[1, 2, 3]]), expected.logits([[1, 2, 3]]))
 
 
-def test_single_device_mesh_in_process(tiny8):
-    """mesh='1x1' in this 1-device process runs the sharded code path and matches the default."""
+def test_one_device_is_a_1x1_mesh(tiny8):
+    """Without a mesh a model runs on a 1x1 mesh: the same programs and shardings as mesh='1x1',
+    bit for bit; explicit shardings= put it on the mesh (or the one device) they name."""
     base = jax_introspect.load(tiny8)
+    assert base.layout.mesh.devices.shape == (1, 1) and base.layout.mesh.axis_names == sharding.MESH_AXES
     lm = jax_introspect.load(tiny8, mesh=sharding.make_mesh("1x1", jax.devices()[:1]))
+    assert lm.layout == base.layout
     assert isinstance(lm.params.layers.wq.sharding, jax.sharding.NamedSharding)
     assert lm.layout.mesh.axis_types == (AxisType.Auto, AxisType.Auto)
     tokens = [[5, 6, 7, 8], [9, 10]]
-    np.testing.assert_allclose(lm.logits(tokens), base.logits(tokens), atol=1e-6)
+    np.testing.assert_array_equal(lm.logits(tokens), base.logits(tokens))
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    for shardings in (base.layout.params(base.run_config), jax.tree.map(lambda _: single, base.params)):
+        other = jax_introspect.load(tiny8, shardings=shardings)
+        assert other.layout == base.layout
+        np.testing.assert_array_equal(other.logits(tokens), base.logits(tokens))
+    # A LanguageModel built from params alone runs on the mesh they live on.
+    assert jax_introspect.LanguageModel(base.config, base.params).layout == base.layout
     with pytest.raises(ValueError, match="either mesh= or shardings="):
         jax_introspect.load(tiny8, mesh=lm.layout.mesh, shardings=base.params)
+
+
+def test_make_mesh_falls_back_only_for_a_partial_slice(monkeypatch):
+    """jax.make_mesh asserts that TPU devices form a whole slice (a cuboid without holes); only
+    that falls back to a plain mesh, with a warning. Other errors propagate."""
+    warnings = []
+    monkeypatch.setattr(sharding.logging, "warning", lambda msg, *args: warnings.append(msg % args))
+
+    def partial_slice(*args, **kwargs):
+        raise AssertionError('Constructed mesh contains a "hole"')
+    monkeypatch.setattr(jax, "make_mesh", partial_slice)
+    mesh = sharding.make_mesh("1x1", jax.devices()[:1])
+    assert mesh.axis_names == sharding.MESH_AXES and mesh.axis_types == (AxisType.Auto, AxisType.Auto)
+    assert len(warnings) == 1 and "ignores the interconnect" in warnings[0] and "hole" in warnings[0]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("backend failure")
+    monkeypatch.setattr(jax, "make_mesh", broken)
+    with pytest.raises(RuntimeError, match="backend failure"):
+        sharding.make_mesh("1x1", jax.devices()[:1])
 
 
 # --- 8 simulated devices ----------------------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import jax_introspect
+from launch import gpu_reference
 from tests import hf_reference as ref
 
 QUESTION = "What is the capital of France?"
@@ -156,7 +157,7 @@ def test_injection_matches_hf_hooks_on_smollm2(lm, hf_smollm2):
     vector = vectors.concept_vectors(lm, ["Oceans"], protocols.baseline_words()[:8]).vector("Oceans", layer)
     strength = 4.0
     injection = inject.make(layer, strength, vector, start=start, batch=1)
-    with ref.HFInjection(model, layer, vector, strength, start):
+    with gpu_reference.Injection(model, layer, vector, strength, start):
         hf_prefill, _ = ref.hf_logits_and_hidden(model, [ids])
         hf_tokens, hf_step_logits = ref.hf_greedy_with_logits(model, [ids], 16)
     ours = lm.logits([ids], injection=injection)

@@ -132,10 +132,9 @@ def test_whole_grid_compiles_once_per_prompt_bucket(checkpoint, tmp_path):
     from jax_introspect import generate
     from jax_introspect.experiment import sweep
     from configs.sweeps import quickstart
-    config = sweep.config_to_dict(quickstart.get_config())
-    config.update(words=["Dust", "Snow", "Milk"], layers=[0, 1], strengths=[0.5, 1.0, 2.0, 4.0],
-                  trials_per_cell=2, control_trials=4, max_new_tokens=3, batch_size=8,
-                  baseline_words=["Desks", "Sand"])
+    config = quickstart.get_config().replace(
+        words=["Dust", "Snow", "Milk"], layers=[0, 1], strengths=[0.5, 1.0, 2.0, 4.0], trials_per_cell=2,
+        control_trials=4, max_new_tokens=3, batch_size=8, baseline_words=["Desks", "Sand"])
     lm = jax_introspect.load(checkpoint)
     before = generate.generate_tokens._cache_size()
     summary = sweep.run_sweep(lm, config, str(tmp_path / "grid"), progress=False)
@@ -147,9 +146,9 @@ def test_grading_failure_keeps_responses_and_resume_grades_them(checkpoint, tmp_
     import jax_introspect
     from jax_introspect.experiment import grading, results, sweep
     from configs.sweeps import quickstart
-    config = sweep.config_to_dict(quickstart.get_config())
-    config.update(words=["Dust", "Snow"], layers=[0, 1], strengths=[1.0, 4.0], trials_per_cell=2, control_trials=3,
-                  max_new_tokens=5, batch_size=4, baseline_words=["Desks", "Sand"])
+    config = quickstart.get_config().replace(
+        words=["Dust", "Snow"], layers=[0, 1], strengths=[1.0, 4.0], trials_per_cell=2, control_trials=3,
+        max_new_tokens=5, batch_size=4, baseline_words=["Desks", "Sand"])
     lm = jax_introspect.load(checkpoint)
     real = grading.make_grader("heuristic")
 

@@ -9,6 +9,7 @@ import os
 import re
 
 import numpy as np
+from absl import logging
 
 from jax_introspect import config as config_lib
 from jax_introspect.convert.source import ConversionError, Source, SourceTensor
@@ -59,8 +60,10 @@ def read_metadata(reader) -> dict:
             continue  # large token tables: the tokenizer reads those itself
         try:
             meta[key] = field.contents()
-        except Exception:  # exotic field types carry nothing we need
-            continue
+        except UnicodeDecodeError as e:
+            # A text field that is not UTF-8 (say a description): left out; a field the config
+            # needs is then reported missing, after this warning with the cause.
+            logging.warning("GGUF metadata field %s is not UTF-8 text (%s); ignored", key, e)
     return meta
 
 
@@ -77,9 +80,12 @@ def open_gguf(path: str) -> Source:
     import gguf
     if not os.path.exists(path):
         raise ConversionError(f"{path} does not exist")
+    # What the reader raises on a damaged file: a bad magic, version or field type, non-UTF-8
+    # names, arrays cut off by the end of the file (ValueError, IndexError), a duplicate field
+    # (KeyError); OSError when it cannot be opened or mapped.
     try:
         reader = gguf.GGUFReader(path)
-    except Exception as e:
+    except (OSError, ValueError, IndexError, KeyError) as e:
         raise ConversionError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
                               "re-download it or pass an HF safetensors folder") from e
     meta = read_metadata(reader)

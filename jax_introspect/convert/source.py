@@ -1,8 +1,8 @@
 """A weight source seen as a lazy map from HF tensor names to loaders.
 
 Every format (HF safetensors folders, GGUF files) is exposed as HF-named tensors in HF layout
-(`[out, in]` linear weights, rotate-half q/k rows). `param_updates` then maps each tensor to our
-parameter layout, so the layout rules live in one place.
+(`[out, in]` linear weights, rotate-half q/k rows); `params.py` declares which tensor each of
+our weights comes from and how it maps to our layout.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from jax_introspect import params as params_lib
 from jax_introspect.config import ModelConfig
 
 
@@ -36,41 +37,15 @@ class Source:
     tokenizer: Optional[object] = None  # jax_introspect.tokenizer.Tokenizer
 
 
-# Our name within a layer -> (HF suffix, function from the HF array to ours, expected HF shape).
-def _layer_rules(cfg: ModelConfig):
-    D, H, K, hd, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
-    return {
-        "attn_norm": ("input_layernorm.weight", lambda w: w, (D,)),
-        "wq": ("self_attn.q_proj.weight", lambda w: w.T.reshape(D, H, hd), (H * hd, D)),
-        "wk": ("self_attn.k_proj.weight", lambda w: w.T.reshape(D, K, hd), (K * hd, D)),
-        "wv": ("self_attn.v_proj.weight", lambda w: w.T.reshape(D, K, hd), (K * hd, D)),
-        "wo": ("self_attn.o_proj.weight", lambda w: w.T.reshape(H, hd, D), (D, H * hd)),
-        "mlp_norm": ("post_attention_layernorm.weight", lambda w: w, (D,)),
-        "w_gate": ("mlp.gate_proj.weight", lambda w: w.T, (F, D)),
-        "w_up": ("mlp.up_proj.weight", lambda w: w.T, (F, D)),
-        "w_down": ("mlp.down_proj.weight", lambda w: w.T, (D, F)),
-    }
-
-
-def _global_rules(cfg: ModelConfig):
-    rules = {
-        "embed": ("model.embed_tokens.weight", lambda w: w, (cfg.vocab_size, cfg.d_model)),
-        "final_norm": ("model.norm.weight", lambda w: w, (cfg.d_model,)),
-    }
-    if not cfg.tie_word_embeddings:
-        rules["lm_head"] = ("lm_head.weight", lambda w: w.T, (cfg.vocab_size, cfg.d_model))
-    return rules
-
-
 # Tensors a checkpoint may carry that we do not need (old rotary buffers; a tied head's copy).
 _IGNORED = re.compile(r"(.*rotary_emb\.inv_freq$)")
 
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    names = {hf: shape for hf, _, shape in _global_rules(cfg).values()}
+    """HF name -> HF shape of every tensor the model's weights are converted from."""
+    names = {leaf.hf_tensor(): leaf.hf_shape(cfg) for leaf in params_lib.global_leaves(cfg)}
     for i in range(cfg.n_layers):
-        for suffix, _, shape in _layer_rules(cfg).values():
-            names[f"model.layers.{i}.{suffix}"] = shape
+        names.update({leaf.hf_tensor(i): leaf.hf_shape(cfg) for leaf in params_lib.LAYER})
     return names
 
 
@@ -79,8 +54,8 @@ def validate(source: Source, config_file: str) -> None:
     cfg = source.config
     expected = expected_tensors(cfg)
     present = {n for n in source.tensors if not _IGNORED.match(n)}
-    if cfg.tie_word_embeddings:
-        present.discard("lm_head.weight")  # some exports keep a copy of the tied head
+    if cfg.tie_word_embeddings:  # some exports keep a copy of the tied head
+        present -= {leaf.hf_tensor() for leaf in params_lib.GLOBAL if leaf.untied_only}
     missing = sorted(set(expected) - present)
     unexpected = sorted(present - set(expected))
     if missing or unexpected:
@@ -114,14 +89,16 @@ def _load_checked(tensor: SourceTensor, expected_shape) -> np.ndarray:
     return array
 
 
+def _ours(source: Source, leaf: params_lib.Leaf, layer: Optional[int] = None) -> np.ndarray:
+    """One weight in our layout, read from its HF tensor and checked."""
+    cfg = source.config
+    return leaf.from_hf(_load_checked(source.tensors[leaf.hf_tensor(layer)], leaf.hf_shape(cfg)), cfg)
+
+
 def load_globals(source: Source, dtype) -> dict[str, np.ndarray]:
-    return {ours: np.asarray(fn(_load_checked(source.tensors[hf], shape)), dtype=dtype)
-            for ours, (hf, fn, shape) in _global_rules(source.config).items()}
+    # Not made contiguous: a transposed LM head (the largest global) is written without a copy.
+    return {leaf.name: np.asarray(_ours(source, leaf), dtype=dtype) for leaf in params_lib.global_leaves(source.config)}
 
 
 def load_layer(source: Source, index: int, dtype) -> dict[str, np.ndarray]:
-    out = {}
-    for ours, (suffix, fn, shape) in _layer_rules(source.config).items():
-        tensor = source.tensors[f"model.layers.{index}.{suffix}"]
-        out[ours] = np.ascontiguousarray(fn(_load_checked(tensor, shape)), dtype=dtype)
-    return out
+    return {leaf.name: np.ascontiguousarray(_ours(source, leaf, index), dtype=dtype) for leaf in params_lib.LAYER}

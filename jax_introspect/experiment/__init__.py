@@ -2,8 +2,11 @@
 
 - `protocols`: prompts, word lists, contrast pairs (data, each citing its source) and where each
   protocol's injection window starts;
-- `vectors`: concept vectors; `sweep`: the sweep (its config, plan and run); `results`: trial
-  records and the results folder;
-- `grading`: the graders; `report`, `stats`: per-cell rates with intervals, markdown, heatmaps;
-- `files`: atomic writes and the one-writer lock of a results folder.
+- `vectors`: concept vectors;
+- `sweep_config`: `SweepConfig`, the sweep's fields declared once; `sweep`: plan and run;
+  `results`: trial records and the results folder; `files`: atomic writes, one writer per folder;
+- `grading`: the graders;
+- the report, by job: `runs` (results folders and the replication's judged files -> rows),
+  `aggregation` (cells, counts, Wilson intervals from `stats`, warnings), `render` (markdown,
+  heatmaps), `report` (the report folder, written atomically).
 """

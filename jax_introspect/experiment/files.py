@@ -84,7 +84,7 @@ class FolderLock:
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
             raise FolderBusyError(f"{self.folder} is being written by another run ({self._owner()}); wait for "
-                                  "it to finish or stop it, or choose another --out") from None
+                                  "it to finish or stop it, or choose another --out") from e
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(owner).encode(), 0)

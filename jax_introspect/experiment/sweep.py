@@ -7,16 +7,13 @@ the results file before the next starts; re-running resumes where the file ends.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
-import math
 import os
 import random
-import re
 import sys
 import time
 import zipfile
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -24,24 +21,11 @@ import numpy as np
 from jax_introspect import config as config_lib
 from jax_introspect import inject
 from jax_introspect.experiment import files, protocols, results, vectors
+from jax_introspect.experiment.sweep_config import (SweepConfig, SweepError, binding_fields, resolve_layers,
+                                                    strength_label)
 
 VECTORS_FILE = "vectors.npz"
-
-VECTOR_METHODS = ("mean_difference", "contrast_pairs", "random")
-CONFIG_FIELDS = ("protocols", "words", "baseline_words", "vector_method", "vector_position", "template", "layers",
-                 "strengths", "trials_per_cell", "cell_per_word", "control_trials", "temperature", "top_p",
-                 "max_new_tokens", "seed", "grader", "batch_size", "system_header")
-# List fields: the command line accepts the same forms for all of them (see `parse_list`).
-TEXT_LIST_FIELDS = ("protocols", "words", "baseline_words")
-NUMBER_LIST_FIELDS = ("layers", "strengths")
-LIST_FIELDS = TEXT_LIST_FIELDS + NUMBER_LIST_FIELDS
-# Fields that do not change any trial's text: a results folder is not bound to them (a run may be
-# resumed with another grader or batch size).
-UNBOUND_FIELDS = ("grader", "batch_size")
-
-
-class SweepError(ValueError):
-    pass
+__all__ = ["SweepConfig", "SweepError", "SweepPlan", "Trial", "plan_sweep", "plan_trials", "run_sweep"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,204 +39,28 @@ class Trial:
     index: int
 
 
-# --- the command line's list values ------------------------------------------------------------
-
-def _number(text: str, field: str):
-    text = text.strip()
-    if re.fullmatch(r"[+-]?\d+", text):
-        return int(text)
-    try:
-        return float(text)
-    except ValueError:
-        raise SweepError(f"--config.{field}: {text!r} is not a number") from None
+def as_config(config) -> SweepConfig:
+    """A `SweepConfig`, or a mapping of its fields (e.g. read back from a run.json)."""
+    return config if isinstance(config, SweepConfig) else SweepConfig.from_dict(dict(config))
 
 
-def parse_list(field: str, text: str) -> tuple:
-    """One command-line value of a list field -> a tuple. Every list field accepts the same forms:
-    comma-separated (`Dust,Oceans` or `0.5,0.67`), a Python list or tuple literal
-    (`('Dust','Oceans')`, `[0.5, 0.67]`, `'Dust','Oceans'`) or a single value."""
-    text = text.strip()
-    if text[:1] in ("(", "[", "'", '"'):
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError) as e:
-            raise SweepError(f"--config.{field}={text!r} is not a valid list literal ({e}); write it comma-separated, "
-                             f"e.g. --config.{field}=a,b") from None
-        items = list(value) if isinstance(value, (list, tuple)) else [value]
-    else:
-        items = [item.strip() for item in text.split(",")]
-    if not items or any(item == "" for item in items):
-        raise SweepError(f"--config.{field}={text!r} has an empty entry")
-    if field in TEXT_LIST_FIELDS:
-        bad = [item for item in items if not isinstance(item, str)]
-        if bad:
-            raise SweepError(f"--config.{field}: {bad[0]!r} is not text; quote it or write the list comma-separated")
-        return tuple(items)
-    out = []
-    for item in items:
-        if isinstance(item, str):
-            item = _number(item, field)
-        if not _is_number(item):
-            raise SweepError(f"--config.{field}: {item!r} is not a number")
-        out.append(item)
-    return tuple(out)
-
-
-# --- validation: everything that needs no model --------------------------------------------------
-
-def _is_number(value, integer: bool = False) -> bool:
-    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
-    return isinstance(value, kinds) and not isinstance(value, (bool, np.bool_))
-
-
-def _repeats(values, key=lambda v: v) -> list:
-    seen, repeated = set(), []
-    for v in values:
-        k = key(v)
-        if k in seen and v not in repeated:
-            repeated.append(v)
-        seen.add(k)
-    return repeated
-
-
-def strength_label(strength: float) -> str:
-    """How a strength appears in trial ids (so two strengths with one label would share ids)."""
-    return f"{strength:g}"
-
-
-def resolve_words(spec, what: str, allow_duplicates: bool = False) -> list[str]:
-    if isinstance(spec, str):
-        raise SweepError(f"{what}s must be a list of words, got the string {spec!r}")
-    try:
-        words = vectors.check_words(list(spec), what, allow_duplicates=allow_duplicates)
-    except vectors.VectorError as e:
-        raise SweepError(str(e)) from e
-    with_comma = [w for w in words if "," in w]
-    if with_comma:
-        raise SweepError(f"{what} {with_comma[0]!r} contains a comma: give words as a list, e.g. "
-                         f"--config.words=Dust,Oceans (a word may not contain a comma)")
-    return words
-
-
-def _check_layer_spec(spec) -> None:
-    if isinstance(spec, str) or not len(spec):
-        raise SweepError(f"layers must be a non-empty list of layer indices or depth fractions, got {spec!r}")
-    for item in spec:
-        if not _is_number(item):
-            raise SweepError(f"layer {item!r} is neither an index nor a depth fraction")
-        if isinstance(item, (float, np.floating)) and not 0.0 <= item <= 1.0:
-            raise SweepError(f"layer {item} is a float outside [0, 1]; give an integer index or a depth fraction")
-        if isinstance(item, (int, np.integer)) and item < 0:
-            raise SweepError(f"layer {item} is negative")
-    repeated = _repeats(list(spec))
-    if repeated:
-        raise SweepError(f"layers repeat {repeated}; give each layer once")
-
-
-def resolve_layers(spec: Sequence, n_layers: int) -> list[int]:
-    """Ints are layer indices; floats in [0, 1] are fractions of depth. Two entries naming the same
-    layer are refused (their trials would share ids)."""
-    _check_layer_spec(spec)
-    layers = {}
-    for item in spec:
-        index = min(int(round(item * n_layers)), n_layers - 1) if isinstance(item, (float, np.floating)) else item
-        if not 0 <= index < n_layers:
-            raise SweepError(f"layer {index} is beyond the model: it has layers 0..{n_layers - 1}")
-        if int(index) in layers:
-            raise SweepError(f"layers {layers[int(index)]!r} and {item!r} are both layer {index} of this "
-                             f"{n_layers}-layer model; give each layer once")
-        layers[int(index)] = item
-    return sorted(layers)
-
-
-def _check_strengths(strengths) -> None:
-    if isinstance(strengths, str) or not len(strengths):
-        raise SweepError(f"strengths must be a non-empty list of finite numbers, got {strengths!r}")
-    for s in strengths:
-        if not _is_number(s):
-            raise SweepError(f"strength {s!r} is not a number")
-        if not math.isfinite(s):
-            raise SweepError(f"strengths must be finite numbers, got {s}")
-    repeated = _repeats(list(strengths), key=lambda s: strength_label(float(s)))
-    if repeated:
-        raise SweepError(f"strengths repeat {[strength_label(float(s)) for s in repeated]} (as trial ids "
-                         f"print them); give each strength once")
-
-
-def _check_number(config: dict, field: str, low: float, high: float = math.inf, integer: bool = False,
-                  low_inclusive: bool = True) -> None:
-    value = config[field]
-    if not _is_number(value, integer) or not math.isfinite(value):
-        raise SweepError(f"{field} must be {'an integer' if integer else 'a finite number'}, got {value!r}")
-    if value < low or (value == low and not low_inclusive) or value > high:
-        bounds = f"{'>=' if low_inclusive else '>'} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
-        raise SweepError(f"{field} must be {bounds}, got {value}")
-
-
-def validate_config(config: dict) -> None:
-    """Every check that needs no model and no files: refuse a bad config before any compute."""
-    unknown = sorted(set(config) - set(CONFIG_FIELDS))
-    missing = sorted(set(CONFIG_FIELDS) - set(config))
-    if unknown or missing:
-        raise SweepError(f"sweep config: unknown fields {unknown}, missing fields {missing}")
-    names = config["protocols"]
-    if isinstance(names, str) or not len(names):
-        raise SweepError(f"protocols must be a non-empty list of protocol names, got {names!r}")
-    for name in names:
-        try:
-            protocols.protocol(name)
-        except ValueError as e:
-            raise SweepError(str(e)) from e
-    if _repeats(list(names)):
-        raise SweepError(f"protocols repeat {_repeats(list(names))}; give each protocol once")
-    words = resolve_words(config["words"], "concept word")
-    resolve_words(config["baseline_words"], "baseline word", allow_duplicates=True)
-    if config["vector_method"] not in VECTOR_METHODS:
-        raise SweepError(f"vector_method {config['vector_method']!r}: choose one of {VECTOR_METHODS}")
-    if config["vector_method"] == "contrast_pairs":
-        try:
-            protocols.contrast_pairs(words)
-        except ValueError as e:
-            raise SweepError(str(e)) from e
-    if config["vector_position"] not in vectors.POSITIONS:
-        raise SweepError(f"vector_position {config['vector_position']!r}: choose one of {vectors.POSITIONS}")
-    if "{word}" not in str(config["template"]):
-        raise SweepError(f"template {config['template']!r} has no {{word}} placeholder")
-    _check_layer_spec(config["layers"])
-    _check_strengths(config["strengths"])
-    for field in ("trials_per_cell", "batch_size", "max_new_tokens"):
-        _check_number(config, field, 1, integer=True)
-    _check_number(config, "control_trials", 0, integer=True)
-    _check_number(config, "seed", 0, integer=True)
-    _check_number(config, "temperature", 0.0)
-    _check_number(config, "top_p", 0.0, 1.0, low_inclusive=False)
-    for field in ("cell_per_word", "system_header"):
-        if not isinstance(config[field], (bool, np.bool_)):
-            raise SweepError(f"{field} must be True or False, got {config[field]!r}")
-    try:
-        from jax_introspect.experiment import grading
-        grading.parse_spec(config["grader"])
-    except ValueError as e:
-        raise SweepError(str(e)) from e
-
-
-def plan_trials(config: dict, words: list[str], layers: list[int]) -> list[Trial]:
+def plan_trials(config: SweepConfig, words: list[str], layers: list[int]) -> list[Trial]:
     """Every trial of the sweep, in a fixed order (the trial ids are the resume keys)."""
     trials = []
-    rng = random.Random(config["seed"])
-    for protocol in config["protocols"]:
+    rng = random.Random(config.seed)
+    for protocol in config.protocols:
         for layer in layers:
-            for strength in config["strengths"]:
-                if config["cell_per_word"]:
-                    cells = [(w, i) for w in words for i in range(config["trials_per_cell"])]
+            for strength in config.strengths:
+                if config.cell_per_word:
+                    cells = [(w, i) for w in words for i in range(config.trials_per_cell)]
                 else:  # the paper: one word per trial, shuffled, cycling through the list
                     order = list(words)
                     rng.shuffle(order)
-                    cells = [(order[i % len(order)], i) for i in range(config["trials_per_cell"])]
+                    cells = [(order[i % len(order)], i) for i in range(config.trials_per_cell)]
                 for word, i in cells:
                     trials.append(Trial(f"{protocol}/L{layer}/s{strength_label(strength)}/{word}/{i}", "injected", protocol,
                                         word, layer, float(strength), i))
-        for i in range(config["control_trials"]):
+        for i in range(config.control_trials):
             trials.append(Trial(f"{protocol}/control/{i}", "control", protocol, None, None, 0.0, i))
     return trials
 
@@ -271,26 +79,26 @@ def _load_cached_vectors(path: str, recipe: dict):
     return cached if cached.metadata.get("recipe") == recipe else None
 
 
-def extract_vectors(lm, config: dict, words: list[str], cache_path: Optional[str], progress: bool,
+def extract_vectors(lm, config: SweepConfig, words: list[str], cache_path: Optional[str], progress: bool,
                     use_cache: bool = True):
     """Concept vectors for every layer (cached in the results folder, keyed by their recipe)."""
-    recipe = {k: config[k] for k in ("vector_method", "vector_position", "template", "system_header", "seed")}
-    recipe.update(words=list(words), baseline_words=list(config["baseline_words"]), model=lm.config.name,
+    recipe = {k: getattr(config, k) for k in ("vector_method", "vector_position", "template", "system_header",
+                                              "seed")}
+    recipe.update(words=list(words), baseline_words=list(config.baseline_words), model=lm.config.name,
                   n_layers=lm.config.n_layers, d_model=lm.config.d_model, dtype=str(lm.dtype))
     if use_cache and cache_path:
         cached = _load_cached_vectors(cache_path, recipe)
         if cached is not None:
             return cached
-    method = config["vector_method"]
+    method = config.vector_method
     if method == "contrast_pairs":
-        result = vectors.contrast_vectors(lm, protocols.contrast_pairs(words), system_header=config["system_header"])
+        result = vectors.contrast_vectors(lm, protocols.contrast_pairs(words), system_header=config.system_header)
     else:
-        baseline = resolve_words(config["baseline_words"], "baseline word", allow_duplicates=True)
-        result = vectors.concept_vectors(lm, words, baseline, template=config["template"],
-                                         system_header=config["system_header"],
-                                         position=config["vector_position"], progress=progress)
+        result = vectors.concept_vectors(lm, words, config.baseline_words, template=config.template,
+                                         system_header=config.system_header,
+                                         position=config.vector_position, progress=progress)
         if method == "random":
-            result = vectors.random_vectors(result, seed=config["seed"])
+            result = vectors.random_vectors(result, seed=config.seed)
             result.names = list(words)
     result.metadata["recipe"] = recipe
     if cache_path:
@@ -319,7 +127,7 @@ def prompt_info(tokenizer, name: str, system_header: bool) -> PromptInfo:
 class SweepPlan:
     """What a sweep will run, worked out from the config, the model's config.json and its
     tokenizer: no weights needed, so every check it makes comes before the model loads."""
-    config: dict
+    config: SweepConfig
     words: list
     layers: list
     trials: list
@@ -327,38 +135,38 @@ class SweepPlan:
     binding: dict  # what a results folder is bound to (see `binding`)
 
 
-def binding(config: dict, layers: list[int], model_name: str, checkpoint: str, dtype: str) -> dict:
-    """The fields that decide the trials' texts: a results folder holds trials of one binding.
-    Layers are the resolved indices (0.5 and 15 are the same sweep on a 30-layer model); the
-    checkpoint is its real path (a symlink to it is the same checkpoint); the grader and batch size
-    are left out (they do not change the texts)."""
-    bound = {k: v for k, v in config.items() if k not in UNBOUND_FIELDS}
+def binding(config: SweepConfig, layers: list[int], model_name: str, checkpoint: str, dtype: str) -> dict:
+    """The fields that decide the trials' texts (`sweep_config.binding_fields`): a results folder
+    holds trials of one binding. Layers are the resolved indices (0.5 and 15 are the same sweep on a
+    30-layer model); the checkpoint is its real path (a symlink to it is the same checkpoint)."""
+    data = config.to_dict()
+    bound = {k: data[k] for k in binding_fields()}
     bound.update(layers=list(layers), model=model_name, dtype=str(dtype),
                  checkpoint=checkpoint if "://" in checkpoint else os.path.realpath(checkpoint))
     return bound
 
 
-def plan_sweep(config: dict, model_config, tokenizer, checkpoint: str, dtype: str) -> SweepPlan:
-    """Validate `config` against the model (layers, prompt lengths) and plan every trial."""
-    validate_config(config)
+def plan_sweep(config: SweepConfig, model_config, tokenizer, checkpoint: str, dtype: str) -> SweepPlan:
+    """Check `config` against the model (layers, prompt lengths) and plan every trial."""
+    config = as_config(config)
     if tokenizer is None:
         raise SweepError(f"the checkpoint {checkpoint} has no tokenizer; convert it again with --tokenizer=PATH")
-    words = resolve_words(config["words"], "concept word")
-    layers = resolve_layers(config["layers"], model_config.n_layers)
-    prompts = {name: prompt_info(tokenizer, name, config["system_header"]) for name in config["protocols"]}
+    words = list(config.words)
+    layers = resolve_layers(config.layers, model_config.n_layers)
+    prompts = {name: prompt_info(tokenizer, name, config.system_header) for name in config.protocols}
     for name, info in prompts.items():
         try:
-            config_lib.check_context(model_config, len(info.ids), config["max_new_tokens"])
+            config_lib.check_context(model_config, len(info.ids), config.max_new_tokens)
         except config_lib.ContextTooLongError as e:
             raise SweepError(f"protocol {name}: {e} (--config.max_new_tokens)") from e
-    return SweepPlan(config=dict(config), words=words, layers=layers, trials=plan_trials(config, words, layers),
+    return SweepPlan(config=config, words=words, layers=layers, trials=plan_trials(config, words, layers),
                      prompts=prompts, binding=binding(config, layers, model_config.name, checkpoint, dtype))
 
 
 def estimated_bytes(plan: SweepPlan, model_config) -> int:
     """A generous bound on what the sweep writes: records (prompt + response + grades), the vector
     cache and the report."""
-    per_trial = {name: 2 * len(info.text.encode()) + 16 * plan.config["max_new_tokens"] + 2048
+    per_trial = {name: 2 * len(info.text.encode()) + 16 * plan.config.max_new_tokens + 2048
                  for name, info in plan.prompts.items()}
     records = sum(per_trial[t.protocol] for t in plan.trials)
     cache = len(plan.words) * model_config.n_layers * model_config.d_model * 4
@@ -370,10 +178,10 @@ def _batches(items: list, size: int):
         yield items[i:i + size]
 
 
-def generate_batch(lm, batch: list[Trial], config: dict, prompts: dict[str, PromptInfo], concept, cfg_hash: str):
+def generate_batch(lm, batch: list[Trial], config: SweepConfig, prompts: dict[str, PromptInfo], concept, cfg_hash: str):
     """Generate one batch; returns its records with empty grades. The batch is padded with clean
     rows to `batch_size` so every batch has the same shape."""
-    size = config["batch_size"]
+    size = config.batch_size
     rows = batch + [batch[-1]] * (size - len(batch))
     d_model = lm.config.d_model
     injection = inject.make(
@@ -383,13 +191,13 @@ def generate_batch(lm, batch: list[Trial], config: dict, prompts: dict[str, Prom
         start=[prompts[t.protocol].start for t in rows],
         norm_match=[prompts[t.protocol].norm_match for t in rows])
     began = time.time()
-    generations = lm.generate([prompts[t.protocol].ids for t in rows], max_new_tokens=config["max_new_tokens"],
-                              injection=injection, temperature=config["temperature"], top_p=config["top_p"],
-                              seed=config["seed"], trial_ids=[t.trial_id for t in rows])[:len(batch)]
+    generations = lm.generate([prompts[t.protocol].ids for t in rows], max_new_tokens=config.max_new_tokens,
+                              injection=injection, temperature=config.temperature, top_p=config.top_p,
+                              seed=config.seed, trial_ids=[t.trial_id for t in rows])[:len(batch)]
     timing = {"batch_seconds": round(time.time() - began, 3), "batch_size": len(batch), "unix_time": round(began, 3)}
     return [results.TrialRecord(
         config_hash=cfg_hash, trial_id=t.trial_id, kind=t.kind, protocol=t.protocol, word=t.word, layer=t.layer,
-        strength=t.strength, vector_method=config["vector_method"], trial_index=t.index, seed=config["seed"],
+        strength=t.strength, vector_method=config.vector_method, trial_index=t.index, seed=config.seed,
         prompt=prompts[t.protocol].text, question=prompts[t.protocol].question, response=g.text,
         n_tokens=len(g.token_ids), finished=g.finished, grades={}, timing=timing)
         for t, g in zip(batch, generations)]
@@ -415,21 +223,14 @@ def grade_and_store(records: list[results.TrialRecord], grader, store: Optional[
         store.append([dataclasses.replace(r, grades=g) for r, g in zip(records, grades)])
 
 
-def config_to_dict(config) -> dict:
-    """An ml_collections ConfigDict (or dict) -> a plain JSON-able dict (tuples become lists)."""
-    def plain(value):
-        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
-    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return {k: plain(v) for k, v in data.items()}
-
-
-def run_sweep(lm, config: dict, out: str, *, progress: bool = True, is_writer: bool = True,
+def run_sweep(lm, config: SweepConfig, out: str, *, progress: bool = True, is_writer: bool = True,
               on_batch: Optional[Callable[[int], None]] = None, plan: Optional[SweepPlan] = None) -> dict:
     """Run (or resume) a sweep into `out`; returns a small summary. Only the writer process
     (process 0 on a pod) touches the results folder, which it locks against a second writer, and
     calls graders other than a self-hosted LLM judge (which, like generation, runs on every
-    process). `plan`: from `plan_sweep`, when the caller made it before loading the model."""
-    plan = plan or plan_sweep(config, lm.config, lm.tokenizer, lm.path, str(lm.dtype))
+    process). `config`: a SweepConfig (or a mapping of its fields); `plan`: from `plan_sweep`, when
+    the caller made it before loading the model."""
+    plan = plan or plan_sweep(as_config(config), lm.config, lm.tokenizer, lm.path, str(lm.dtype))
     if plan.binding["dtype"] != str(lm.dtype):
         raise SweepError(f"the plan was made for {plan.binding['dtype']} weights but the model holds {lm.dtype}")
     if not is_writer:
@@ -454,13 +255,13 @@ def _run(lm, plan: SweepPlan, out: str, store: Optional[results.ResultsStore], p
     # Cached vectors are reused single-process only: on a pod every process extracts them together.
     concept = extract_vectors(lm, config, plan.words, os.path.join(out, VECTORS_FILE) if store else None,
                               progress, use_cache=jax.process_count() == 1) if pending else None
-    grades_here = store is not None or grading.parse_spec(config["grader"])[0] == "llm"
-    grader = grading.make_grader(config["grader"]) if grades_here else None
+    grades_here = store is not None or grading.parse_spec(config.grader)[0] == "llm"
+    grader = grading.make_grader(config.grader) if grades_here else None
     if ungraded:  # responses of an earlier run whose grading failed: grade them, don't regenerate
         grade_and_store(ungraded, grader, store)
         if store:
             store.clear_ungraded()
-    batches = list(_batches(pending, config["batch_size"]))
+    batches = list(_batches(pending, config.batch_size))
     iterator = batches
     if progress:
         from tqdm import tqdm

@@ -34,8 +34,8 @@ class ConceptVectors:
     def vector(self, name: str, layer: int) -> np.ndarray:
         try:
             return self.vectors[self.names.index(name), layer]
-        except ValueError:
-            raise VectorError(f"no vector for {name!r}; have {self.names[:5]}...") from None
+        except ValueError as e:
+            raise VectorError(f"no vector for {name!r}; have {self.names[:5]}...") from e
 
     def save(self, path: str) -> None:
         """Written atomically: a kill mid-save leaves the previous file (or none), never a torn one."""

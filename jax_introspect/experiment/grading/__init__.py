@@ -102,7 +102,7 @@ def parse_spec(spec: str) -> tuple[str, tuple[str, ...]]:
 
 def check_grader(spec: str) -> None:
     """Everything about a grader that can be checked before any model is loaded: the spec, a
-    self-hosted judge's checkpoint (its manifest only), an API provider and its key. Raises
+    self-hosted judge's checkpoint (its manifest only), an API provider, its SDK and its key. Raises
     ValueError / GradingError naming the fix."""
     kind, args = parse_spec(spec)
     if kind == "llm":
@@ -117,7 +117,7 @@ def make_grader(spec: str, **kwargs) -> Grader:
     """"heuristic" | "llm:<checkpoint folder>" | "api:anthropic:<model>" | "api:openai:<model>".
 
     kwargs go to the grader: heuristic (related_terms), llm (max_new_tokens, batch_size, dtype, lm),
-    api (base_url, timeout_s, max_retries, backoff_s, max_tokens, workers)."""
+    api (base_url, timeout_s, max_retries, max_tokens, workers)."""
     kind, args = parse_spec(spec)
     if kind == "heuristic":
         from jax_introspect.experiment.grading.heuristic import HeuristicGrader

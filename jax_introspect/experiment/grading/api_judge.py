@@ -1,65 +1,83 @@
-"""Hosted judges over HTTP (`api:anthropic:<model>`, `api:openai:<model>`), standard library only.
+"""Hosted judges (`api:anthropic:<model>`, `api:openai:<model>`) on the official SDKs.
 
-- Anthropic Messages API: POST {base_url}/v1/messages, headers `x-api-key` and
-  `anthropic-version: 2023-06-01`; key from ANTHROPIC_API_KEY; default base_url
-  https://api.anthropic.com.
-- OpenAI chat completions (or any server speaking it, e.g. vLLM): POST
-  {base_url}/v1/chat/completions, header `Authorization: Bearer <key>`; key from OPENAI_API_KEY;
-  default base_url https://api.openai.com. A base_url ending in /v1 is accepted as well.
+The `anthropic` and `openai` packages are the optional extra `pip install 'jax_introspect[api]'`;
+without them `check_provider` (run by `grading.check_grader` before any model loads) and
+`make_grader` raise GradingError naming that command.
 
-Each grader prompt is one user message, temperature 0. A call is retried, with exponential
-backoff (`backoff_s` * 2^attempt, at most 60 s, or the server's Retry-After when longer), on HTTP
-429 and 5xx, timeouts and connection errors, malformed replies (bad JSON, missing fields) and
-replies without a YES/NO answer; other HTTP errors (400, 401, 403, 404, ...) fail at once. After
-`max_retries` retries `grade` raises GradingError naming the trial, the criterion and the last
-failure, with `.partial` = the grades of the requests before it (in order). The key is read from
-the environment only, is sent only in its header, and is scrubbed from every message this
-module produces.
+- Anthropic Messages API through `anthropic.Anthropic` (SDK 2.x: API version 2026-10-21, key in
+  `Authorization: Bearer`); key from ANTHROPIC_API_KEY; default base_url https://api.anthropic.com.
+  That API version rejects `temperature`, so none is sent.
+- OpenAI chat completions (or any server speaking it, e.g. vLLM) through `openai.OpenAI`, at
+  temperature 0; key from OPENAI_API_KEY; default base_url https://api.openai.com/v1.
+  A base_url with or without the trailing /v1 is accepted for both.
+
+Each grader prompt is one user message. HTTP failures are the SDK's to retry (`max_retries`:
+429, 408, 409 and 5xx, timeouts and connection errors, with its exponential backoff or the
+server's Retry-After); other HTTP errors (400, 401, 403, 404, ...) fail at once. A reply that
+arrives but cannot be used (not JSON, missing fields, no YES/NO answer) is asked again, up to
+`max_retries` times. A failure raises GradingError naming the trial, the criterion and the cause,
+with `.partial` = the grades of the requests before it (in order). The key is read from the
+environment only, is handed to the SDK only, and is scrubbed from every message this module
+produces.
 """
 from __future__ import annotations
 
 import concurrent.futures
-import http.client
+import dataclasses
+import importlib
 import json
 import os
-import random
-import socket
-import time
-import urllib.error
-import urllib.request
 from typing import Optional, Sequence
 
 from jax_introspect.experiment.grading import GradeRequest, GradingError, progress_bar
 from jax_introspect.experiment.grading.llm_judge import PromptJudge, judge_prompts, parse_yes_no, tail
 
+INSTALL_HINT = "pip install 'jax_introspect[api]'"
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    sdk: str  # the SDK's module name
+    client: str  # its synchronous client class
+    base_error: str  # the root of its exception classes
+    env: str  # the only place the key is read from
+    base_url: str
+    path: str  # where the SDK posts, relative to base_url (for messages only)
+
+
 PROVIDERS = {
-    "anthropic": {"env": "ANTHROPIC_API_KEY", "base_url": "https://api.anthropic.com", "path": "/v1/messages"},
-    "openai": {"env": "OPENAI_API_KEY", "base_url": "https://api.openai.com", "path": "/v1/chat/completions"},
+    "anthropic": Provider("anthropic", "Anthropic", "AnthropicError", "ANTHROPIC_API_KEY",
+                          "https://api.anthropic.com", "/v1/messages"),
+    "openai": Provider("openai", "OpenAI", "OpenAIError", "OPENAI_API_KEY",
+                       "https://api.openai.com/v1", "/chat/completions"),
 }
-ANTHROPIC_VERSION = "2023-06-01"
-MAX_BACKOFF_S = 60.0
 
 
-class _Retryable(Exception):
-    """A failed attempt worth repeating; the message says why (never holds the key)."""
-
-    def __init__(self, message: str, retry_after: float = 0.0):
-        super().__init__(message)
-        self.retry_after = retry_after
+class UnusableReply(Exception):
+    """A reply that arrived but holds no text or no YES/NO answer; worth asking again."""
 
 
-def _retry_after(error: urllib.error.HTTPError) -> float:
+def provider_spec(provider: str) -> Provider:
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown API provider {provider!r}; known: {sorted(PROVIDERS)}")
+    return PROVIDERS[provider]
+
+
+def import_sdk(provider: str):
+    """The provider's SDK module, or GradingError naming the install command."""
+    spec = provider_spec(provider)
     try:
-        return min(MAX_BACKOFF_S, max(0.0, float(error.headers.get("Retry-After", 0) or 0)))
-    except (TypeError, ValueError):
-        return 0.0
+        return importlib.import_module(spec.sdk)
+    except ImportError as e:
+        raise GradingError(f"the api:{provider} grader needs the {spec.sdk} SDK, an optional extra: "
+                           f"{INSTALL_HINT}") from e
 
 
 def check_provider(provider: str) -> str:
-    """The provider's API key from the environment, or an error naming the variable to set."""
-    if provider not in PROVIDERS:
-        raise ValueError(f"unknown API provider {provider!r}; known: {sorted(PROVIDERS)}")
-    env = PROVIDERS[provider]["env"]
+    """The provider's API key from the environment, after checking its SDK is installed; else an
+    error naming the fix (the package to install or the variable to set)."""
+    import_sdk(provider)
+    env = provider_spec(provider).env
     key = os.environ.get(env, "").strip()
     if not key:
         raise GradingError(f"the api:{provider} grader reads its API key from the environment variable {env}, "
@@ -67,107 +85,126 @@ def check_provider(provider: str) -> str:
     return key
 
 
+def sdk_base_url(provider: str, base_url: Optional[str]) -> str:
+    """The base URL in the form the SDK wants: Anthropic's SDK appends /v1/messages, OpenAI's
+    /chat/completions (so its base ends in /v1)."""
+    base = (base_url or provider_spec(provider).base_url).rstrip("/")
+    bare = base[:-3] if base.endswith("/v1") else base
+    return bare if provider == "anthropic" else bare + "/v1"
+
+
+def anthropic_text(message) -> str:
+    """The text of a Messages reply. The SDK builds its objects without validating them, so a
+    reply missing fields arrives with None in their place."""
+    blocks = getattr(message, "content", None)
+    texts = [getattr(b, "text", None) for b in blocks if getattr(b, "type", None) == "text"] \
+        if isinstance(blocks, list) else []
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise UnusableReply("malformed reply: no text block")
+    return "".join(texts)
+
+
+def openai_text(completion) -> str:
+    """The text of a chat completion (see anthropic_text on missing fields)."""
+    choices = getattr(completion, "choices", None)
+    message = getattr(choices[0], "message", None) if isinstance(choices, list) and choices else None
+    text = getattr(message, "content", None)
+    if not isinstance(text, str):
+        raise UnusableReply("malformed reply: no choices[0].message.content text")
+    return text
+
+
+def attempts_made(error) -> int:
+    """How many attempts the SDK made before raising `error`: it numbers each attempt's request
+    with the x-stainless-retry-count header."""
+    request = getattr(error, "request", None)
+    try:
+        return int(request.headers.get("x-stainless-retry-count", 0)) + 1
+    except (AttributeError, TypeError, ValueError):
+        return 1
+
+
 class ApiJudge(PromptJudge):
     def __init__(self, provider: str, model: str, base_url: Optional[str] = None, timeout_s: float = 120.0,
-                 max_retries: int = 5, backoff_s: float = 2.0, max_tokens: int = 1024, workers: int = 1):
+                 max_retries: int = 5, max_tokens: int = 1024, workers: int = 1):
         key = check_provider(provider)
-        spec = PROVIDERS[provider]
         if max_retries < 0 or timeout_s <= 0 or workers < 1:
             raise ValueError("need max_retries >= 0, timeout_s > 0 and workers >= 1")
         self.provider, self.model = provider, model
         self.name = f"api:{provider}:{model}"
-        base = (base_url or spec["base_url"]).rstrip("/")
-        if base.endswith("/v1"):
-            base = base[:-3]
-        self.url = base + spec["path"]
         self.timeout_s = float(timeout_s)
         self.max_retries = int(max_retries)
-        self.backoff_s = float(backoff_s)
         self.max_tokens = int(max_tokens)
         self.workers = int(workers)
         self.__key = key
+        spec, self._sdk = provider_spec(provider), import_sdk(provider)
+        base = sdk_base_url(provider, base_url)
+        self.url = base + spec.path
+        # One client for all workers (its HTTP pool is thread-safe); base_url is always given so
+        # ANTHROPIC_BASE_URL / OPENAI_BASE_URL never redirect the key.
+        self._client = getattr(self._sdk, spec.client)(api_key=key, base_url=base, timeout=self.timeout_s,
+                                                        max_retries=self.max_retries)
+        self._sdk_error = getattr(self._sdk, spec.base_error)
 
     def __repr__(self) -> str:
         return f"<ApiJudge {self.name} at {self.url}>"
 
-    # ---- one HTTP call ------------------------------------------------------------------------
+    # ---- one call -----------------------------------------------------------------------------
 
-    def _scrub(self, text: str) -> str:
-        return str(text).replace(self.__key, "[API key]") if self.__key else str(text)
+    def _scrub(self, text) -> str:
+        return str(text).replace(self.__key, "[API key]")
 
-    def _request(self, prompt: str) -> urllib.request.Request:
-        message = [{"role": "user", "content": prompt}]
-        if self.provider == "anthropic":
-            body = {"model": self.model, "max_tokens": self.max_tokens, "temperature": 0, "messages": message}
-            headers = {"x-api-key": self.__key, "anthropic-version": ANTHROPIC_VERSION}
-        else:
-            body = {"model": self.model, "max_tokens": self.max_tokens, "temperature": 0, "messages": message}
-            headers = {"Authorization": f"Bearer {self.__key}"}
-        headers["content-type"] = "application/json"
-        return urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    def _safe_cause(self, error: BaseException) -> Optional[BaseException]:
+        """The error to chain as the cause, or None when its text holds the key (a server echoing
+        it back), so that no traceback prints it."""
+        return None if self.__key in str(error) else error
 
-    def _reply_text(self, payload: dict) -> str:
-        if self.provider == "anthropic":
-            blocks = payload.get("content")
-            if not isinstance(blocks, list):
-                raise _Retryable("malformed reply: no 'content' list")
-            texts = [b.get("text") for b in blocks if isinstance(b, dict) and b.get("type") == "text"]
-            if not texts or not all(isinstance(t, str) for t in texts):
-                raise _Retryable("malformed reply: no text block")
-            return "".join(texts)
+    def _reply(self, prompt: str) -> str:
+        """One SDK call (the SDK retries HTTP failures itself) -> the reply text."""
+        messages = [{"role": "user", "content": prompt}]
         try:
-            text = payload["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            raise _Retryable("malformed reply: no choices[0].message.content") from None
-        if not isinstance(text, str):
-            raise _Retryable("malformed reply: message content is not text")
-        return text
+            if self.provider == "anthropic":
+                return anthropic_text(self._client.messages.create(
+                    model=self.model, max_tokens=self.max_tokens, messages=messages))
+            return openai_text(self._client.chat.completions.create(
+                model=self.model, max_tokens=self.max_tokens, temperature=0, messages=messages))
+        except json.JSONDecodeError as e:  # the SDK parses the body with json and lets this through
+            raise UnusableReply(f"malformed reply: not JSON ({tail(e.doc, 60)!r})") from e
 
-    def _attempt(self, prompt: str) -> tuple[bool, str]:
-        try:
-            with urllib.request.urlopen(self._request(prompt), timeout=self.timeout_s) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            detail = tail(e.read().decode("utf-8", "replace"), 200) if e.fp is not None else ""
-            if e.code == 429 or e.code >= 500:
-                raise _Retryable(f"HTTP {e.code} {detail}".strip(), _retry_after(e)) from None
-            raise GradingError(f"HTTP {e.code} from {self.url}: {detail}") from None
-        except (socket.timeout, TimeoutError):
-            raise _Retryable(f"timed out after {self.timeout_s:g} s") from None
-        except urllib.error.URLError as e:
-            reason = e.reason
-            if isinstance(reason, (socket.timeout, TimeoutError)):
-                raise _Retryable(f"timed out after {self.timeout_s:g} s") from None
-            raise _Retryable(f"connection failed: {reason}") from None
-        except (http.client.HTTPException, ConnectionError, OSError) as e:
-            raise _Retryable(f"connection failed: {type(e).__name__}: {e}") from None
-        try:
-            payload = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise _Retryable(f"malformed reply: not JSON ({tail(raw.decode('utf-8', 'replace'), 60)!r})") from None
-        if not isinstance(payload, dict):
-            raise _Retryable("malformed reply: not a JSON object")
-        text = self._reply_text(payload)
+    def _describe_sdk_error(self, error) -> str:
+        """What went wrong, for an error the SDK raised once its retries were spent (or at once,
+        for an error it does not retry)."""
+        attempts = attempts_made(error)
+        tried = f"{attempts} attempt{'s' if attempts > 1 else ''}"
+        if isinstance(error, self._sdk.APIStatusError):
+            body = error.body if error.body is not None else error.response.text
+            return f"HTTP {error.status_code} from {self.url} ({tried}): {tail(str(body), 200)}"
+        if isinstance(error, self._sdk.APITimeoutError):
+            return f"timed out after {self.timeout_s:g} s ({tried})"
+        if isinstance(error, self._sdk.APIConnectionError):
+            reason = f"{type(error.__cause__).__name__}: {error.__cause__}" if error.__cause__ else str(error)
+            return f"connection to {self.url} failed ({tried}): {reason}"
+        return f"{type(error).__name__}: {error}"
+
+    def _answer(self, prompt: str) -> bool:
+        text = self._reply(prompt)
         answer = parse_yes_no(text)
         if answer is None:
-            raise _Retryable(f"no YES/NO answer at the end of the reply ({tail(text)!r})")
-        return answer, text
+            raise UnusableReply(f"no YES/NO answer at the end of the reply ({tail(text)!r})")
+        return answer
 
     def ask(self, prompt: str, what: str) -> bool:
-        """The judge's YES/NO to one prompt, retried; GradingError after max_retries retries."""
-        last = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            retry_after = 0.0
+        """The judge's YES/NO to one prompt. An unusable reply is asked again up to max_retries
+        times; an SDK error (its own retries spent) is a GradingError at once."""
+        for _ in range(self.max_retries + 1):
             try:
-                return self._attempt(prompt)[0]
-            except _Retryable as e:
-                last, retry_after = self._scrub(e), e.retry_after
-            except GradingError as e:
-                raise GradingError(f"{what}: {self._scrub(e)}") from None
-            if attempt < self.max_retries:
-                delay = max(retry_after, min(MAX_BACKOFF_S, self.backoff_s * 2 ** attempt))
-                time.sleep(delay * (1 + 0.1 * random.random()))
-        raise GradingError(f"{what}: failed after {self.max_retries + 1} attempts; last failure: {last}")
+                return self._answer(prompt)
+            except UnusableReply as e:
+                last = e
+            except self._sdk_error as e:
+                raise GradingError(self._scrub(f"{what}: {self._describe_sdk_error(e)}")) from self._safe_cause(e)
+        raise GradingError(self._scrub(f"{what}: no usable reply in {self.max_retries + 1} attempts; "
+                                       f"last: {last}")) from self._safe_cause(last)
 
     # ---- grading ------------------------------------------------------------------------------
 
@@ -190,11 +227,9 @@ class ApiJudge(PromptJudge):
             for request in requests:
                 try:
                     grades.append(next(results))
-                except GradingError as e:
-                    raise GradingError(self._scrub(e), partial=grades, trial_id=request.trial_id) from None
-                except Exception as e:  # never lose the grades done so far
-                    raise GradingError(f"trial {request.trial_id} ({self.name}): {type(e).__name__}: "
-                                       f"{self._scrub(e)}", partial=grades, trial_id=request.trial_id) from None
+                except GradingError as e:  # raised again with its cause, plus the grades done so far
+                    e.partial, e.trial_id = list(grades), request.trial_id
+                    raise
                 bar.update(1)
         finally:
             bar.close()

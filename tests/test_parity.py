@@ -1,5 +1,5 @@
 """TPU-vs-GPU parity tooling: launch/gpu_reference.py (PyTorch, here on the CPU as the "GPU" side)
-writes a reference dump; launch.compare runs the same through jax_introspect and reports."""
+writes a reference dump; launch.parity runs the same through jax_introspect and reports."""
 import json
 import os
 import shutil
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from jax_introspect import parity as compare
+from jax_introspect import parity
 from tests import hf_reference as ref
 
 REPO = ref.REPO
@@ -42,12 +42,12 @@ def gpu_reference(*args):
     return _run(["launch/gpu_reference.py", "--device=cpu", *args])
 
 
-def compare_cli(*args):
-    return _run(["-m", "launch.compare", *args])
+def parity_cli(*args):
+    return _run(["-m", "launch.parity", *args])
 
 
 def _report(out):
-    with open(os.path.join(out, "compare.json")) as f:
+    with open(os.path.join(out, "parity.json")) as f:
         return json.load(f)
 
 
@@ -55,7 +55,7 @@ def _report(out):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compare_tiny")
+    root = tmp_path_factory.mktemp("parity_tiny")
     hf = str(root / "hf")
     ref.build_hf_model("gqa_untied", hf, num_hidden_layers=N_LAYERS)
     ckpt = str(root / "ckpt")
@@ -85,7 +85,7 @@ def tiny_dump(tiny):
 
 def test_tiny_float32_parity_with_injection(tiny, tiny_dump):
     out = os.path.join(tiny.root, "report")
-    proc = _ok(compare_cli(f"--checkpoint={tiny.ckpt}", f"--reference={tiny_dump}", f"--out={out}",
+    proc = _ok(parity_cli(f"--checkpoint={tiny.ckpt}", f"--reference={tiny_dump}", f"--out={out}",
                            "--dtypes=float32,bfloat16"))
     print(proc.stdout)
     report = _report(out)
@@ -99,12 +99,12 @@ def test_tiny_float32_parity_with_injection(tiny, tiny_dump):
     assert len(report["runs"]["float32"]["clean"]["layers"]) == N_LAYERS
     b = report["runs"]["bfloat16"]["summary"]
     assert b["first_jump_layer"] is None and b["residual_rel_err_max"] < 0.05
-    with open(os.path.join(out, "compare.md")) as f:
+    with open(os.path.join(out, "parity.md")) as f:
         md = f.read()
     assert "| residual_max_abs |" in md and "greedy continuations" in md
     try:
         import matplotlib  # noqa: F401
-        assert os.path.getsize(os.path.join(out, "compare.png")) > 1000
+        assert os.path.getsize(os.path.join(out, "parity.png")) > 1000
     except ImportError:
         pass
 
@@ -124,7 +124,7 @@ def test_perturbed_layer_is_localized(tiny, tmp_path):
     _perturb(tiny.hf, hf, "model.layers.2.mlp.down_proj.weight")
     dump = _tiny_dump(tiny, hf, str(tmp_path / "dump"))
     out = str(tmp_path / "report")
-    proc = _ok(compare_cli(f"--checkpoint={tiny.ckpt}", f"--reference={dump}", f"--out={out}", "--dtypes=float32"))
+    proc = _ok(parity_cli(f"--checkpoint={tiny.ckpt}", f"--reference={dump}", f"--out={out}", "--dtypes=float32"))
     run = _report(out)["runs"]["float32"]
     errors = [f"{s['rel_err_max']:.1e}" for s in run["clean"]["layers"]]
     print("perturbed layer 2: per-layer residual relative error", errors)
@@ -141,20 +141,20 @@ def test_perturbed_final_norm_is_placed_after_the_layers(tiny, tmp_path):
     model, tokenizer = gpu_reference.load_model(hf, device="cpu")
     meta, tensors = gpu_reference.build_reference(model, tokenizer, gpu_reference.read_prompts_file(tiny.prompts),
                                                   max_new_tokens=4, log=lambda m: None)
-    reference = compare.Reference(meta=meta, tensors=tensors)
-    compare.validate_reference(reference)
-    run = compare.compare_checkpoint(tiny.ckpt, reference, ["float32"], log=lambda m: None)["runs"]["float32"]
+    reference = parity.Reference(meta=meta, tensors=tensors)
+    parity.validate_reference(reference)
+    run = parity.measure_checkpoint(tiny.ckpt, reference, ["float32"], log=lambda m: None)["runs"]["float32"]
     assert run["summary"]["first_jump_layer"] is None
     assert "final norm" in run["summary"]["first_jump_where"]
     assert run["clean"]["residual_rel_err_max"] < 1e-5
 
 
 def test_jump_rule():
-    assert compare.first_jump([1e-6, 2e-6, 1.5e-6, 5e-3, 6e-3], floor=1e-4) == 3
-    assert compare.first_jump([0.5, 0.6], floor=1e-4) == 0
-    assert compare.first_jump([1e-8, 1e-6, 5e-5], floor=1e-4) is None  # 100x, but under the floor
-    assert compare.first_jump([5e-3, 7e-3, 9e-3, 1.2e-2, 2e-2, 6e-2], floor=0.1) is None  # bf16-like growth
-    assert compare.first_jump([5e-5, 8e-5, 2e-4, 4e-4], floor=1e-4, factor=10) is None  # smooth growth past the floor
+    assert parity.first_jump([1e-6, 2e-6, 1.5e-6, 5e-3, 6e-3], floor=1e-4) == 3
+    assert parity.first_jump([0.5, 0.6], floor=1e-4) == 0
+    assert parity.first_jump([1e-8, 1e-6, 5e-5], floor=1e-4) is None  # 100x, but under the floor
+    assert parity.first_jump([5e-3, 7e-3, 9e-3, 1.2e-2, 2e-2, 6e-2], floor=0.1) is None  # bf16-like growth
+    assert parity.first_jump([5e-5, 8e-5, 2e-4, 4e-4], floor=1e-4, factor=10) is None  # smooth growth past the floor
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def test_dump_from_another_model_is_refused(tiny, tmp_path):
     ref.build_hf_model("mha_tied", other, num_hidden_layers=N_LAYERS)
     dump = str(tmp_path / "dump_other")
     _ok(gpu_reference(f"--model={other}", f"--out={dump}", f"--prompts_file={tiny.prompts}", "--max_new_tokens=2"))
-    _fails(compare_cli(f"--checkpoint={tiny.ckpt}", f"--reference={dump}", f"--out={tmp_path / 'r'}"),
+    _fails(parity_cli(f"--checkpoint={tiny.ckpt}", f"--reference={dump}", f"--out={tmp_path / 'r'}"),
            "from another model", "n_kv_heads: reference 4 vs checkpoint 2", "tie_word_embeddings")
 
 
@@ -172,15 +172,30 @@ def test_dump_missing_layers_is_refused(tiny, tiny_dump, tmp_path):
     from safetensors.numpy import load_file, save_file
     dump = str(tmp_path / "dump")
     shutil.copytree(tiny_dump, dump)
-    path = os.path.join(dump, compare.TENSOR_FILE)
+    path = os.path.join(dump, parity.TENSOR_FILE)
     tensors = load_file(path)
     tensors = {k: (np.delete(v, 4, axis=0) if k.endswith(".residuals") else v) for k, v in tensors.items()}
     save_file(tensors, path)
-    _fails(compare_cli(f"--checkpoint={tiny.ckpt}", f"--reference={dump}", f"--out={tmp_path / 'r'}"),
+    _fails(parity_cli(f"--checkpoint={tiny.ckpt}", f"--reference={dump}", f"--out={tmp_path / 'r'}"),
            "missing layers", "hold 5 layers", "lists 6")
-    os.remove(os.path.join(dump, compare.META_FILE))
-    with pytest.raises(compare.CompareError, match="not a complete reference dump"):
-        compare.read_reference(dump)
+    os.remove(os.path.join(dump, parity.META_FILE))
+    with pytest.raises(parity.ParityError, match="not a complete reference dump"):
+        parity.read_reference(dump)
+
+
+def test_truncated_or_foreign_tensor_file_is_refused_with_its_cause(tiny_dump, tmp_path):
+    from safetensors import SafetensorError
+    dump = str(tmp_path / "dump")
+    shutil.copytree(tiny_dump, dump)
+    path = os.path.join(dump, parity.TENSOR_FILE)
+    with open(path, "rb") as f:
+        data = f.read()
+    for content in (data[:len(data) // 2], b"not a safetensors file at all"):
+        with open(path, "wb") as f:
+            f.write(content)
+        with pytest.raises(parity.ParityError, match="cannot be read as safetensors") as info:
+            parity.read_reference(dump)
+        assert isinstance(info.value.__cause__, SafetensorError)
 
 
 def test_mismatched_prompts_file_is_refused(tiny, tiny_dump, tmp_path):
@@ -190,7 +205,7 @@ def test_mismatched_prompts_file_is_refused(tiny, tiny_dump, tmp_path):
     path = str(tmp_path / "prompts.json")
     with open(path, "w") as f:
         json.dump(prompts, f)
-    _fails(compare_cli(f"--checkpoint={tiny.ckpt}", f"--reference={tiny_dump}", f"--prompts_file={path}",
+    _fails(parity_cli(f"--checkpoint={tiny.ckpt}", f"--reference={tiny_dump}", f"--prompts_file={path}",
                        f"--out={tmp_path / 'r'}"), "mismatched prompts", "prompt 1 (b)")
 
 
@@ -217,7 +232,7 @@ def test_gpu_reference_bad_input(tiny, tmp_path, capsys):
 def smollm2(tmp_path_factory):
     from jax_introspect.experiment import protocols
     from jax_introspect.convert.gguf_file import smollm2_path
-    root = tmp_path_factory.mktemp("compare_smollm2")
+    root = tmp_path_factory.mktemp("parity_smollm2")
     ckpt = str(root / "ckpt")
     ref.run_convert("smollm2", ckpt)
     prompts = str(root / "prompts.json")
@@ -227,7 +242,7 @@ def smollm2(tmp_path_factory):
                    {"name": "lindsey", "messages": lindsey["messages"], "anchor": lindsey["anchor"]}], f)
     gguf = smollm2_path()
     out = str(root / "report")
-    proc = _ok(compare_cli(f"--checkpoint={ckpt}", f"--hf_dir={os.path.dirname(gguf)}",
+    proc = _ok(parity_cli(f"--checkpoint={ckpt}", f"--hf_dir={os.path.dirname(gguf)}",
                            f"--gguf_file={os.path.basename(gguf)}", "--device=cpu", f"--prompts_file={prompts}",
                            "--words=Oceans", "--baseline_words=Desks,Jackets", "--layers=15", "--strengths=4",
                            "--max_new_tokens=8", "--dtypes=float32,bfloat16", f"--out={out}"))
@@ -253,12 +268,12 @@ def test_smollm2_float32_parity_and_bfloat16_figures(smollm2):
           f"{b['continuations_identical_count']} (first divergence {b['first_divergence_min']}), concept vector cos "
           f"min {b['concept_vector_cos_min']:.4f}")
     assert b["top1"] >= 0.95 and b["logits_kl_mean"] <= 1e-2 and b["first_jump_layer"] is None
-    assert os.path.isfile(os.path.join(smollm2.dump, compare.META_FILE))
+    assert os.path.isfile(os.path.join(smollm2.dump, parity.META_FILE))
 
 
 def _edited_dump(src, dst, edit):
     shutil.copytree(src, dst)
-    path = os.path.join(dst, compare.META_FILE)
+    path = os.path.join(dst, parity.META_FILE)
     with open(path) as f:
         meta = json.load(f)
     edit(meta)
@@ -271,26 +286,26 @@ def test_smollm2_tokenizer_mismatch_is_refused(smollm2, tmp_path):
     def edit(meta):
         meta["tokenizer"]["probe_ids"][3] += 1
     dump = _edited_dump(smollm2.dump, str(tmp_path / "dump"), edit)
-    _fails(compare_cli(f"--checkpoint={smollm2.ckpt}", f"--reference={dump}", f"--out={tmp_path / 'r'}"),
+    _fails(parity_cli(f"--checkpoint={smollm2.ckpt}", f"--reference={dump}", f"--out={tmp_path / 'r'}"),
            "tokenizer mismatch", "first difference at token 3")
 
 
 def test_smollm2_prompt_mismatches_are_refused(smollm2):
     import jax_introspect
     lm = jax_introspect.load(smollm2.ckpt)
-    reference = compare.read_reference(smollm2.dump)
-    compare.check_reference(reference, lm)  # the untouched dump passes
+    reference = parity.read_reference(smollm2.dump)
+    parity.check_reference(reference, lm)  # the untouched dump passes
     reference.prompts[1]["ids"][5] += 1
-    with pytest.raises(compare.CompareError, match=r"prompt 1 \(lindsey\): our token ids differ .* token 5"):
-        compare.check_reference(reference, lm)
-    reference = compare.read_reference(smollm2.dump)
+    with pytest.raises(parity.ParityError, match=r"prompt 1 \(lindsey\): our token ids differ .* token 5"):
+        parity.check_reference(reference, lm)
+    reference = parity.read_reference(smollm2.dump)
     reference.prompts[0]["text"] = reference.prompts[0]["text"].replace("France", "Spain")
-    with pytest.raises(compare.CompareError, match="chat template renders another text"):
-        compare.check_reference(reference, lm)
-    reference = compare.read_reference(smollm2.dump)
+    with pytest.raises(parity.ParityError, match="chat template renders another text"):
+        parity.check_reference(reference, lm)
+    reference = parity.read_reference(smollm2.dump)
     reference.prompts[1]["inject_start"] += 1
-    with pytest.raises(compare.CompareError, match="anchor 'Trial 1' gives injection start"):
-        compare.check_reference(reference, lm)
+    with pytest.raises(parity.ParityError, match="anchor 'Trial 1' gives injection start"):
+        parity.check_reference(reference, lm)
 
 
 # --- the 405B replication's artifacts ----------------------------------------------------------
@@ -310,7 +325,7 @@ def test_replication_artifacts_side_by_side(tmp_path):
     ours[0, 2] = direction.numpy() + 0.1 * ours[0, 2]
     ConceptVectors(names=["love"], vectors=ours, metadata={}).save(str(tmp_path / "ours.npz"))
     out = str(tmp_path / "report")
-    _ok(compare_cli(f"--replication_json={JUDGED_405B}", f"--replication_vectors={love},{plain}",
+    _ok(parity_cli(f"--replication_json={JUDGED_405B}", f"--replication_vectors={love},{plain}",
                     f"--vectors={tmp_path / 'ours.npz'}", f"--out={out}"))
     report = _report(out)
     rep = report["replication"]
@@ -321,8 +336,32 @@ def test_replication_artifacts_side_by_side(tmp_path):
     expected = float(direction.numpy() @ ours[0, 2] / np.linalg.norm(ours[0, 2]))
     assert rows["love"]["layer"] == 2 and rows["love"]["cosine_with_ours"] == pytest.approx(expected, abs=1e-6)
     assert rows["all_caps"]["cosine_with_ours"] is None
-    cv = compare.pt_to_concept_vectors([love, plain])
+    cv = parity.pt_to_concept_vectors([love, plain])
     assert cv.names == ["love", "all_caps"] and cv.vectors.shape == (2, 1, 64)
-    with open(os.path.join(out, "compare.md")) as f:
+    with open(os.path.join(out, "parity.md")) as f:
         assert "405B replication" in f.read()
-    _fails(compare_cli(f"--replication_json={tmp_path / 'ours.npz'}", f"--out={out}"), "not valid JSON")
+    _fails(parity_cli(f"--replication_json={tmp_path / 'ours.npz'}", f"--out={out}"), "not valid JSON")
+
+
+def test_our_results_beside_the_replication_use_the_report_counts(tmp_path):
+    """--results goes through the report's loader and counts: ungraded records are left out and said."""
+    from jax_introspect.experiment import report
+    from tests.test_report import CONTROLS, SPEC, _write_synthetic
+    folder = _write_synthetic(tmp_path / "sweep")  # with one ungraded record
+    out = str(tmp_path / "report")
+    _ok(parity_cli(f"--replication_json={JUDGED_405B}", f"--results={folder}", f"--out={out}"))
+    ours = _report(out)["our_results"]
+    summary = report.aggregate(report.load_run(folder))
+    assert len(ours["cells"]) == len(SPEC) + len(CONTROLS) == len(summary["cells"]) + len(summary["controls"])
+    dust = next(c for c in ours["cells"] if (c["label"], c["layer"], c["magnitude"]) ==
+                ("lindsey_injected_thought_Dust", 10, 4.0))
+    assert dust["n"] == 5 and dust["identifies"] == 3 / 5 and dust["strict_introspection"] == 2 / 5
+    control = next(c for c in ours["cells"] if c["label"] == "lindsey_injected_thought_control")
+    assert (control["layer"], control["magnitude"], control["n"], control["affirmative"]) == (None, 0.0, 10, 0.2)
+    assert ours["warnings"] and "1 of" in ours["warnings"][0] and "ungraded" in ours["warnings"][0]
+    with open(os.path.join(out, "parity.md")) as f:
+        md = f.read()
+    assert "| lindsey_injected_thought_Dust | 10 | 4 | 5 | 0.8 | 0.4 | 0.6 | 0.4 | 0.4 |" in md
+    assert "**Warning:**" in md
+    rep = _report(out)["replication"]
+    assert rep["warnings"] == [] and {c["layer"] for c in rep["cells"]} == {84, None}
