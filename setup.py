@@ -38,6 +38,7 @@ setup(
             "transformers>=5",
             "accelerate",
             "pillow",
+            "compressed-tensors",  # tests/test_fp8.py: transformers' own FP8-dynamic path as a second reference
             *API_EXTRA,  # tests/test_grading.py runs the API judges on the SDKs
         ],
     },

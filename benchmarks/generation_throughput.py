@@ -324,7 +324,7 @@ def markdown(result: dict) -> str:
     weight_bytes = 4 * matmul / 2  # float32: one 4-byte weight per multiply-add
     cache_slots = PROMPT_LEN + rows[0]["new_tokens"]
     kv_bytes_per_row = 2 * cfg.n_layers * cache_slots * cfg.n_kv_heads * cfg.head_dim * 4
-    out += ["", f"### 5. Achieved FLOP/s in batched decode", "",
+    out += ["", "### 5. Achieved FLOP/s in batched decode", "",
             f"Measured on this machine: fp32 matmul peak **{result['peak']:.0f} GFLOP/s** (jitted "
             f"{result['peak_shape']} chain), memory read bandwidth **{result['bandwidth']:.1f} GB/s** (jitted sum "
             f"of a 512 MB array). FLOPs per decoded token: {matmul / 1e6:.0f} M in weight matmuls (lm_head "

@@ -19,6 +19,7 @@ deletes nothing that is not a checkpoint (or staging folder) of ours.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_introspect import config as config_lib
 from jax_introspect import model as model_lib
 from jax_introspect import params as params_lib
 from jax_introspect import sharding as sharding_lib
@@ -363,17 +365,25 @@ def _restore(path: str, targets: dict) -> dict:
                 f"{path}/{name} is stored with shape {tuple(stored[name].shape)} but the checkpoint's config "
                 f"expects {tuple(target.shape)}: these weights belong to another model; convert the model "
                 "again or use its own config.json")
+        if (jnp.dtype(stored[name].dtype) == params_lib.FP8) != (jnp.dtype(target.dtype) == params_lib.FP8):
+            # Restoring casts: FP8 values read as float (or floats rounded to FP8) would pass silently.
+            raise CheckpointError(
+                f"{path}/{name} is stored as {jnp.dtype(stored[name].dtype)} but the checkpoint's config says "
+                f"{'it is' if target.dtype == params_lib.FP8 else 'it is not'} an FP8 weight: the config does "
+                "not describe these weights; convert the model again")
     return checkpointer.restore(path, targets)
 
 
 def _abstract(cfg: ModelConfig, leaves, dtype, sharding_of: Callable[[str], jax.sharding.Sharding]) -> dict:
-    """Restore targets of one unit: its arrays' stored shapes in `dtype` and their shardings."""
-    return {leaf.name: jax.ShapeDtypeStruct(leaf.unit_shape(cfg), dtype, sharding=sharding_of(leaf.name))
+    """Restore targets of one unit: its arrays' stored shapes, in `dtype` (FP8 weights and their
+    scales as stored), with their shardings."""
+    return {leaf.name: jax.ShapeDtypeStruct(leaf.unit_shape(cfg), params_lib.stored_dtype(leaf, cfg, dtype),
+                                            sharding=sharding_of(leaf.name))
             for leaf in leaves}
 
 
 def load_params(path: str, cfg: ModelConfig, layout: sharding_lib.Layout, dtype=None,
-                shardings: Optional[model_lib.Params] = None) -> model_lib.Params:
+                shardings: Optional[model_lib.Params] = None, numerics: str = config_lib.DEQUANTIZED) -> model_lib.Params:
     """Restore a checkpoint as `Params` in `dtype` (default: as stored), on `layout`'s mesh.
 
     `shardings`: a `Params` of `jax.sharding.Sharding`s (default: `layout.params`, which may span
@@ -381,41 +391,73 @@ def load_params(path: str, cfg: ModelConfig, layout: sharding_lib.Layout, dtype=
     chunks of its own shards) and copied into the stacked buffer in place, so no host ever holds
     the whole model. The layout's KV heads are a multiple of the stored ones; each stored head is
     repeated (the plan for more tensor-parallel ways than KV heads, docs/sharding.md).
+    `numerics` (`config.with_numerics`): an FP8 checkpoint's weights are kept as stored with their
+    scales ('fp8_dynamic'), or multiplied by their scales into `dtype` as they are restored
+    ('dequantized', on the devices, shard by shard).
     """
     path = normalize(path)  # orbax requires absolute paths
     manifest = read_manifest(path)
     dtype = jnp.dtype(dtype or manifest["dtype"])
-    run_cfg = layout.run_config(cfg)
+    run_cfg = config_lib.with_numerics(layout.run_config(cfg), numerics)
     if shardings is None:
         shardings = layout.params(run_cfg)
     params_dir = join(path, "params")
 
-    globals_ = _restore(join(params_dir, GLOBALS),
-                        _abstract(cfg, params_lib.global_leaves(cfg), dtype, lambda n: getattr(shardings, n)))
+    def sharding_of(tree, leaf: params_lib.Leaf, drop_layer_axis: bool):
+        """The leaf's target sharding; a scale that is dequantized away has its weight's output axes."""
+        target = getattr(tree, leaf.name)
+        if target is None:
+            return layout.sharding(*leaf.axes)
+        return _drop_leading_axis(target) if drop_layer_axis else target
+
+    global_leaves = params_lib.global_leaves(cfg)
+    global_sharding = {leaf.name: sharding_of(shardings, leaf, False) for leaf in global_leaves}
+    globals_ = _restore(join(params_dir, GLOBALS), _abstract(cfg, global_leaves, dtype, global_sharding.get))
+    globals_ = _to_run_numerics(globals_, cfg, run_cfg, dtype, global_sharding)
 
     layer_shardings = shardings.layers
-    unstacked_sharding = {leaf.name: _drop_leading_axis(getattr(layer_shardings, leaf.name))
-                          for leaf in params_lib.LAYER}
-    restore_sharding = dict(unstacked_sharding)
-    expand = None
+    layer_leaves = params_lib.layer_leaves(cfg)
+    restore_sharding = {leaf.name: sharding_of(layer_shardings, leaf, True) for leaf in layer_leaves}
+    expanders = {}
     if run_cfg.n_kv_heads != cfg.n_kv_heads:
-        # The stored heads do not split over the tensor axis: restore wk/wv whole on each device
-        # (one layer's, small) and repeat each head into its copies in the target sharding.
-        for name in ("wk", "wv"):
-            restore_sharding[name] = _replicate_axis(unstacked_sharding[name], 1)
-        expand = _expander(run_cfg.n_kv_heads // cfg.n_kv_heads, unstacked_sharding["wk"])
+        # The stored heads do not split over the tensor axis: restore wk/wv (and their scales) whole
+        # on each device (one layer's, small) and repeat each head into its copies in the target sharding.
+        for leaf in layer_leaves:
+            if "kv_heads" in leaf.axes:
+                axis = leaf.axes.index("kv_heads")
+                target = restore_sharding[leaf.name]
+                restore_sharding[leaf.name] = _replicate_axis(target, axis)
+                expanders[leaf.name] = _expander(run_cfg.n_kv_heads // cfg.n_kv_heads, axis, target)
     stacked = _zeros_layers(run_cfg, dtype, layer_shardings)
     for index in range(cfg.n_layers):
-        layer = _restore(join(params_dir, layer_unit(index)),
-                         _abstract(cfg, params_lib.LAYER, dtype, restore_sharding.get))
-        if expand is not None:
-            layer["wk"], layer["wv"] = expand(layer["wk"]), expand(layer["wv"])
+        layer = _restore(join(params_dir, layer_unit(index)), _abstract(cfg, layer_leaves, dtype, restore_sharding.get))
+        layer = _to_run_numerics(layer, cfg, run_cfg, dtype, restore_sharding)
+        layer = {name: expanders[name](x) if name in expanders else x for name, x in layer.items()}
         stacked = _insert_layer(stacked, model_lib.LayerParams(**layer), jnp.int32(index))
     return model_lib.Params(layers=stacked, lm_head=globals_.pop("lm_head", None), **globals_)
 
 
+def _to_run_numerics(unit: dict, cfg: ModelConfig, run_cfg: ModelConfig, dtype, sharding: dict) -> dict:
+    """One restored unit as the run config holds it: FP8 weights that `run_cfg` does not run as FP8
+    become weight * scale in `dtype` (with the weight's `sharding`), their scales dropped."""
+    unit = dict(unit)
+    for name in cfg.quantization.weights if cfg.quantization else ():
+        if name in unit and not params_lib.is_quantized(name, run_cfg):
+            scale = unit.pop(params_lib.scale_name(name))
+            unit[name] = _dequantizer(sharding[name], jnp.dtype(dtype))(unit[name], scale)
+    return unit
+
+
+@functools.lru_cache(maxsize=None)
+def _dequantizer(out_sharding: jax.sharding.Sharding, dtype):
+    """FP8 weight [in..., out...] x float32 scale [out...] -> `dtype`, what compressed-tensors'
+    decompression computes (the product in float32, then one rounding to `dtype`)."""
+    return jax.jit(lambda w, scale: (w.astype(jnp.float32) * scale).astype(dtype), out_shardings=out_sharding)
+
+
 def abstract_params(cfg: ModelConfig, dtype) -> model_lib.Params:
-    return model_lib.params_tree(cfg, lambda leaf: jax.ShapeDtypeStruct(leaf.param_shape(cfg), dtype))
+    return model_lib.params_tree(cfg, lambda leaf: jax.ShapeDtypeStruct(
+        leaf.param_shape(cfg), params_lib.stored_dtype(leaf, cfg, dtype)))
 
 
 def _drop_leading_axis(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
@@ -432,15 +474,16 @@ def _replicate_axis(sharding: jax.sharding.Sharding, axis: int) -> jax.sharding.
     return sharding
 
 
-def _expander(repeats: int, out_sharding: jax.sharding.Sharding):
-    """[D, K, hd] -> [D, K * repeats, hd], each head repeated in place (head j -> j // repeats)."""
-    return jax.jit(lambda x: jnp.repeat(x, repeats, axis=1), out_shardings=out_sharding)
+def _expander(repeats: int, axis: int, out_sharding: jax.sharding.Sharding):
+    """K KV heads on `axis` (e.g. wk [D, K, hd], its scale [K, hd]) -> K * repeats, each head
+    repeated in place (head j -> j // repeats)."""
+    return jax.jit(lambda x: jnp.repeat(x, repeats, axis=axis), out_shardings=out_sharding)
 
 
 def _zeros_layers(cfg: ModelConfig, dtype, layer_shardings: model_lib.LayerParams) -> model_lib.LayerParams:
-    make = jax.jit(lambda: model_lib.LayerParams(**{leaf.name: jnp.zeros(leaf.param_shape(cfg), dtype)
-                                                    for leaf in params_lib.LAYER}),
-                   out_shardings=layer_shardings)
+    make = jax.jit(lambda: model_lib.LayerParams(**{
+        leaf.name: jnp.zeros(leaf.param_shape(cfg), params_lib.stored_dtype(leaf, cfg, dtype))
+        for leaf in params_lib.layer_leaves(cfg)}), out_shardings=layer_shardings)
     return make()
 
 

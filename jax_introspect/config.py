@@ -1,7 +1,8 @@
 """Model configuration as data: read from HF config.json (both rope layouts) or GGUF metadata.
 
-Anything we do not implement (attention bias, sliding windows, other rope types...) is rejected
-with an error naming the field, never silently defaulted.
+Anything we do not implement (attention bias, sliding windows, other rope types, quantization
+schemes other than compressed-tensors FP8-dynamic...) is rejected with an error naming the field,
+never silently defaulted.
 """
 from __future__ import annotations
 
@@ -25,6 +26,26 @@ class RopeScaling:
     original_max_position_embeddings: int
 
 
+FP8_DYNAMIC = "fp8_dynamic"
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    """Weights stored quantized. The one scheme implemented is compressed-tensors' FP8-dynamic
+    (`docs/numerics.md`): each weight named here is stored as float8_e4m3fn with one float32 scale
+    per output channel (its `_scale` leaf in params.py); at run time each such layer's input is
+    quantized to float8_e4m3fn with one scale per token. Every other weight is unquantized."""
+
+    weights: tuple[str, ...]  # the linear weights (params.py names) stored as FP8, e.g. ("wq", ..., "w_down")
+    scheme: str = FP8_DYNAMIC
+
+    def __post_init__(self):
+        if self.scheme != FP8_DYNAMIC:
+            raise ConfigError(f"quantization scheme {self.scheme!r} is not supported (only {FP8_DYNAMIC!r})")
+        if not self.weights:
+            raise ConfigError("a quantization that quantizes no weight: store the model unquantized instead")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -40,6 +61,7 @@ class ModelConfig:
     max_position_embeddings: int = 131072
     rope_scaling: RopeScaling | None = None
     name: str = "llama"
+    quantization: Quantization | None = None  # None: every weight stored in float
 
     def __post_init__(self):
         for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
@@ -74,6 +96,9 @@ class ModelConfig:
             raise ConfigError(f"unknown ModelConfig fields {sorted(unknown)}")
         if data.get("rope_scaling") is not None:
             data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
+        if data.get("quantization") is not None:  # absent in checkpoints converted before FP8 support
+            quant = dict(data["quantization"])
+            data["quantization"] = Quantization(**dict(quant, weights=tuple(quant["weights"])))
         return cls(**data)
 
     def save(self, path: str) -> None:
@@ -102,6 +127,31 @@ def check_context(config: ModelConfig, n_prompt_tokens: int, max_new_tokens: int
         raise ContextTooLongError(
             f"a prompt of {n_prompt_tokens} tokens{new} needs {needed} positions, more than the model's "
             f"max_position_embeddings={config.max_position_embeddings}: {fix}")
+
+
+# --- numerics: how a checkpoint with FP8 weights runs ------------------------------------------
+
+DEQUANTIZED = "dequantized"
+NUMERICS = (DEQUANTIZED, FP8_DYNAMIC)
+
+
+def with_numerics(cfg: ModelConfig, numerics: str) -> ModelConfig:
+    """The config the model runs with under `numerics` (a static argument of the jitted programs):
+
+    'dequantized': every weight in the load dtype (FP8 weights times their scales, computed at load
+    time): the plain model, `cfg` without its quantization. Any checkpoint.
+    'fp8_dynamic': FP8 weights as stored; each quantized layer's input is rounded through
+    float8_e4m3fn with a per-token scale and multiplied with them in float32 (vLLM's FP8-dynamic
+    linear layers). Needs a checkpoint converted from FP8 weights.
+    """
+    if numerics not in NUMERICS:
+        raise ConfigError(f"numerics={numerics!r}: choose one of {NUMERICS}")
+    if numerics == DEQUANTIZED:
+        return dataclasses.replace(cfg, quantization=None) if cfg.quantization else cfg
+    if cfg.quantization is None:
+        raise ConfigError(f"numerics={numerics!r} needs a checkpoint converted from FP8 weights (compressed-tensors "
+                          "FP8-dynamic); this one holds unquantized weights: use numerics='dequantized'")
+    return cfg
 
 
 # --- HF config.json ---------------------------------------------------------------------------
@@ -201,6 +251,108 @@ def _hf_optional_int(hf: Mapping[str, Any], key: str, source: str, default: int)
     return default if hf.get(key) is None else _hf_int(hf, key, source)
 
 
+# compressed-tensors' FP8-dynamic scheme (its preset FP8_DYNAMIC, what llm-compressor writes for
+# Llama-3.1-405B-FP8-dynamic): the one `quantization_config` implemented. Each field must hold exactly
+# this value (absent: compressed-tensors' default, which must be it too).
+_CT_METHOD = "compressed-tensors"
+_CT_FORMAT = "float-quantized"  # weights stored as float8_e4m3fn (+ `weight_scale`)
+_CT_FP8_PRESET = "FP8_DYNAMIC"  # a config group named after the preset may hold just its targets
+_FP8_ARGS = {
+    "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
+    "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True},
+}
+_CT_ARG_DEFAULTS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": None, "dynamic": False}
+# QuantizationArgs fields that do not change a stored model's computation (calibration settings),
+# and those that must be null for FP8-dynamic (other layouts of the scales).
+_CT_ARGS_IGNORED = {"observer", "observer_kwargs", "actorder"}
+_CT_ARGS_NULL = {"group_size", "block_structure", "scale_dtype", "zp_dtype"}
+# quantization_config fields that are informational, or must be empty (features not implemented).
+_CT_INFORMATIONAL = {"global_compression_ratio", "version", "quantization_status"}
+_CT_MUST_BE_EMPTY = {"kv_cache_scheme": "a quantized KV cache", "sparsity_config": "sparse weights",
+                     "transform_config": "weight transforms", "moe_sparsity_config": "MoE sparsity"}
+_FP8_DESCRIPTION = ("only compressed-tensors FP8-dynamic is supported (quant_method 'compressed-tensors', format "
+                    "'float-quantized'; weights: 8-bit float, per output channel ('channel'), symmetric, static; "
+                    "input_activations: 8-bit float, per token ('token'), symmetric, dynamic)")
+
+
+def _refuse(source: str, field: str, value, why: str = "") -> ConfigError:
+    return ConfigError(f"{source}: {field}={value!r}{' (' + why + ')' if why else ''} is not supported: "
+                       f"{_FP8_DESCRIPTION}")
+
+
+def _check_fp8_args(args, field: str, expected: Mapping[str, Any], source: str) -> None:
+    if not isinstance(args, Mapping):
+        raise _refuse(source, field, args, "must be an object of quantization arguments")
+    unknown = sorted(set(args) - set(_CT_ARG_DEFAULTS) - _CT_ARGS_IGNORED - _CT_ARGS_NULL)
+    if unknown:
+        raise _refuse(source, f"{field}.{unknown[0]}", args[unknown[0]], "unknown quantization argument")
+    for key in sorted(_CT_ARGS_NULL):
+        if args.get(key) is not None:
+            raise _refuse(source, f"{field}.{key}", args[key])
+    for key, want in expected.items():
+        value = args.get(key, _CT_ARG_DEFAULTS[key])
+        value = value.lower() if isinstance(value, str) else value
+        if value != want or type(value) is not type(want):  # 8.0 or 1 are not 8 or True
+            raise _refuse(source, f"{field}.{key}", args.get(key, value))
+
+
+def _fp8_group_targets(name: str, group, source: str) -> list:
+    """The targets of one FP8-dynamic config group (a full scheme, or the preset's name with its targets)."""
+    field = f"quantization_config.config_groups.{name}"
+    if isinstance(group, list) and name.upper() == _CT_FP8_PRESET:
+        return group
+    if not isinstance(group, Mapping):
+        raise _refuse(source, field, group, f"a scheme object, or {_CT_FP8_PRESET!r} with a list of targets")
+    unknown = sorted(set(group) - {"targets", "weights", "input_activations", "output_activations", "format"})
+    if unknown:
+        raise _refuse(source, f"{field}.{unknown[0]}", group[unknown[0]], "unknown scheme field")
+    if group.get("format") not in (None, _CT_FORMAT):
+        raise _refuse(source, f"{field}.format", group["format"])
+    if group.get("output_activations") is not None:
+        raise _refuse(source, f"{field}.output_activations", group["output_activations"])
+    for role, expected in _FP8_ARGS.items():
+        _check_fp8_args(group.get(role), f"{field}.{role}", expected, source)
+    return group.get("targets")
+
+
+def _string_list(value, field: str, source: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{source}: {field}={value!r} must be a list of module names, class names or 're:' patterns")
+    return tuple(value)
+
+
+def _hf_quantization(hf: Mapping[str, Any], source: str, n_layers: int, tied: bool) -> Quantization | None:
+    """The `quantization_config` of an HF config.json, validated: None when absent; FP8-dynamic with
+    the weights its targets and ignore list select; anything else refused, naming the field."""
+    qc = hf.get("quantization_config")
+    if qc is None:
+        return None
+    if not isinstance(qc, Mapping):
+        raise _refuse(source, "quantization_config", qc, "must be an object")
+    if qc.get("quant_method") != _CT_METHOD:
+        raise _refuse(source, "quantization_config.quant_method", qc.get("quant_method"))
+    if qc.get("format") != _CT_FORMAT:
+        raise _refuse(source, "quantization_config.format", qc.get("format"))
+    known = {"quant_method", "format", "config_groups", "ignore"} | _CT_INFORMATIONAL | set(_CT_MUST_BE_EMPTY)
+    unknown = sorted(set(qc) - known)
+    if unknown:
+        raise _refuse(source, f"quantization_config.{unknown[0]}", qc[unknown[0]], "unknown field")
+    for key, what in _CT_MUST_BE_EMPTY.items():
+        if qc.get(key):
+            raise _refuse(source, f"quantization_config.{key}", qc[key], what)
+    groups = qc.get("config_groups")
+    if not isinstance(groups, Mapping) or not groups:
+        raise _refuse(source, "quantization_config.config_groups", groups, "needs at least one group")
+    targets = ()
+    for name, group in groups.items():
+        targets += _string_list(_fp8_group_targets(name, group, source),
+                                f"quantization_config.config_groups.{name}.targets", source)
+    ignore = _string_list(qc.get("ignore") or [], "quantization_config.ignore", source)
+    from jax_introspect import params as params_lib  # params.py imports this module
+    weights = params_lib.quantized_weights(targets, ignore, n_layers, tied, source)
+    return Quantization(weights=weights)
+
+
 def from_hf_dict(hf: Mapping[str, Any], source: str = "config.json", name: str = "llama") -> ModelConfig:
     archs = hf.get("architectures") or ["LlamaForCausalLM"]
     if not set(archs) <= _HF_ARCHITECTURES or hf.get("model_type", "llama") != "llama":
@@ -217,21 +369,24 @@ def from_hf_dict(hf: Mapping[str, Any], source: str = "config.json", name: str =
     theta, scaling = _hf_rope(hf, source)
     n_heads = _hf_int(hf, "num_attention_heads", source)
     d_model = _hf_int(hf, "hidden_size", source)
+    n_layers = _hf_int(hf, "num_hidden_layers", source)
+    tied = bool(hf.get("tie_word_embeddings", False))
     return ModelConfig(
         vocab_size=_hf_int(hf, "vocab_size", source),
         d_model=d_model,
-        n_layers=_hf_int(hf, "num_hidden_layers", source),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=_hf_optional_int(hf, "num_key_value_heads", source, default=n_heads),
         head_dim=_hf_optional_int(hf, "head_dim", source, default=d_model // n_heads),
         d_ff=_hf_int(hf, "intermediate_size", source),
         rope_theta=theta,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_word_embeddings=tied,
         max_position_embeddings=_hf_int(hf, "max_position_embeddings", source,
                                         default=HF_DEFAULT_MAX_POSITION_EMBEDDINGS),
         rope_scaling=scaling,
         name=name,
+        quantization=_hf_quantization(hf, source, n_layers, tied),
     )
 
 

@@ -3,13 +3,19 @@
 An `Injection` holds one entry per batch row. Inside the scanned decoder, after decoder layer
 `layer[b]`, every token of row b at RoPE position >= `start[b]` gets
 
-    h += strength[b] * vector[b]                                 (raw mode)
-    h += strength[b] * vector[b] / |vector[b]| * |mlp_out|       (norm_match mode)
+    h += strength[b] * vector[b]                                              norm_match 0, "raw"
+    h += strength[b] * vector[b] * |mlp_out| / (|vector[b]| + 1e-6)           norm_match 1, "mlp_out"
+    h += strength[b] * vector[b] * |h|       / (|vector[b]| + 1e-6)           norm_match 2, "residual"
 
-where `mlp_out` is that layer's MLP output at that token: the per-token norm of the sublayer
-output that vllm-lens' `norm_match` uses (the public 405B replication's protocol). All fields are
-traced arrays, so any mix of layers, strengths, vectors and windows runs in one compiled program;
-a row with strength 0 is a clean run, bit for bit.
+with the norms taken per token, in float32: `mlp_out` is that layer's MLP output and `h` the
+residual stream after the layer (attention and MLP added, before this addition). These are
+vllm-lens' `SteeringVector(norm_match=True)` rules (`vllm_lens/_worker_ext.py`, `norm_match` and
+`_apply_steering`): 1.1.0, which the public 405B replication ran, scales to the norm of the
+decoder layer's output[0], for vLLM's Llama the MLP output ("mlp_out"); >= 1.2.0 scales to
+output[0] + output[1], the full residual stream ("residual"). docs/injection.md has the check
+against vllm-lens and vLLM. All fields are traced arrays, so any mix of layers, strengths,
+vectors, windows and modes runs in one compiled program; a row with strength 0 is a clean run,
+bit for bit.
 """
 from __future__ import annotations
 
@@ -27,13 +33,41 @@ class InjectionError(ValueError):
     """An injection that cannot be applied; raised before any compute."""
 
 
+# norm_match modes, by their int code (the index).
+NORM_MODES = ("raw", "mlp_out", "residual")
+RAW, MLP_OUT, RESIDUAL = range(len(NORM_MODES))
+# vllm-lens' `norm_match(residual, steering, eps=1e-6)` divides by |steering| + eps.
+VLLM_LENS_EPS = 1e-6
+
+
+def norm_mode(value) -> int:
+    """One row's norm_match setting as its int code: False/0/"raw", True/1/"mlp_out" (vllm-lens
+    1.1.0, the 405B replication's), 2/"residual" (vllm-lens >= 1.2.0)."""
+    if isinstance(value, str) and value in NORM_MODES:
+        return NORM_MODES.index(value)
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, (int, np.integer)) and 0 <= value < len(NORM_MODES):
+        return int(value)
+    raise InjectionError(f"norm_match={value!r}: choose False/0/'raw', True/1/'mlp_out' (vllm-lens 1.1.0) "
+                         "or 2/'residual' (vllm-lens >= 1.2.0)")
+
+
+def norm_modes(norm_match):
+    """A scalar or per-row norm_match setting as int codes (a scalar stays a scalar)."""
+    values = list(norm_match) if isinstance(norm_match, (list, tuple)) else np.asarray(norm_match).tolist()
+    if isinstance(values, list):
+        return [norm_mode(v) for v in values]
+    return norm_mode(values)
+
+
 @flax.struct.dataclass
 class Injection:
     layer: jax.Array  # [B] int32, decoder layer whose output is modified
     strength: jax.Array  # [B] float32
     vector: jax.Array  # [B, D] float32
     start: jax.Array  # [B] int32, first injected position (0 = every position)
-    norm_match: jax.Array  # [B] bool
+    norm_match: jax.Array  # [B] int32, index into NORM_MODES
 
     @property
     def batch(self) -> int:
@@ -42,8 +76,9 @@ class Injection:
 
 def make(layer, strength, vector, start=0, norm_match=False, *, batch: Optional[int] = None) -> Injection:
     """Build an Injection from scalars or per-row sequences (scalars are broadcast to `batch`).
-    `vector` is [D] (shared) or [B, D]."""
+    `vector` is [D] (shared) or [B, D]; `norm_match` is a mode name, code or bool (`norm_mode`)."""
     vector = np.asarray(vector, np.float32)
+    norm_match = norm_modes(norm_match)
     if batch is None:
         sizes = [len(x) for x in (layer, strength, start, norm_match) if np.ndim(x) == 1]
         sizes += [vector.shape[0]] if vector.ndim == 2 else []
@@ -62,7 +97,7 @@ def make(layer, strength, vector, start=0, norm_match=False, *, batch: Optional[
         raise InjectionError(f"vector must be [d_model] or [{batch}, d_model], got shape {vector.shape}")
     return Injection(layer=rows(layer, np.int32), strength=rows(strength, np.float32),
                      vector=np.ascontiguousarray(vector), start=rows(start, np.int32),
-                     norm_match=rows(norm_match, bool))
+                     norm_match=rows(norm_match, np.int32))
 
 
 def none(batch: int, d_model: int) -> Injection:
@@ -88,19 +123,27 @@ def validate(injection: Injection, cfg: ModelConfig, batch: int) -> None:
         raise InjectionError("injection vector holds NaN or Inf")
     if np.asarray(injection.start).min() < 0:
         raise InjectionError("injection start positions must be >= 0")
-    norm_rows = np.asarray(injection.norm_match) & (np.asarray(injection.strength) != 0)
+    modes = np.asarray(injection.norm_match)
+    if not np.all((modes >= 0) & (modes < len(NORM_MODES))):
+        raise InjectionError(f"norm_match codes {modes.tolist()}: each must index {NORM_MODES}")
+    norm_rows = (modes != RAW) & (np.asarray(injection.strength) != 0)
     if np.any(np.linalg.norm(vector[norm_rows], axis=-1) == 0):
         raise InjectionError("norm_match needs a non-zero vector to take its direction")
 
 
 def residual_delta(injection: Injection, index: jax.Array, positions: jax.Array, token_valid: jax.Array,
-                   mlp_out: jax.Array, dtype) -> jax.Array:
-    """What layer `index` adds to the residual stream [B, T, D] (zeros for rows not injected here)."""
+                   mlp_out: jax.Array, residual: jax.Array) -> jax.Array:
+    """What layer `index` adds to the residual stream [B, T, D] (zeros for rows not injected here),
+    in the residual's dtype. `residual` is the stream after the layer, before this addition."""
     here = (injection.layer == index)[:, None] & (positions >= injection.start[:, None]) & token_valid
     vector = injection.vector[:, None, :]  # [B, 1, D], float32
-    raw = injection.strength[:, None, None] * vector
-    direction = vector / jnp.maximum(jnp.linalg.norm(vector, axis=-1, keepdims=True), 1e-30)
-    token_norm = jnp.linalg.norm(mlp_out.astype(jnp.float32), axis=-1, keepdims=True)
-    matched = injection.strength[:, None, None] * direction * token_norm
-    delta = jnp.where(injection.norm_match[:, None, None], matched, raw)
-    return jnp.where(here[..., None], delta, 0.0).astype(dtype)
+    strength = injection.strength[:, None, None]
+    mode = injection.norm_match[:, None, None]
+
+    def token_norm(x):
+        return jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True)
+    target_norm = jnp.where(mode == RESIDUAL, token_norm(residual), token_norm(mlp_out))
+    # vllm-lens' order: vector * (|target| / (|vector| + eps)), then * scale.
+    matched = vector * (target_norm / (jnp.linalg.norm(vector, axis=-1, keepdims=True) + VLLM_LENS_EPS)) * strength
+    delta = jnp.where(mode == RAW, strength * vector, matched)
+    return jnp.where(here[..., None], delta, 0.0).astype(residual.dtype)

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from jax_introspect import checkpoint as ckpt
+from jax_introspect import config as config_lib
 from jax_introspect import generate as generate_lib
 from jax_introspect import inject as inject_lib
 from jax_introspect import model as model_lib
@@ -66,7 +67,7 @@ def _append_rows(batch, rows):
 
 class LanguageModel:
     def __init__(self, config: ModelConfig, params: model_lib.Params, tokenizer=None, path: Optional[str] = None,
-                 layout: Optional[sharding_lib.Layout] = None):
+                 layout: Optional[sharding_lib.Layout] = None, numerics: str = config_lib.DEQUANTIZED):
         self.config = config
         self.params = params
         self._tokenizer = tokenizer
@@ -74,9 +75,15 @@ class LanguageModel:
         # Every call runs the jitted programs on `layout`'s mesh (default: the one the params
         # live on; one device is a 1x1 mesh) with inputs placed by its shardings. `run_config` is
         # `config` with the KV heads held in memory (duplicated when the tensor axis exceeds
-        # them; see docs/sharding.md).
+        # them; see docs/sharding.md) and the numerics of an FP8 checkpoint (`config.with_numerics`).
         self.layout = layout or sharding_lib.Layout.for_model(sharding_lib.mesh_of(params), config)
-        self.run_config = self.layout.run_config(config)
+        self.numerics = numerics
+        self.run_config = config_lib.with_numerics(self.layout.run_config(config), numerics)
+        expected = model_lib.params_tree(self.run_config, lambda leaf: 0)
+        if jax.tree.structure(params) != jax.tree.structure(expected):
+            raise ValueError(f"params with leaves {_leaf_names(params)} do not fit numerics={numerics!r} for this "
+                             f"config, which needs {_leaf_names(expected)}; load them with "
+                             "jax_introspect.load(path, numerics=...)")
 
     @property
     def tokenizer(self):
@@ -198,7 +205,13 @@ class LanguageModel:
         return self.generate([prompt], max_new_tokens=max_new_tokens)[0].text
 
 
-def load(path: str, dtype=None, shardings=None, mesh=None, rules=None) -> LanguageModel:
+def _leaf_names(params: model_lib.Params) -> list[str]:
+    return [jax.tree_util.keystr(path, simple=True, separator=".")
+            for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+
+
+def load(path: str, dtype=None, shardings=None, mesh=None, rules=None,
+         numerics: str = config_lib.DEQUANTIZED) -> LanguageModel:
     """Load a checkpoint written by `python -m launch.convert` (a local folder or gs://...).
 
     mesh: a `jax.sharding.Mesh` from `sharding.make_mesh`, or its shape as text ('2x4' =
@@ -206,11 +219,18 @@ def load(path: str, dtype=None, shardings=None, mesh=None, rules=None) -> Langua
     (or the mesh of explicit `shardings`, a `Params` of shardings). Each layer is restored
     straight into its sharding on the mesh (each host reads only its shards) and every call then
     runs the same jitted programs, with the layout's shardings, on one device or many.
-    `rules`: optional `sharding.AxisRules`."""
+    `rules`: optional `sharding.AxisRules`.
+    numerics: how a checkpoint converted from FP8 weights (compressed-tensors FP8-dynamic) runs:
+    'dequantized' (default; any checkpoint): weights = fp8 * scale in `dtype`, the plain model;
+    'fp8_dynamic': the FP8 weights as stored, each quantized layer's input rounded through
+    float8_e4m3fn with a per-token scale, float32 accumulation (vLLM's FP8-dynamic); layers the
+    checkpoint leaves unquantized (lm_head) unchanged. See docs/numerics.md."""
     config = ckpt.load_config(path)
+    config_lib.with_numerics(config, numerics)  # refuse before any weight is read
     layout = sharding_lib.Layout.for_model(_mesh(mesh, shardings), config, rules)
-    params = ckpt.load_params(path, config, layout, dtype=dtype, shardings=shardings)
-    return LanguageModel(config, params, ckpt.load_tokenizer(path), path=ckpt.normalize(path), layout=layout)
+    params = ckpt.load_params(path, config, layout, dtype=dtype, shardings=shardings, numerics=numerics)
+    return LanguageModel(config, params, ckpt.load_tokenizer(path), path=ckpt.normalize(path), layout=layout,
+                         numerics=numerics)
 
 
 def _mesh(mesh, shardings) -> jax.sharding.Mesh:

@@ -8,6 +8,10 @@ float32) so that float32 logits agree to round-off.
 Batches are left-padded: every row's last prompt token sits in the same column, so one cache
 index serves the whole batch. Pad slots are masked out of attention and do not advance RoPE
 positions.
+
+A linear weight that comes with a scale (an FP8 checkpoint run with numerics 'fp8_dynamic') is
+float8_e4m3fn and runs as vLLM's FP8-dynamic layers do (`fp8_dynamic_einsum`); whether a weight
+has a scale is part of the parameter pytree's structure, so it is fixed at trace time.
 """
 from __future__ import annotations
 
@@ -38,6 +42,14 @@ class LayerParams:
     w_gate: jax.Array
     w_up: jax.Array
     w_down: jax.Array
+    # Per-output-channel scales of FP8 weights (float32, the weight's output axes); None: unquantized.
+    wq_scale: Optional[jax.Array] = None
+    wk_scale: Optional[jax.Array] = None
+    wv_scale: Optional[jax.Array] = None
+    wo_scale: Optional[jax.Array] = None
+    w_gate_scale: Optional[jax.Array] = None
+    w_up_scale: Optional[jax.Array] = None
+    w_down_scale: Optional[jax.Array] = None
 
 
 @flax.struct.dataclass
@@ -48,12 +60,13 @@ class Params:
     layers: LayerParams
     final_norm: jax.Array
     lm_head: Optional[jax.Array]  # None when tied to `embed`
+    lm_head_scale: Optional[jax.Array] = None  # an FP8 lm_head's scales
 
 
 def params_tree(cfg: ModelConfig, value: Callable[[params_lib.Leaf], Any]) -> Params:
     """A `Params` holding `value(leaf)` for every leaf `cfg` has (shapes, shardings, arrays...);
-    `lm_head` is None when tied."""
-    layers = LayerParams(**{leaf.name: value(leaf) for leaf in params_lib.LAYER})
+    `lm_head` is None when tied, the scales None unless `cfg` quantizes their weights."""
+    layers = LayerParams(**{leaf.name: value(leaf) for leaf in params_lib.layer_leaves(cfg)})
     globals_ = {leaf.name: value(leaf) for leaf in params_lib.global_leaves(cfg)}
     return Params(layers=layers, lm_head=globals_.pop("lm_head", None), **globals_)
 
@@ -92,6 +105,48 @@ def extend_cache(cache: KVCache, extra: int) -> KVCache:
 def _precision(dtype):
     # TPUs run float32 matmuls as bf16 passes unless told otherwise; float32 parity needs HIGHEST.
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+E4M3_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448
+# vLLM's floor on a dynamic token scale (1 / (448 * 512)): an all-zero token divides by no zero.
+_MIN_TOKEN_SCALE = 1.0 / (E4M3_MAX * 512.0)
+
+
+def quantize_per_token(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """FP8-dynamic activation quantization, as vLLM's per-token kernel does it: each token's
+    features (`axes`) share the scale amax / 448, and x / scale is rounded to the nearest
+    float8_e4m3fn. Returns (x_q float8_e4m3fn, scale float32 with `axes` kept as size 1)."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=axes, keepdims=True) / E4M3_MAX, _MIN_TOKEN_SCALE)
+    return jnp.clip(x32 / scale, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn), scale
+
+
+def fp8_dynamic_einsum(spec: str, x: jax.Array, w: jax.Array, w_scale: jax.Array) -> jax.Array:
+    """`x @ w` (the einsum `spec`, x first, output = x's free axes then w's) as an FP8-dynamic
+    linear layer: x quantized per token over the axes the einsum sums, multiplied with the
+    float8_e4m3fn weights `w` accumulating in float32, then scaled by the token's scale and the
+    output channel's `w_scale` (w's output axes), and cast to x's dtype (vLLM's cutlass_scaled_mm)."""
+    operands, out = spec.split("->")
+    x_axes = operands.split(",")[0]
+    summed = tuple(i for i, a in enumerate(x_axes) if a not in out)
+    free = "".join(a for a in x_axes if a in out)
+    if not out.startswith(free):
+        raise ValueError(f"einsum {spec!r}: the output must start with the input's free axes")
+    x_q, x_scale = quantize_per_token(x, summed)
+    # e4m3 values are exact in bfloat16 and so are their products in float32: a bf16 x bf16 matmul
+    # accumulating in float32 is the fp8 GEMM, native on TPU and GPU alike.
+    acc = jnp.einsum(spec, x_q.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    # The token's scale on the output: its free axes, then size 1 over w's output axes.
+    token_scale = x_scale.reshape(tuple(n for i, n in enumerate(x.shape) if i not in summed)
+                                  + (1,) * (len(out) - len(free)))
+    return (acc * token_scale * w_scale).astype(x.dtype)
+
+
+def linear(spec: str, x: jax.Array, w: jax.Array, w_scale: Optional[jax.Array], precision) -> jax.Array:
+    """`x @ w` as the einsum `spec`; FP8-dynamic when the weight comes with its scale."""
+    if w_scale is None:
+        return jnp.einsum(spec, x, w, precision=precision)
+    return fp8_dynamic_einsum(spec, x, w, w_scale)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -151,9 +206,9 @@ def _attention(cfg: ModelConfig, q, k_cache, v_cache, mask):
 
 def _mlp(x, layer: LayerParams):
     prec = _precision(x.dtype)
-    gate = jnp.einsum("btd,df->btf", x, layer.w_gate, precision=prec)
-    up = jnp.einsum("btd,df->btf", x, layer.w_up, precision=prec)
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, layer.w_down, precision=prec)
+    gate = linear("btd,df->btf", x, layer.w_gate, layer.w_gate_scale, prec)
+    up = linear("btd,df->btf", x, layer.w_up, layer.w_up_scale, prec)
+    return linear("btf,fd->btd", jax.nn.silu(gate) * up, layer.w_down, layer.w_down_scale, prec)
 
 
 def attention_mask(cache_valid: jax.Array, start: jax.Array, num_queries: int) -> jax.Array:
@@ -198,18 +253,18 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
         h, k_all, v_all = carry
         layer, index = layer_and_index
         x = rms_norm(h, layer.attn_norm, cfg.rms_norm_eps)
-        q = apply_rope(jnp.einsum("btd,dhk->bthk", x, layer.wq, precision=prec), cos, sin)
-        k = apply_rope(jnp.einsum("btd,dhk->bthk", x, layer.wk, precision=prec), cos, sin)
-        v = jnp.einsum("btd,dhk->bthk", x, layer.wv, precision=prec)
+        q = apply_rope(linear("btd,dhk->bthk", x, layer.wq, layer.wq_scale, prec), cos, sin)
+        k = apply_rope(linear("btd,dhk->bthk", x, layer.wk, layer.wk_scale, prec), cos, sin)
+        v = linear("btd,dhk->bthk", x, layer.wv, layer.wv_scale, prec)
         # The whole cache rides in the carry and is updated in place at this layer's index.
         k_all = jax.lax.dynamic_update_slice(k_all, k.transpose(0, 2, 3, 1)[None], (index, 0, 0, 0, start))
         v_all = jax.lax.dynamic_update_slice(v_all, v.transpose(0, 2, 1, 3)[None], (index, 0, 0, start, 0))
         attn = _attention(cfg, q, k_all[index], v_all[index], mask)
-        h = h + jnp.einsum("bthk,hkd->btd", attn, layer.wo, precision=prec)
+        h = h + linear("bthk,hkd->btd", attn, layer.wo, layer.wo_scale, prec)
         mlp_out = _mlp(rms_norm(h, layer.mlp_norm, cfg.rms_norm_eps), layer)
         h = h + mlp_out
         if injection is not None:
-            h = h + inject.residual_delta(injection, index, positions, token_valid, mlp_out, h.dtype)
+            h = h + inject.residual_delta(injection, index, positions, token_valid, mlp_out, h)
         h, k_all, v_all = layout.pin(h, "hidden"), layout.pin(k_all, "cache_k"), layout.pin(v_all, "cache_v")
         return (h, k_all, v_all), (h if return_residuals else None)
 
@@ -220,7 +275,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
         h = h[:, -1:]
     h = rms_norm(h, params.final_norm, cfg.rms_norm_eps)
     head = params.embed.T if params.lm_head is None else params.lm_head
-    logits = layout.pin(jnp.einsum("btd,dv->btv", h, head, precision=prec).astype(jnp.float32), "logits")
+    logits = layout.pin(linear("btd,dv->btv", h, head, params.lm_head_scale, prec).astype(jnp.float32), "logits")
     new_cache = KVCache(k=k_all, v=v_all, valid=cache_valid, length=start + T)
     return logits, new_cache, residuals
 

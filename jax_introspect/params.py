@@ -10,15 +10,22 @@ HF stores a linear layer as `[out, in]`; we store it as `[in..., out...]` with h
 (`wq [D, H, hd]`), so that `x @ w` needs no transpose: ours = `hf.T.reshape(our shape)`.
 Norms and the embedding are stored as HF holds them. The LM head is a linear layer too
 (`[vocab, embed]` in HF, `[embed, vocab]` here), present only when it is not tied to the embedding.
+
+FP8 checkpoints (compressed-tensors FP8-dynamic, `config.Quantization`): a quantized linear weight
+is stored as float8_e4m3fn in the same layout, and its per-output-channel scale (HF
+`..._proj.weight_scale`, `[out, 1]`) as the leaf `<weight>_scale`, whose axes are the weight's
+output axes (so it is sharded like them). A scale leaf is present only when its weight is quantized.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import re
 
 import numpy as np
 
-from jax_introspect.config import ModelConfig
+from jax_introspect.config import ConfigError, ModelConfig
 
 # Logical axis -> the ModelConfig field that sizes it.
 _AXIS_SIZE_FIELDS = {
@@ -46,6 +53,13 @@ class Leaf:
     fan_in: int = 0  # linear weights: how many leading axes HF's `in` dimension covers; 0: stored as in HF
     per_layer: bool = False  # one per decoder layer, stacked on a leading layer axis in `Params`
     untied_only: bool = False  # present only when the LM head is not tied to the embedding
+    scale_of: str = ""  # the per-output-channel scale of this FP8 weight; present only when it is quantized
+
+    def present(self, cfg: ModelConfig) -> bool:
+        """Whether a model of `cfg` has this leaf."""
+        if self.untied_only and cfg.tie_word_embeddings:
+            return False
+        return is_quantized(self.scale_of, cfg) if self.scale_of else True
 
     @property
     def param_axes(self) -> tuple[str, ...]:
@@ -64,21 +78,39 @@ class Leaf:
 
     def hf_shape(self, cfg: ModelConfig) -> tuple[int, ...]:
         shape = self.unit_shape(cfg)
+        if self.scale_of:
+            return math.prod(shape), 1  # compressed-tensors' channel scales: [out, 1]
         if not self.fan_in:
             return shape
         return math.prod(shape[self.fan_in:]), math.prod(shape[:self.fan_in])  # [out, in]
 
     def from_hf(self, array: np.ndarray, cfg: ModelConfig) -> np.ndarray:
         """HF's array (in `hf_shape`) as ours (in `unit_shape`)."""
+        if self.scale_of:
+            return array.reshape(self.unit_shape(cfg))
         return array.T.reshape(self.unit_shape(cfg)) if self.fan_in else array
+
+    @property
+    def hf_module(self) -> str:
+        """The HF module this weight belongs to ('{layer}' for the layer index), e.g. model.layers.{layer}.mlp.up_proj."""
+        return self.hf_name.rsplit(".", 1)[0]
 
 
 def _layer(name: str, axes: tuple[str, ...], hf_suffix: str, fan_in: int = 0) -> Leaf:
     return Leaf(name, axes, f"model.layers.{{layer}}.{hf_suffix}", fan_in=fan_in, per_layer=True)
 
 
-# Order = the fields of model.LayerParams / model.Params and the arrays of a stored unit.
-LAYER: tuple[Leaf, ...] = (
+def _scale(weight: Leaf) -> Leaf:
+    """The per-output-channel scale of `weight` when it is stored as FP8: its output axes."""
+    return dataclasses.replace(weight, name=scale_name(weight.name), axes=weight.axes[weight.fan_in:],
+                               hf_name=weight.hf_module + ".weight_scale", fan_in=0, scale_of=weight.name)
+
+
+def scale_name(weight: str) -> str:
+    return f"{weight}_scale"
+
+
+_LAYER_WEIGHTS: tuple[Leaf, ...] = (
     _layer("attn_norm", ("embed",), "input_layernorm.weight"),
     _layer("wq", ("embed", "heads", "head_dim"), "self_attn.q_proj.weight", fan_in=1),
     _layer("wk", ("embed", "kv_heads", "head_dim"), "self_attn.k_proj.weight", fan_in=1),
@@ -89,11 +121,16 @@ LAYER: tuple[Leaf, ...] = (
     _layer("w_up", ("embed", "mlp"), "mlp.up_proj.weight", fan_in=1),
     _layer("w_down", ("mlp", "embed"), "mlp.down_proj.weight", fan_in=1),
 )
-GLOBAL: tuple[Leaf, ...] = (
+_GLOBAL_WEIGHTS: tuple[Leaf, ...] = (
     Leaf("embed", ("vocab", "embed"), "model.embed_tokens.weight"),
     Leaf("final_norm", ("embed",), "model.norm.weight"),
     Leaf("lm_head", ("embed", "vocab"), "lm_head.weight", fan_in=1, untied_only=True),
 )
+# Order = the fields of model.LayerParams / model.Params and the arrays of a stored unit: the
+# weights, then the scales of the linear ones (present only in FP8 checkpoints).
+LAYER: tuple[Leaf, ...] = _LAYER_WEIGHTS + tuple(_scale(w) for w in _LAYER_WEIGHTS if w.fan_in)
+GLOBAL: tuple[Leaf, ...] = _GLOBAL_WEIGHTS + tuple(_scale(w) for w in _GLOBAL_WEIGHTS if w.fan_in)
+LINEAR: tuple[Leaf, ...] = tuple(w for w in _LAYER_WEIGHTS + _GLOBAL_WEIGHTS if w.fan_in)  # may be FP8
 _BY_NAME = {leaf.name: leaf for leaf in LAYER + GLOBAL}
 
 
@@ -105,10 +142,82 @@ def by_name(name: str) -> Leaf:
 
 
 def global_leaves(cfg: ModelConfig) -> tuple[Leaf, ...]:
-    """The weights outside the layer stack that `cfg` has (no `lm_head` when it is tied)."""
-    return tuple(g for g in GLOBAL if not (g.untied_only and cfg.tie_word_embeddings))
+    """The weights outside the layer stack that `cfg` has (no `lm_head` when it is tied; scales of
+    FP8 weights only)."""
+    return tuple(g for g in GLOBAL if g.present(cfg))
+
+
+def layer_leaves(cfg: ModelConfig) -> tuple[Leaf, ...]:
+    """The leaves of one decoder layer that `cfg` has (scales of FP8 weights only)."""
+    return tuple(leaf for leaf in LAYER if leaf.present(cfg))
 
 
 def unit_shapes(cfg: ModelConfig, leaves: tuple[Leaf, ...]) -> dict[str, tuple[int, ...]]:
-    """Name -> stored shape of each of `leaves` (one unit: `global_leaves(cfg)` or `LAYER`)."""
-    return {leaf.name: leaf.unit_shape(cfg) for leaf in leaves}
+    """Name -> stored shape of each of `leaves` that `cfg` has (one unit: `GLOBAL` or `LAYER`)."""
+    return {leaf.name: leaf.unit_shape(cfg) for leaf in leaves if leaf.present(cfg)}
+
+
+# --- FP8 weights ---------------------------------------------------------------------------------
+
+FP8 = np.dtype("float8_e4m3fn")  # ml_dtypes' (registered with numpy by jax)
+SCALE_DTYPE = np.dtype(np.float32)  # what vLLM holds the weight scales in (BF16/F16 ones convert exactly)
+
+
+def is_quantized(weight: str, cfg: ModelConfig) -> bool:
+    return cfg.quantization is not None and weight in cfg.quantization.weights
+
+
+def stored_dtype(leaf: Leaf, cfg: ModelConfig, dtype) -> np.dtype:
+    """The dtype `leaf` is held in by a model of `cfg` whose other weights are `dtype`: FP8 weights
+    as stored, their scales in float32."""
+    if leaf.scale_of:
+        return SCALE_DTYPE
+    return FP8 if is_quantized(leaf.name, cfg) else np.dtype(dtype)
+
+
+def _matches(pattern: str, module: str) -> bool:
+    """compressed-tensors' matching of a `targets`/`ignore` entry against a linear layer: its class
+    name ('Linear'), its module name, or a 're:' regex of the name (`re.match`)."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], module) is not None
+    return pattern in ("Linear", module)
+
+
+def _modules(weight: Leaf, n_layers: int) -> list[str]:
+    """The HF module name of `weight` in every layer (one name for a global)."""
+    return [weight.hf_module.format(layer=i) for i in range(n_layers if weight.per_layer else 1)]
+
+
+@functools.lru_cache(maxsize=None)
+def quantized_weights(targets: tuple[str, ...], ignore: tuple[str, ...], n_layers: int, tied: bool,
+                      source: str = "config.json") -> tuple[str, ...]:
+    """The linear weights that a quantization config's `targets` select and `ignore` leaves out.
+    The decoder is one scan over stacked layers, so a weight is quantized in every layer or in none;
+    only linear layers (and not a tied LM head) can be."""
+    for pattern in (p for p in targets + ignore if p.startswith("re:")):
+        try:
+            re.compile(pattern[3:])
+        except re.error as e:
+            raise ConfigError(f"{source}: quantization_config pattern {pattern!r} is not a valid regex ({e})") from e
+    modules = {w.name: _modules(w, n_layers) for w in LINEAR if not (w.untied_only and tied)}
+    unmatched = [t for t in targets if not any(_matches(t, m) for names in modules.values() for m in names)]
+    if unmatched:
+        raise ConfigError(f"{source}: quantization_config targets {unmatched} match no linear layer of this Llama; "
+                          "only linear layers (the attention and MLP projections, an untied lm_head) can be FP8")
+    quantized = []
+    for weight, names in modules.items():
+        chosen = {m for m in names if any(_matches(t, m) for t in targets) and not any(_matches(p, m) for p in ignore)}
+        if chosen and len(chosen) != len(names):
+            raise ConfigError(
+                f"{source}: quantization_config quantizes {by_name(weight).hf_module.format(layer='*')} in some "
+                f"layers only (e.g. {sorted(chosen)[:2]} but not {sorted(set(names) - chosen)[:2]}); a weight must "
+                "be FP8 in every layer or in none")
+        if chosen:
+            quantized.append(weight)
+    if tied and any(_matches(t, "lm_head") for t in targets) and not any(_matches(p, "lm_head") for p in ignore):
+        raise ConfigError(f"{source}: quantization_config quantizes lm_head, which is tied to the embedding; "
+                          "a quantized tied head is not supported (list 'lm_head' in ignore)")
+    if not quantized:
+        raise ConfigError(f"{source}: quantization_config quantizes no layer (its ignore list {list(ignore)} "
+                          f"covers every target {list(targets)})")
+    return tuple(quantized)

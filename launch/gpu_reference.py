@@ -22,8 +22,10 @@ re-implements in torch exactly what jax_introspect computes:
 - Injection (jax_introspect.inject): a forward hook on decoder layer `layer` adds
   `strength * vector` to its output at every token whose position is >= `start` (positions
   come from the layer's `position_ids`, so cached decode steps are injected too); with
-  --norm_match it adds `strength * vector/|vector| * |mlp_out|`, where mlp_out is that layer's
-  MLP output at the token (captured by a hook on the layer's MLP).
+  --norm_match=mlp_out (or bare --norm_match) it adds `strength * vector * |mlp_out| / (|vector| + 1e-6)`,
+  where mlp_out is that layer's MLP output at the token (captured by a hook on the layer's MLP):
+  vllm-lens 1.1.0's norm_match, the 405B replication's; with --norm_match=residual the norm is
+  that of the layer's output before the addition, the full residual stream: vllm-lens >= 1.2.0's.
 - Greedy continuations: a plain KV-cached loop, token = argmax of the float32 logits (first
   maximum on ties), stopping after an end-of-turn token or --max_new_tokens.
 
@@ -82,6 +84,20 @@ FINGERPRINT_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_siz
 
 class ReferenceError(ValueError):
     """Bad input for the reference run; the message names the problem."""
+
+
+# Injection norm modes as jax_introspect.inject.NORM_MODES names them (copied: no JAX here).
+NORM_MODES = ("raw", "mlp_out", "residual")
+NORM_EPS = 1e-6  # vllm-lens' norm_match divides by |vector| + 1e-6
+
+
+def norm_mode_name(value) -> str:
+    """A norm-match setting as its mode name; bools are the old spelling (True = "mlp_out")."""
+    if isinstance(value, bool):
+        return NORM_MODES[int(value)]
+    if value in NORM_MODES:
+        return value
+    raise ReferenceError(f"norm_match={value!r}: choose one of {', '.join(NORM_MODES)}")
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -241,17 +257,17 @@ class Injection:
     """Forward hooks doing jax_introspect's injection (see the module docstring). Register before
     any recorder so recorded residuals include the injection. Also the tests' torch reference
     (`with Injection(model, ...):` removes the hooks on exit); `vector` may be [B, 1, D] for one
-    vector per batch row (raw injection only: norm_match takes one direction)."""
+    vector per batch row. norm_match: "raw", "mlp_out", "residual" (or a bool, True = "mlp_out")."""
 
     def __init__(self, model, layer: int, vector: np.ndarray, strength: float, start: int = 0,
-                 norm_match: bool = False):
+                 norm_match="raw"):
         import torch
         self.vector = torch.as_tensor(np.asarray(vector, np.float32))
-        self.strength, self.start, self.norm_match = float(strength), int(start), bool(norm_match)
+        self.strength, self.start, self.norm_match = float(strength), int(start), norm_mode_name(norm_match)
         self._mlp_out = None
         decoder_layer = _layers(model)[layer]
         self._handles = [decoder_layer.register_forward_hook(self._add, with_kwargs=True)]
-        if self.norm_match:
+        if self.norm_match == "mlp_out":
             self._handles.append(decoder_layer.mlp.register_forward_hook(self._capture_mlp))
 
     def _capture_mlp(self, module, args, output):
@@ -264,11 +280,13 @@ class Injection:
             raise ReferenceError("the decoder layer was called without position_ids; this transformers "
                                  "version is not supported by the injection hooks")
         vector = self.vector.to(hidden.device)
-        if self.norm_match:
-            unit = vector / vector.norm()
-            delta = self.strength * unit * self._mlp_out.float().norm(dim=-1, keepdim=True)
-        else:
+        if self.norm_match == "raw":
             delta = self.strength * vector
+        else:
+            # HF's layer output is the full residual stream; vllm-lens' order of operations.
+            target = self._mlp_out if self.norm_match == "mlp_out" else hidden
+            target_norm = target.float().norm(dim=-1, keepdim=True)
+            delta = vector * (target_norm / (vector.norm(dim=-1, keepdim=True) + NORM_EPS)) * self.strength
         mask = (positions.to(hidden.device) >= self.start)[..., None].float()
         # Rounded to the model's dtype before the add, as jax_introspect does.
         return _with_hidden(output, hidden + (mask * delta).to(hidden.dtype))
@@ -484,7 +502,7 @@ def _versions(device: str) -> dict:
 def build_reference(model, tokenizer, prompts: Sequence[dict], *, words: Sequence[str] = (),
                     baseline_words: Sequence[str] = (), template: str = DEFAULT_TEMPLATE,
                     vector_files: Sequence[str] = (), layers: Sequence[int] = (), strengths: Sequence[float] = (),
-                    norm_match: bool = False, inject_start: int = 0, max_new_tokens: int = 16,
+                    norm_match="raw", inject_start: int = 0, max_new_tokens: int = 16,
                     residual_layers: Optional[Sequence[int]] = None, device: str = "cpu", dtype: str = "float32",
                     model_path: str = "", gguf_file: Optional[str] = None, log=print) -> tuple[dict, dict]:
     """Run everything; returns (metadata, tensors). `prompts`: entries as read_prompts_file gives."""
@@ -526,14 +544,15 @@ def build_reference(model, tokenizer, prompts: Sequence[dict], *, words: Sequenc
                                  f"[{n_layers}, {d_model}] for this model")
     if (layers or strengths) and not (layers and strengths and sources):
         raise ReferenceError("injection needs --layers, --strengths and vectors (--words or --vector_files)")
+    norm_match = norm_mode_name(norm_match)
     cases = []
     for (name, vector, _), layer, strength in itertools.product(sources, layers, strengths):
         v = vector[layer] if vector.ndim == 2 else vector
-        if norm_match and strength != 0 and not np.linalg.norm(v) > 0:
+        if norm_match != "raw" and strength != 0 and not np.linalg.norm(v) > 0:
             raise ReferenceError(f"vector {name} at layer {layer} is zero: norm_match needs a direction")
         index = len(cases)
         cases.append({"name": f"{name}@L{layer}x{strength:g}", "vector": name, "layer": int(layer),
-                      "strength": float(strength), "norm_match": bool(norm_match)})
+                      "strength": float(strength), "norm_match": norm_match})
         tensors[f"case{index}.vector"] = np.asarray(v, np.float32)
     eos = eos_ids_of(model, tokenizer)
     runs = [(None, "clean")] + [(c, f"case{c}") for c in range(len(cases))]
@@ -593,7 +612,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vector_files", default="", help="comma-separated .pt / .npz vector files to inject")
     parser.add_argument("--layers", default="", help="injection layers, e.g. 10,20")
     parser.add_argument("--strengths", default="", help="injection strengths, e.g. 2,4")
-    parser.add_argument("--norm_match", action="store_true", help="strength is relative to |mlp_out| per token")
+    parser.add_argument("--norm_match", nargs="?", const="mlp_out", default="raw", choices=NORM_MODES,
+                        help="raw: add strength * vector; mlp_out (bare --norm_match): strength is relative to "
+                        "|mlp_out| per token (vllm-lens 1.1.0); residual: to the residual stream's norm "
+                        "(vllm-lens >= 1.2.0)")
     parser.add_argument("--inject_start", type=int, default=0, help="first injected position (0: all)")
     parser.add_argument("--max_new_tokens", type=int, default=16)
     parser.add_argument("--residual_layers", default="", help="layers whose residuals are stored (default: all)")

@@ -39,7 +39,9 @@ def define_flags() -> None:
     flags.DEFINE_string("vector_files", "", "With --hf_dir: .pt/.npz vectors to inject.")
     flags.DEFINE_string("layers", "", "With --hf_dir: injection layers.")
     flags.DEFINE_string("strengths", "", "With --hf_dir: injection strengths.")
-    flags.DEFINE_bool("norm_match", False, "With --hf_dir: norm-matched injection.")
+    flags.DEFINE_enum("norm_match", "raw", ["raw", "mlp_out", "residual"],
+                      "With --hf_dir: raw injection, or norm-matched to the layer's MLP output (vllm-lens 1.1.0, "
+                      "the 405B replication's) or to the residual stream (vllm-lens >= 1.2.0).")
     flags.DEFINE_integer("inject_start", 0, "With --hf_dir: first injected position.")
     flags.DEFINE_integer("max_new_tokens", 16, "With --hf_dir: greedy continuation length.")
     flags.DEFINE_string("residual_layers", "", "With --hf_dir: layers whose residuals are kept (default all).")

@@ -5,7 +5,6 @@ import os
 import shutil
 
 import numpy as np
-import pytest
 import safetensors.numpy
 
 from benchmarks import conversion_memory as bench

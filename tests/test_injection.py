@@ -1,6 +1,8 @@
-"""Concept injection against HF transformers with forward hooks doing the same addition."""
+"""Concept injection against HF transformers with forward hooks doing the same addition, and
+its norm-matched modes against vllm-lens' steering formulas."""
 import numpy as np
 import pytest
+import torch
 
 import jax
 import jax.numpy as jnp
@@ -29,21 +31,30 @@ def _vector(d, seed=0, scale=1.0):
     return np.random.RandomState(seed).standard_normal(d).astype(np.float32) * scale
 
 
-@pytest.mark.parametrize("norm_match", [False, True])
+# Strengths that steer the tiny model clearly without making its greedy steps near-ties: the
+# residual stream's norm is several times the MLP output's.
+MODE_STRENGTH = {"raw": 4.0, "mlp_out": 1.0, "residual": 0.3}
+
+
+@pytest.mark.parametrize("norm_match", list(MODE_STRENGTH))
 @pytest.mark.parametrize("layer,start", [(0, 0), (1, 7), (2, 19)])
 def test_prefill_and_16_decode_steps_match_hf_hooks(tiny, layer, start, norm_match):
     lm, model = tiny
     prompt = _tokens(1, 20, seed=layer)
     vector = _vector(lm.config.d_model, seed=start)
-    strength = 1.0 if norm_match else 4.0
+    strength = MODE_STRENGTH[norm_match]
     injection = inject.make(layer, strength, vector, start=start, norm_match=norm_match, batch=1)
     with gpu_reference.Injection(model, layer, vector, strength, start, norm_match):
         hf_prefill, _ = ref.hf_logits_and_hidden(model, prompt)
+        hf_residuals = ref.hf_raw_residuals(model, prompt)  # [L, 1, T, D]
         hf_tokens, hf_step_logits = ref.hf_greedy_with_logits(model, prompt, 16)
     clean, _ = ref.hf_logits_and_hidden(model, prompt)
     assert np.abs(hf_prefill - clean).max() > 1e-2, "the injection must change the reference"
     ours_prefill = lm.logits(prompt, injection=injection)
     assert np.abs(ours_prefill - hf_prefill).max() <= 1e-4
+    ours_residuals = lm.residuals(prompt, injection=injection)
+    scale = np.abs(hf_residuals).max(axis=-1, keepdims=True)
+    assert (np.abs(ours_residuals - hf_residuals) / scale).max() <= 1e-5
     top2 = np.sort(hf_step_logits[0], axis=-1)[:, -2:]
     assert (top2[:, 1] - top2[:, 0]).min() > 1e-3, "a near-tie would make greedy tokens ill-defined"
     gen = lm.generate(prompt.tolist(), max_new_tokens=16, injection=injection, return_logits=True)[0]
@@ -65,6 +76,21 @@ def test_mixed_rows_each_match_their_own_reference(tiny):
         assert np.abs(ours[i, -len(row):] - theirs[0]).max() <= 1e-4
 
 
+def test_mixed_norm_modes_in_one_batch_each_match_their_own_reference(tiny):
+    lm, model = tiny
+    rows = [_tokens(1, n, seed=n)[0].tolist() for n in (9, 14, 20, 11)]
+    settings = [(1, "raw", 3), (1, "mlp_out", 0), (2, "residual", 4), (0, "mlp_out", 2)]
+    vectors = np.stack([_vector(lm.config.d_model, seed=10 + i) for i in range(len(rows))])
+    strengths = [MODE_STRENGTH[mode] for _, mode, _ in settings]
+    injection = inject.make([s[0] for s in settings], strengths, vectors, start=[s[2] for s in settings],
+                            norm_match=[s[1] for s in settings])
+    ours = lm.logits(rows, injection=injection)
+    for i, (row, (layer, mode, start)) in enumerate(zip(rows, settings)):
+        with gpu_reference.Injection(model, layer, vectors[i], strengths[i], start, mode):
+            theirs, _ = ref.hf_logits_and_hidden(model, [row])
+        assert np.abs(ours[i, -len(row):] - theirs[0]).max() <= 1e-4, mode
+
+
 def _clean_program(params, cfg, layout, tokens, valid):
     cache = model_lib.init_cache(cfg, tokens.shape[0], tokens.shape[1], params.embed.dtype)
     return model_lib.forward(params, cfg, tokens, model_lib.prompt_positions(valid), valid, cache,
@@ -76,9 +102,11 @@ def test_strength_zero_is_the_clean_model_bit_for_bit(tiny):
     tokens = _tokens(3, 16, seed=5)
     valid = np.ones_like(tokens, bool)
     clean = np.asarray(jax.jit(_clean_program, static_argnums=(1, 2))(lm.params, lm.config, lm.layout, tokens, valid))
-    zero = inject.make([0, 1, 2], 0.0, np.stack([_vector(lm.config.d_model, i, 50.0) for i in range(3)]))
+    zero = inject.make([0, 1, 2], 0.0, np.stack([_vector(lm.config.d_model, i, 50.0) for i in range(3)]),
+                       norm_match=["raw", "mlp_out", "residual"])
     np.testing.assert_array_equal(lm.logits(tokens, injection=zero), clean)
-    mixed = inject.make([1, 1, 1], [0.0, 8.0, 0.0], _vector(lm.config.d_model, 1, 3.0))
+    mixed = inject.make([1, 1, 1], [0.0, 8.0, 0.0], _vector(lm.config.d_model, 1, 3.0),
+                        norm_match=["residual", "raw", "mlp_out"])
     out = lm.logits(tokens, injection=mixed)
     np.testing.assert_array_equal(out[[0, 2]], clean[[0, 2]])
     assert np.abs(out[1] - clean[1]).max() > 1e-2
@@ -95,7 +123,8 @@ def test_layer_strength_grid_compiles_once_per_batch_shape(tiny):
         cells = grid[i:i + 8]
         injection = inject.make([c[0] for c in cells], [c[1] for c in cells],
                                 np.stack([_vector(d, j) for j in range(len(cells))]),
-                                start=[j % 5 for j in range(len(cells))])
+                                start=[j % 5 for j in range(len(cells))],
+                                norm_match=[(i + j) % 3 for j in range(len(cells))])
         lm.generate(prompts, max_new_tokens=4, injection=injection, temperature=1.0, seed=i)
         lm.logits(prompts, injection=injection)
     assert generate_lib.generate_tokens._cache_size() - before <= 1
@@ -204,10 +233,96 @@ def test_bad_injection_is_refused_before_compute(tiny, bad, message):
     assert jax_introspect.lm._prefill._cache_size() == before
 
 
+def test_norm_match_spellings():
+    vector = np.ones(4, np.float32)
+    rows = inject.make(0, 1.0, vector, norm_match=[False, True, "raw", "mlp_out", "residual", 0, 1, 2])
+    assert rows.norm_match.dtype == np.int32
+    assert rows.norm_match.tolist() == [0, 1, 0, 1, 2, 0, 1, 2]
+    assert inject.make(0, 1.0, vector, norm_match="residual", batch=3).norm_match.tolist() == [2, 2, 2]
+    assert inject.make(0, 1.0, vector, norm_match=np.array([True, False])).norm_match.tolist() == [1, 0]
+    for bad in ("full", 3, -1, 1.0, None, ["mlp_out", "norm"]):
+        with pytest.raises(inject.InjectionError, match="'mlp_out'.*'residual'"):
+            inject.make(0, 1.0, vector, norm_match=bad, batch=2)
+
+
+def test_norm_match_needs_a_direction(tiny):
+    lm, _ = tiny
+    injection = inject.make(1, 1.0, np.zeros(64, np.float32), norm_match="residual", batch=1)
+    with pytest.raises(inject.InjectionError, match="non-zero vector"):
+        lm.logits(_tokens(1, 5), injection=injection)
+
+
 def test_wrong_batch_size_is_refused(tiny):
     lm, _ = tiny
     with pytest.raises(inject.InjectionError, match="rows"):
         lm.logits(_tokens(2, 5), injection=inject.make(0, 1.0, np.ones(64), batch=3))
+
+
+# --- vllm-lens' steering, transcribed ------------------------------------------------------------
+# vllm_lens/_worker_ext.py from the vllm-lens wheels 1.1.0 and 1.3.0 (1.2.0's steering code is
+# 1.3.0's): `norm_match` verbatim, and for a broadcast vector ((1, hidden) activations, no
+# position_indices) the 2D branch of `_apply_steering` with the norm reference its caller
+# `_hook_inner` passes: 1.1.0 norm-matches `target`, the clone of the decoder layer's output[0];
+# 1.2.0+ passes `norm_ref = output[0] + output[1]`. vLLM's Llama decoder layer returns
+# (hidden_states, residual) = (the MLP output, the stream before the MLP add), and the next layer
+# adds the two. benchmarks/vllm_lens_check.py checks this transcription against the packages.
+
+def vllm_lens_norm_match(residual, steering, eps=1e-6):
+    r_norm = residual.float().norm(dim=-1, keepdim=True)
+    v_norm = steering.float().norm(dim=-1, keepdim=True)
+    return (steering * (r_norm / (v_norm + eps))).to(residual.dtype)
+
+
+def vllm_lens_steered_stream(version: str, output: tuple, vector, scale: float, norm_match: bool):
+    """The residual stream the next layer sees, output[0] + output[1], after vllm-lens `version`
+    steered one request's tokens [T, hidden] at this layer."""
+    hidden_states, residual = output
+    target = hidden_states.clone()
+    norm_ref = target if version == "1.1.0" else hidden_states + residual
+    v = vector.to(target.dtype).unsqueeze(0)
+    if norm_match:
+        v = vllm_lens_norm_match(norm_ref, v)
+    target = target + v * scale
+    return target + residual
+
+
+VLLM_LENS_MODE = {"raw": ("1.3.0", False), "mlp_out": ("1.1.0", True), "residual": ("1.3.0", True)}
+
+
+def ours_steered_stream(mode: str, output: tuple, vector: np.ndarray, scale: float) -> np.ndarray:
+    """Our residual_delta on the same layer output, one row of T tokens all injected."""
+    mlp_out, before_mlp = (jnp.asarray(x.numpy()) for x in output)
+    stream = before_mlp + mlp_out
+    T = stream.shape[0]
+    injection = inject.make(3, scale, vector, norm_match=mode, batch=1)
+    delta = inject.residual_delta(injection, jnp.int32(3), jnp.arange(T)[None], jnp.ones((1, T), bool),
+                                  mlp_out[None], stream[None])
+    return np.asarray(stream + delta[0])
+
+
+@pytest.mark.parametrize("mode", list(VLLM_LENS_MODE))
+def test_norm_modes_equal_vllm_lens_formulas(mode):
+    """float32, random layer outputs whose stream is ~10x the MLP output (as in real models) and
+    scales from 0.1 to 16: ours equals the transcription to 1e-6 of each token's largest element
+    (about 8 float32 ulps; the norms are reduced and the three terms summed in another order)."""
+    version, norm_match = VLLM_LENS_MODE[mode]
+    rng = np.random.default_rng(0)
+    for trial in range(6):
+        d, T = 256, 7
+        mlp_out = torch.as_tensor(rng.standard_normal((T, d)), dtype=torch.float32)
+        before_mlp = torch.as_tensor(10 * rng.standard_normal((T, d)), dtype=torch.float32)
+        vector = rng.standard_normal(d).astype(np.float32) * rng.uniform(0.01, 100)
+        scale = float([0.1, 0.5, 1.0, 2.0, 8.0, 16.0][trial])
+        theirs = vllm_lens_steered_stream(version, (mlp_out, before_mlp), torch.as_tensor(vector), scale,
+                                          norm_match).numpy()
+        ours = ours_steered_stream(mode, (mlp_out, before_mlp), vector, scale)
+        largest = np.abs(theirs).max(axis=-1, keepdims=True)
+        assert (np.abs(ours - theirs) / largest).max() <= 1e-6, mode
+        clean = (mlp_out + before_mlp).numpy()
+        if norm_match:  # the added part has the norm scale * |mlp_out| or scale * |stream| per token
+            reference = mlp_out if mode == "mlp_out" else mlp_out + before_mlp
+            np.testing.assert_allclose(np.linalg.norm(ours - clean, axis=-1),
+                                       scale * reference.norm(dim=-1).numpy(), rtol=1e-4)
 
 
 # --- injection windows --------------------------------------------------------------------------

@@ -26,12 +26,21 @@ def open_source(spec: str) -> Source:
     raise ConversionError(f"source {spec!r} does not exist; pass an HF model folder, a .gguf file or 'smollm2'")
 
 
-def convert(spec: str, out: str, dtype: str = "float32", overwrite: bool = False,
+def default_dtype(source: Source) -> str:
+    """float32; bfloat16 for FP8 weights (compressed-tensors FP8-dynamic), whose unquantized tensors
+    are stored in bfloat16 and which vLLM runs in bfloat16."""
+    return "bfloat16" if source.config.quantization else "float32"
+
+
+def convert(spec: str, out: str, dtype: str | None = None, overwrite: bool = False,
             tokenizer=None, progress: bool = True) -> str:
-    """Convert `spec` into a checkpoint at `out`, streaming one layer at a time. Returns `out`."""
-    if dtype not in DTYPES:
+    """Convert `spec` into a checkpoint at `out`, streaming one layer at a time. Returns `out`.
+    `dtype`: of every weight that is not FP8 (None: `default_dtype`); FP8 weights are kept as
+    stored, with float32 scales."""
+    if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype={dtype!r}: choose one of {DTYPES}")
     source = open_source(spec)
+    dtype = dtype or default_dtype(source)
     path = source.description["path"]  # an HF folder (its shapes come from config.json) or a .gguf file
     source_lib.validate(source, config_file=os.path.join(path, "config.json") if os.path.isdir(path) else path)
     tokenizer = tokenizer or source.tokenizer

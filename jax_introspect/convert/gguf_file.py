@@ -110,7 +110,7 @@ def open_gguf(path: str) -> Source:
         heads = (cfg.n_heads if hf.endswith("q_proj.weight")
                  else cfg.n_kv_heads if hf.endswith("k_proj.weight") else None)
         tensors[hf] = SourceTensor(name=hf, file=path, shape=tuple(int(d) for d in t.shape[::-1]),
-                                   load=_loader(path, t, heads))
+                                   load=_loader(path, t, heads), dtype=np.dtype(np.float32))
     description = {"format": "gguf", "path": os.path.abspath(path), "bytes": os.path.getsize(path),
                    "quantization_types": sorted({t.tensor_type.name for t in reader.tensors})}
     from jax_introspect import tokenizer as tok_lib

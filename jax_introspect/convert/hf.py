@@ -67,7 +67,8 @@ def _read_header(path: str) -> tuple[dict, int]:
     return header, 8 + header_len
 
 
-_DTYPES = {"F32": np.float32, "BF16": np.dtype("bfloat16"), "F16": np.float16}
+_DTYPES = {"F32": np.float32, "BF16": np.dtype("bfloat16"), "F16": np.float16,
+           "F8_E4M3": np.dtype("float8_e4m3fn")}  # compressed-tensors FP8 weights
 
 
 def _loader(path: str, name: str, info: dict, data_start: int):
@@ -93,6 +94,13 @@ def _loader(path: str, name: str, info: dict, data_start: int):
     return load
 
 
+def _loaded_dtype(safetensors_dtype: str) -> np.dtype:
+    """The dtype `_loader` returns a tensor in (F16 is widened to float32); unknown dtypes are
+    refused by `_loader` itself."""
+    dtype = np.dtype(_DTYPES.get(safetensors_dtype, np.float32))
+    return np.dtype(np.float32) if dtype == np.float16 else dtype
+
+
 def find_tokenizer(folder: str):
     from jax_introspect import tokenizer as tok_lib
     for rel in _TOKENIZER_FILES:
@@ -114,7 +122,8 @@ def open_folder(folder: str) -> Source:
             if name in tensors:
                 raise ConversionError(f"tensor {name} appears in both {tensors[name].file} and {path}")
             tensors[name] = SourceTensor(name=name, file=path, shape=tuple(info["shape"]),
-                                         load=_loader(path, name, info, data_start))
+                                         load=_loader(path, name, info, data_start),
+                                         dtype=_loaded_dtype(info["dtype"]))
     description = {"format": "hf-safetensors", "path": os.path.abspath(folder),
                    "files": [os.path.basename(p) for p in files],
                    "bytes": sum(os.path.getsize(p) for p in files)}

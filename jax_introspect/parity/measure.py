@@ -37,7 +37,7 @@ def run_jax(lm, ref: Reference, ids: Sequence[Sequence[int]], batch_size: int = 
             vector=np.stack([ref.tensors[f"case{c}.vector"] if c is not None else np.zeros(d_model, np.float32)
                              for c, _, _ in chunk]),
             start=[ref.prompts[i].get("inject_start", 0) for _, _, i in chunk],
-            norm_match=[bool(c and c["norm_match"]) for c in cases])
+            norm_match=[c["norm_match"] if c else "raw" for c in cases])  # a mode name, or a bool in old dumps
         residuals = lm.residuals(chunk_ids, injection=injection)  # [L, b, T, D]
         logits = lm.logits(chunk_ids, injection=injection)  # [b, T, V]
         gens = lm.generate(chunk_ids, max_new_tokens=ref.meta["max_new_tokens"], injection=injection,

@@ -141,8 +141,12 @@ _CONFIG_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", 
 def check_model(ref: Reference, config) -> None:
     """The dump must come from a model with this checkpoint's architecture."""
     from jax_introspect.config import ConfigError, from_hf_dict
+    hf = dict(ref.meta["model"]["config"])
+    if (hf.get("quantization_config") or {}).get("quant_method") == "gguf":
+        # transformers marks a model it loaded from a GGUF file so; its weights are dequantized floats.
+        del hf["quantization_config"]
     try:
-        theirs = from_hf_dict(ref.meta["model"]["config"], source="the reference's config")
+        theirs = from_hf_dict(hf, source="the reference's config")
     except (ConfigError, KeyError, TypeError, ValueError) as e:
         raise ParityError(f"the reference dump's model is not a Llama model jax_introspect runs: {e}") from e
     diffs = [f"{f}: reference {getattr(theirs, f)} vs checkpoint {getattr(config, f)}"
