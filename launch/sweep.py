@@ -5,11 +5,11 @@
 
 `--config` names a file whose `get_config()` returns a `SweepConfig`; `--config.FIELD=VALUE`
 overrides one of its fields (`--helpfull` lists them), parsed by the field's type; list fields
-(protocols, words, baseline_words, layers, strengths) take the same forms: comma-separated
+(protocols, words, baseline_words, layers, strengths, vector_files) take the same forms: comma-separated
 (`--config.words=Dust,Oceans`), a list literal (`--config.words="('Dust','Oceans')"`) or one
 value; a repeated flag replaces the earlier one. Everything that can be checked without the
-weights (the config, the grader, layers and prompt lengths against the model's config.json, the
-output folder) is checked before they load. Re-running the same command resumes: finished trials
+weights (the config, the graders, layers and prompt lengths against the model's config.json, vector
+files against the words, layers and width, the output folder) is checked before they load. Re-running the same command resumes: finished trials
 are skipped. A results folder of another config is refused; one being written by another run too.
 """
 import contextlib
@@ -32,39 +32,45 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "Results folder (created; resumed if it holds this config's trials).",
                         required=True)
     flags.DEFINE_string("dtype", None, "Cast parameters on load (float32 | bfloat16); default: as stored.")
+    flags.DEFINE_enum("numerics", "dequantized", ["dequantized", "fp8_dynamic"],
+                      "How a checkpoint converted from FP8 weights runs: dequantized (bf16/f32 weights) or "
+                      "fp8_dynamic (weights as stored, inputs of each quantized linear layer rounded through "
+                      "e4m3 per token, as vLLM ran the 405B replication); see docs/numerics.md.")
     flags.DEFINE_bool("report", True, "Write the report when the trials are done.")
     flags.DEFINE_string("mesh", None, "Device mesh data x tensor, e.g. 1x-1 (all devices tensor-parallel) or 2x4; "
                         "default: one device.")
     distributed.define_flags()
 
 
-def _plan(config, writer: bool):
-    """Check everything that needs no weights and plan the sweep: the grader, the checkpoint's
-    config.json and tokenizer (layers, prompt lengths)."""
+def _plan(arms: tuple, writer: bool):
+    """Check everything that needs no weights and plan the sweep (every arm): every protocol's
+    grader, the checkpoint's config.json and tokenizer (layers, prompt lengths), the vector files."""
     from jax_introspect import checkpoint
-    from jax_introspect.experiment import grading, sweep
-    if writer or grading.parse_spec(config.grader)[0] == "llm":
-        grading.check_grader(config.grader)
+    from jax_introspect.experiment import grading, sweep, sweep_config
+    specs = dict.fromkeys(spec for arm in arms for spec in sweep_config.grader_specs(arm).values())
+    for spec in specs:
+        if writer or grading.is_self_hosted(spec):  # the graders this process will build
+            grading.check_grader(spec)
     model_config = checkpoint.load_config(FLAGS.checkpoint)
     dtype = FLAGS.dtype or checkpoint.read_manifest(FLAGS.checkpoint)["dtype"]
     if dtype not in ("float32", "bfloat16"):
         raise sweep.SweepError(f"--dtype={dtype}: choose float32 or bfloat16")
     tokenizer = checkpoint.load_tokenizer(FLAGS.checkpoint)
-    return sweep.plan_sweep(config, model_config, tokenizer, FLAGS.checkpoint, dtype), model_config
+    return sweep.plan_experiment(arms, model_config, tokenizer, FLAGS.checkpoint, dtype, FLAGS.numerics), model_config
 
 
 def _sweep(stack: contextlib.ExitStack) -> None:
     from jax_introspect.experiment import files, report, results, sweep, sweep_config
     from launch.common import load_model
     writer = distributed.is_primary()  # on a pod every process computes; process 0 writes
-    config = sweep_config.with_overrides(sweep_config.load_config_file(FLAGS.config), _OVERRIDES)
-    plan, model_config = _plan(config, writer)
+    arms = sweep_config.with_overrides(sweep_config.load_config_file(FLAGS.config), _OVERRIDES)
+    plan, model_config = _plan(arms, writer)
     if writer:  # the folder is checked, locked and bound before the weights load
         results.check_output_folder(FLAGS.out, sweep.estimated_bytes(plan, model_config))
         stack.enter_context(files.FolderLock(FLAGS.out))
         results.ResultsStore(FLAGS.out, plan.binding)
-    lm = load_model(FLAGS.checkpoint, dtype=FLAGS.dtype, mesh=FLAGS.mesh)
-    summary = sweep.run_sweep(lm, config, FLAGS.out, is_writer=writer, plan=plan)
+    lm = load_model(FLAGS.checkpoint, dtype=FLAGS.dtype, mesh=FLAGS.mesh, numerics=FLAGS.numerics)
+    summary = sweep.run_sweep(lm, arms, FLAGS.out, is_writer=writer, plan=plan)
     if writer:
         print(f"trials: {summary['trials']} ({summary['resumed_from']} already done, {summary['ran']} run now) "
               f"-> {summary['results']}")

@@ -29,11 +29,13 @@ def paper_examples(word):
 
 
 def check_grade(g, name, control=False):
-    assert set(g) == set(CRITERIA) | {"grader", "notes"}
+    assert set(g) == set(CRITERIA) | {"grader", "notes", "strict", "strict_definition"}
     assert all(type(g[c]) is bool for c in CRITERIA)
     assert g["grader"] == name and isinstance(g["notes"], str)
+    # the paper's prompts and the heuristic: Lindsey's strict = COHERENCE and AFFIRMATIVE + CORRECT ID
+    assert g["strict_definition"] == "lindsey" and g["strict"] is (g["coherent"] and g["immediate"])
     if control:
-        assert not g["identifies"] and not g["immediate"]
+        assert not g["identifies"] and not g["immediate"] and not g["strict"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,7 +45,9 @@ def check_grade(g, name, control=False):
 def test_grader_prompt_data_cites_sources_and_is_complete():
     data = llm_judge.grader_prompts()
     assert "Appendix" in data["source"] or "appendix" in data["source"]
-    assert "introspection_BKC" in data["source"] and "lindsey-405b-replication" in data["source"]
+    assert "introspection_BKC" in data["source"] and "d5b7445" in data["source"]
+    # the 405B replication has its own structured judge, not these prompts (issue 13)
+    assert "not in elsehow/lindsey-405b-replication" in data["source"]
     assert "reconstructed" in data["note"]
     assert data["criteria"] == {"coherent": "coherence", "affirmative": "affirmative",
                                 "identifies": "thinking_about_word", "immediate": "affirmative_correct_id"}

@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 JUDGED_405B = os.path.join(SHARED_DATA, "replication_405b_layer84_canonical.judged.json")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-MEASURES = ("coherent", "affirmative", "identifies", "immediate", "strict_introspection")
+MEASURES = ("coherent", "affirmative", "identifies", "immediate", "strict_introspection", "strict_lindsey")
 
 # Synthetic run. Injected cells: (protocol, layer, strength, word) -> trials and counts of
 # (coherent, affirmative, identifies, immediate). Trial t satisfies a criterion iff t < its count, so
@@ -31,10 +31,10 @@ SPEC = {
     ("lindsey_injected_thought", 20, 2.0, "Oceans"): (5, (4, 2, 2, 2)),
     ("lindsey_injected_thought", 20, 4.0, "Dust"): (5, (2, 4, 5, 3)),
     ("lindsey_injected_thought", 20, 4.0, "Oceans"): (5, (1, 5, 5, 5)),
-    ("thinking_about", 84, 10.0, "love"): (4, (3, 1, 2, 1)),  # shares a cell with the 405B file
+    ("replication_405b_thinking_about", 84, 10.0, "love"): (4, (3, 1, 2, 1)),  # shares a cell with the 405B file
 }
 # Controls: protocol -> (n, affirmative count); all coherent, none identify/immediate.
-CONTROLS = {"lindsey_injected_thought": (10, 2), "thinking_about": (4, 0)}
+CONTROLS = {"lindsey_injected_thought": (10, 2), "replication_405b_thinking_about": (4, 0)}
 CRITERIA = ("coherent", "affirmative", "identifies", "immediate")
 CONFIG = {"synthetic": True, "model": "tiny-llama"}
 
@@ -42,6 +42,7 @@ CONFIG = {"synthetic": True, "model": "tiny-llama"}
 def _expected_counts(n, counts):
     out = dict(zip(CRITERIA, counts))
     out["strict_introspection"] = min(counts)
+    out["strict_lindsey"] = min(out["coherent"], out["immediate"])  # Lindsey's: coherent and immediate
     return n, out
 
 
@@ -166,10 +167,12 @@ def test_405b_file_reproduces_its_own_aggregates(tmp_path):
         key = (protocol[prompt], None if rest == "control" else rest, float(agg["magnitude"]))
         cell = ours[key]
         assert cell["n"] == agg["n"], agg["label"]
-        assert cell["counts"] == agg["counts"], (agg["label"], agg["magnitude"])
-        for m in MEASURES:
+        # the file counts the replication's measures (strict = all four); ours adds Lindsey's strict
+        assert {m: cell["counts"][m] for m in agg["counts"]} == agg["counts"], (agg["label"], agg["magnitude"])
+        for m in agg["counts"]:
             assert cell["rates"][m] == pytest.approx(agg["rates"][m]), (agg["label"], m)
             assert cell["wilson"][m] == pytest.approx(list(stats.wilson(agg["counts"][m], agg["n"])))
+        assert cell["strict_definitions"] == ["replication"]
         if rest != "control":
             assert cell["layer"] == source["layer"] == 84
     assert summary["source_aggregates_check"]["match"] is True
@@ -182,6 +185,7 @@ def test_405b_file_reproduces_its_own_aggregates(tmp_path):
     assert "claude-sonnet-4-6" in md and "Llama-3.1-405B-Instruct-FP8-dynamic" in md
     row = next(r for r in _md_table(md, "## Overall") if r["protocol"] == "**all protocols**")
     assert row["strict (all four)"].startswith("0/400 (")
+    assert row["grader's strict"] == "the 405B replication's → strict (all four)"
     assert row["false positives (affirmative on controls)"].startswith("0/80 (")
     for name in ("heatmap_replication_405b_injected_thought.png", "heatmap_replication_405b_thinking_about.png"):
         _check_png(out / name)
@@ -231,7 +235,8 @@ def test_synthetic_run_counts_tables_and_pngs(synthetic, tmp_path):
         assert pooled[key]["n"] == tot["n"]
         assert pooled[key]["counts"] == {m: tot[m] for m in MEASURES}, key
     assert pooled[("lindsey_injected_thought", 20, 4.0)]["counts"] == {
-        "coherent": 3, "affirmative": 9, "identifies": 10, "immediate": 8, "strict_introspection": 3}
+        "coherent": 3, "affirmative": 9, "identifies": 10, "immediate": 8, "strict_introspection": 3,
+        "strict_lindsey": 3}
 
     # markdown tables say the same
     md_pooled = _md_table(md, "## Injected trials, pooled over words")
@@ -262,7 +267,7 @@ def test_synthetic_run_counts_tables_and_pngs(synthetic, tmp_path):
     assert overall["injected"]["counts"]["strict_introspection"] == sum(min(c) for _, c in SPEC.values())
     assert (overall["false_positive"]["k"], overall["false_positive"]["n"]) == (2, n_ctl)
 
-    for name in ("heatmap_lindsey_injected_thought.png", "heatmap_thinking_about.png"):
+    for name in ("heatmap_lindsey_injected_thought.png", "heatmap_replication_405b_thinking_about.png"):
         assert name in md and name in summary["files"]
         _check_png(out / name)
 
@@ -303,21 +308,46 @@ def test_compare_synthetic_with_405b(synthetic, tmp_path):
     assert side["coherent (injected)"]["B"].startswith("137/400 (")
 
     shared = _md_table(md, "### Shared cells")
-    keys = {(r["protocol kind"], r["layer"], r["strength"], r["word"]) for r in shared}
-    assert keys == {("thinking_about", "84", "10", "all (1 / 2 words)"), ("thinking_about", "84", "10", "love")}
+    keys = {(r["protocol"], r["layer"], r["strength"], r["word"]) for r in shared}
+    assert keys == {("replication_405b_thinking_about", "84", "10", "all (1 / 2 words)"),
+                    ("replication_405b_thinking_about", "84", "10", "love")}
     love = next(r for r in shared if r["word"] == "love")
     # ours: 4 trials (3, 1, 2, 1); 405B alt_love at 10: n 20, identifies 6, coherent 9
     assert love["n (A / B)"] == "4 / 20"
     assert love["identifies: A vs B"].startswith("2/4 (") and " vs 6/20 (" in love["identifies: A vs B"]
     assert love["coherent: A vs B"].startswith("3/4 (") and " vs 9/20 (" in love["coherent: A vs B"]
     assert len(summary["compare"]["shared_cells"]) == 2
-    assert {p["a"]["protocol_kind"] for p in summary["compare"]["shared_controls"]} == {
-        "injected_thought", "thinking_about"}
+    assert {p["a"]["protocol"] for p in summary["compare"]["shared_controls"]} == {"replication_405b_thinking_about"}
     assert summary["compare"]["run"]["overall"]["all"]["injected"]["n"] == 400
     for name in summary["files"]:
         if name.endswith(".png"):
             _check_png(out / name)
     assert "compare_heatmap_replication_405b_injected_thought.png" in summary["files"]
+
+
+def test_each_protocol_keeps_its_graders_strict_definition(tmp_path):
+    """Lindsey's strict (coherent and immediate) beside the replication's (all four), and each
+    protocol's own named; cells of two protocols never meet, whatever their layer and strength."""
+    store = results.ResultsStore(str(tmp_path / "run"), CONFIG)
+    recs = []
+    for i, (a, b, c, d) in enumerate([(1, 0, 0, 1), (1, 1, 1, 1), (1, 0, 1, 0), (0, 1, 1, 1)]):
+        base = {"coherent": bool(a), "affirmative": bool(b), "identifies": bool(c), "immediate": bool(d), "notes": ""}
+        recs.append(_record(i, "injected", "lindsey_injected_thought", "love", 84, 10.0,
+                            dict(base, grader="heuristic-v2", strict_definition="lindsey")))
+        recs.append(_record(10 + i, "injected", "replication_405b_injected_thought", "love", 84, 10.0,
+                            dict(base, grader="replication:llm:judge", strict_definition="replication")))
+    store.append(recs)
+    summary = report.aggregate(report.load_run(str(tmp_path / "run")))
+    by_protocol = {c["protocol"]: c for c in summary["cells"]}
+    lindsey, replication = by_protocol["lindsey_injected_thought"], by_protocol["replication_405b_injected_thought"]
+    # the same four grades: coherent and immediate hold in 2, all four in 1
+    for cell in (lindsey, replication):
+        assert (cell["counts"]["strict_lindsey"], cell["counts"]["strict_introspection"]) == (2, 1)
+    assert lindsey["strict_definitions"] == ["lindsey"] and replication["strict_definitions"] == ["replication"]
+    # against the 405B file, only the replication protocol's cell has a partner (layer 84, strength 10, love)
+    other = report.aggregate(report.load_run(JUDGED_405B))
+    pairs = report.aggregation.shared_cells(summary, other)
+    assert {x["protocol"] for x, _ in pairs} == {"replication_405b_injected_thought"}
 
 
 def test_compare_without_shared_cells_shows_both(synthetic, tmp_path):

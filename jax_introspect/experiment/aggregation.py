@@ -11,11 +11,13 @@ import json
 from collections import defaultdict
 
 from jax_introspect.experiment import results as results_lib
-from jax_introspect.experiment.runs import CRITERIA, REPLICATION_PROTOCOLS, Run, protocol_kind
+from jax_introspect.experiment.runs import CRITERIA, REPLICATION_PROTOCOLS, Run
 from jax_introspect.experiment.stats import Z95, proportion
 
-STRICT = results_lib.STRICT
-MEASURES = CRITERIA + (STRICT,)
+STRICT = results_lib.STRICT  # all four criteria: the replication's definition of strict introspection
+STRICT_LINDSEY = "strict_lindsey"  # the paper's: coherent and AFFIRMATIVE + CORRECT ID (our `immediate`)
+MEASURES = CRITERIA + (STRICT, STRICT_LINDSEY)
+STRICT_MEASURE = {"replication": STRICT, "lindsey": STRICT_LINDSEY}  # a definition -> the measure holding it
 ALL_WORDS = "all"  # the word of a cell pooled over words
 
 
@@ -23,6 +25,7 @@ def _measures(rows: list) -> tuple[dict, dict, dict]:
     n = len(rows)
     counts = {c: sum(r.grades[c] for r in rows) for c in CRITERIA}
     counts[STRICT] = sum(all(r.grades[c] for c in CRITERIA) for r in rows)
+    counts[STRICT_LINDSEY] = sum(r.grades["coherent"] and r.grades["immediate"] for r in rows)
     rates = {m: (counts[m] / n if n else None) for m in MEASURES}
     intervals = {m: list(_interval(counts[m], n)) for m in MEASURES}
     return counts, rates, intervals
@@ -33,11 +36,15 @@ def _interval(k: int, n: int) -> tuple[float, float]:
     return p["low"], p["high"]
 
 
+def _strict_definitions(rows: list) -> list:
+    return sorted({r.strict_definition for r in rows})
+
+
 def _cell(rows: list, **key) -> dict:
     counts, rates, intervals = _measures(rows)
     cell = dict(key)
-    cell["protocol_kind"] = protocol_kind(key["protocol"])
-    cell.update({"n": len(rows), "counts": counts, "rates": rates, "wilson": intervals})
+    cell.update({"n": len(rows), "counts": counts, "rates": rates, "wilson": intervals,
+                 "strict_definitions": _strict_definitions(rows)})
     return cell
 
 
@@ -83,7 +90,7 @@ def _overall(injected: list, controls: list, protocol: str) -> dict:
     c_counts, c_rates, c_int = _measures(controls)
     return {
         "protocol": protocol,
-        "protocol_kind": protocol_kind(protocol) if protocol != ALL_WORDS else ALL_WORDS,
+        "strict_definitions": _strict_definitions(injected + controls),
         "injected": {"n": len(injected), "counts": i_counts, "rates": i_rates, "wilson": i_int},
         "control": {"n": len(controls), "counts": c_counts, "rates": c_rates, "wilson": c_int},
         "false_positive": proportion(c_counts["affirmative"], len(controls)),
@@ -157,7 +164,8 @@ def _check_source_aggregates(run: Run, cells: list, control_cells: list) -> dict
                                "problem": "no such cell in the results"})
             continue
         theirs = agg.get("counts", {})
-        diff = {m: [theirs.get(m), mine["counts"][m]] for m in MEASURES if theirs.get(m) != mine["counts"][m]}
+        diff = {m: [theirs.get(m), mine["counts"][m]] for m in MEASURES
+                if m in theirs and theirs[m] != mine["counts"][m]}
         if agg.get("n") != mine["n"]:
             diff["n"] = [agg.get("n"), mine["n"]]
         if diff:
@@ -176,13 +184,15 @@ def _jsonable(value):
 
 
 def _cell_match_key(cell: dict):
+    """Cells of two runs meet only within one protocol: strengths of two protocols are on different
+    scales (raw vs norm-matched), so a Lindsey cell never stands beside a replication cell."""
     word = cell["word"]
-    return (cell["protocol_kind"], cell["layer"], round(float(cell["strength"]), 6),
+    return (cell["protocol"], cell["layer"], round(float(cell["strength"]), 6),
             word.lower() if isinstance(word, str) else word)
 
 
 def shared_cells(a: dict, b: dict) -> list:
-    """Pairs of cells (pooled and per word) that two runs share: same protocol kind, layer, strength, word."""
+    """Pairs of cells (pooled and per word) that two runs share: same protocol, layer, strength, word."""
     pairs = []
     for group in ("pooled", "cells"):
         theirs = defaultdict(list)
@@ -195,11 +205,11 @@ def shared_cells(a: dict, b: dict) -> list:
 
 
 def shared_controls(a: dict, b: dict) -> list:
-    """Pairs of control cells of two runs with the same protocol kind."""
+    """Pairs of control cells of two runs with the same protocol."""
     theirs = defaultdict(list)
     for c in b["controls"]:
-        theirs[c["protocol_kind"]].append(c)
-    return [(c, d) for c in a["controls"] for d in theirs.get(c["protocol_kind"], [])]
+        theirs[c["protocol"]].append(c)
+    return [(c, d) for c in a["controls"] for d in theirs.get(c["protocol"], [])]
 
 
 def comparison(a: dict, b: dict) -> dict:

@@ -12,9 +12,9 @@ import re
 from collections import defaultdict
 from typing import Optional, Sequence
 
-from jax_introspect.experiment.aggregation import (ALL_WORDS, MEASURES, STRICT, layer_key, shared_cells,
-                                                   shared_controls)
-from jax_introspect.experiment.runs import FORMAT_405B, Run, protocol_kind
+from jax_introspect.experiment.aggregation import (ALL_WORDS, MEASURES, STRICT, STRICT_LINDSEY, STRICT_MEASURE,
+                                                   layer_key, shared_cells, shared_controls)
+from jax_introspect.experiment.runs import FORMAT_405B, Run
 
 # ----------------------------------------------------------------------------------------------
 # Markdown
@@ -54,7 +54,22 @@ def _table(header: list, rows: list) -> list:
 
 
 MEASURE_LABELS = {"coherent": "coherent", "affirmative": "affirmative", "identifies": "identifies",
-                  "immediate": "immediate", STRICT: "strict (all four)"}
+                  "immediate": "immediate", STRICT: "strict (all four)",
+                  STRICT_LINDSEY: "strict (Lindsey: coherent + immediate)"}
+DEFINITION_LABELS = {"lindsey": "Lindsey's (coherent and AFFIRMATIVE + CORRECT ID = `immediate`)",
+                     "replication": "the 405B replication's (all four of its judge's booleans)"}
+STRICT_NOTE = ("Two definitions of strict introspection are shown side by side: **strict (all four)** = coherent, "
+               "affirmative, identifies and immediate all hold (the 405B replication's); **strict (Lindsey)** = "
+               "coherent and `immediate`, the paper's AFFIRMATIVE + CORRECT ID answer (Lindsey 2026's). Each "
+               "protocol's own definition, the one its grader follows, is named in the tables' "
+               "\"grader's strict\" column.")
+
+
+def _own_strict(cell: dict) -> str:
+    """The definition a cell's grader follows, and which column holds it."""
+    names = cell.get("strict_definitions") or []
+    return "; ".join(f"{DEFINITION_LABELS[d].split(' (')[0]} → {MEASURE_LABELS[STRICT_MEASURE[d]]}"
+                     for d in names) or "—"
 
 
 def _metadata_rows(meta: dict) -> list:
@@ -78,12 +93,12 @@ def _metadata_rows(meta: dict) -> list:
 
 
 def _overall_lines(summary: dict) -> list:
-    header = ["protocol", "injected n"] + [MEASURE_LABELS[m] for m in MEASURES] + [
+    header = ["protocol", "grader's strict", "injected n"] + [MEASURE_LABELS[m] for m in MEASURES] + [
         "control n", "false positives (affirmative on controls)", "coherent on controls"]
     rows = []
     for o in summary["overall"]["by_protocol"] + [summary["overall"]["all"]]:
         inj, ctl = o["injected"], o["control"]
-        rows.append([o["protocol"] if o["protocol"] != ALL_WORDS else "**all protocols**", inj["n"]]
+        rows.append([o["protocol"] if o["protocol"] != ALL_WORDS else "**all protocols**", _own_strict(o), inj["n"]]
                     + [_fmt(inj["counts"][m], inj["n"], inj["wilson"][m]) for m in MEASURES]
                     + [ctl["n"], _fmt_prop(o["false_positive"]),
                        _fmt(ctl["counts"]["coherent"], ctl["n"], ctl["wilson"]["coherent"])])
@@ -103,10 +118,10 @@ def _controls_lines(summary: dict) -> list:
 def _cells_lines(cells: list, with_word: bool) -> list:
     if not cells:
         return ["No injected trials."]
-    header = ["protocol", "layer", "strength"] + (["word"] if with_word else []) + ["n"] + [
+    header = ["protocol", "layer", "strength"] + (["word"] if with_word else []) + ["n", "grader's strict"] + [
         MEASURE_LABELS[m] for m in MEASURES]
     rows = [[c["protocol"], _num(c["layer"]), _num(c["strength"])] + ([c["word"]] if with_word else [])
-            + [c["n"]] + [_fmt_measure(c, m) for m in MEASURES] for c in cells]
+            + [c["n"], _own_strict(c)] + [_fmt_measure(c, m) for m in MEASURES] for c in cells]
     return _table(header, rows)
 
 
@@ -151,7 +166,7 @@ def _compare_lines(a_run: Run, a: dict, b_run: Run, b: dict) -> list:
 
     oa, ob = a["overall"]["all"], b["overall"]["all"]
     rows = [["injected trials", oa["injected"]["n"], ob["injected"]["n"]]]
-    for m in (STRICT, "affirmative", "identifies", "immediate", "coherent"):
+    for m in (STRICT, STRICT_LINDSEY, "affirmative", "identifies", "immediate", "coherent"):
         rows.append([f"{MEASURE_LABELS[m]} (injected)",
                      _fmt(oa["injected"]["counts"][m], oa["injected"]["n"], oa["injected"]["wilson"][m]),
                      _fmt(ob["injected"]["counts"][m], ob["injected"]["n"], ob["injected"]["wilson"][m])])
@@ -165,31 +180,31 @@ def _compare_lines(a_run: Run, a: dict, b_run: Run, b: dict) -> list:
     lines += _table(["measure", "A", "B"], rows) + [""]
 
     pairs = shared_cells(a, b)
-    lines += ["### Shared cells (matched on protocol kind, layer, strength and word)", ""]
+    lines += ["### Shared cells (matched on protocol, layer, strength and word)", "",
+              "Cells meet only within one protocol: two protocols' strengths are on different scales.", ""]
     if pairs:
-        header = ["protocol kind", "layer", "strength", "word", "n (A / B)"] + [
+        header = ["protocol", "layer", "strength", "word", "n (A / B)", "grader's strict (A / B)"] + [
             f"{MEASURE_LABELS[m]}: A vs B" for m in MEASURES]
         def word(x, y):
             if x["word"] != ALL_WORDS:
                 return x["word"]
             return f"all ({x.get('n_words')} / {y.get('n_words')} words)"
-        lines += _table(header, [[x["protocol_kind"], _num(x["layer"]), _num(x["strength"]), word(x, y),
-                                  f"{x['n']} / {y['n']}"] + [_side(x, y, m) for m in MEASURES]
-                                 for x, y in pairs]) + [""]
+        lines += _table(header, [[x["protocol"], _num(x["layer"]), _num(x["strength"]), word(x, y),
+                                  f"{x['n']} / {y['n']}", f"{_own_strict(x)} / {_own_strict(y)}"]
+                                 + [_side(x, y, m) for m in MEASURES] for x, y in pairs]) + [""]
     else:
         def scope(s):
             m = s["run"]
-            kinds = sorted({protocol_kind(p) for p in m.get("protocols", [])})
-            return (f"protocol kinds {', '.join(kinds) or '—'}; layers "
+            return (f"protocols {', '.join(m.get('protocols', [])) or '—'}; layers "
                     f"{', '.join(str(x) for x in m.get('layers', [])) or '—'}; strengths "
                     f"{', '.join(_num(x) for x in m.get('strengths', [])) or '—'}")
         lines += ["No injected cells in common (different protocols, layers or strengths): the two runs' "
                   "tables follow one after the other.", "", f"- A: {scope(a)}", f"- B: {scope(b)}", ""]
     cpairs = shared_controls(a, b)
     if cpairs:
-        lines += ["### Shared controls (matched on protocol kind)", ""]
-        header = ["protocol kind", "n (A / B)", "false positives: A vs B", "coherent: A vs B"]
-        lines += _table(header, [[x["protocol_kind"], f"{x['n']} / {y['n']}",
+        lines += ["### Shared controls (matched on protocol)", ""]
+        header = ["protocol", "n (A / B)", "false positives: A vs B", "coherent: A vs B"]
+        lines += _table(header, [[x["protocol"], f"{x['n']} / {y['n']}",
                                   f"{_fmt_prop(x['false_positive'])} vs {_fmt_prop(y['false_positive'])}",
                                   _side(x, y, "coherent")] for x, y in cpairs]) + [""]
     return lines
@@ -200,8 +215,7 @@ def markdown(run: Run, summary: dict, heatmaps: Sequence[str], compare: Optional
     """report.md: the warnings, then one run's tables, or with `compare` (summary `other`) the two
     side by side followed by each run's tables."""
     lines = [f"# Introspection report: {run.name}" + (f" vs {compare.name}" if compare else ""), ""]
-    lines += ["Rates are k/n (rate% [Wilson 95% score interval]). Strict introspection = coherent, "
-              "affirmative, identifies and immediate all hold. Controls have no injection.", ""]
+    lines += ["Rates are k/n (rate% [Wilson 95% score interval]). Controls have no injection.", "", STRICT_NOTE, ""]
     warnings = summary["warnings"] + (other["warnings"] if other else [])
     lines += [f"**Warning:** {w}" for w in warnings] + ([""] if warnings else [])
     if compare is None:

@@ -49,6 +49,24 @@ class Row:
     response: str = ""
     grader: Optional[str] = None
     trial_index: Optional[int] = None  # the trial's number within its cell
+    strict_definition: str = "lindsey"  # whose definition of strict introspection its grader follows
+
+
+# Strict introspection, by whose definition (`STRICT_DEFINITIONS[name]` -> the measure that holds it):
+#   "lindsey": the paper's, COHERENCE and AFFIRMATIVE + CORRECT ID (our `immediate`) — the paper's
+#              grader prompts and the heuristic, which approximates them;
+#   "replication": the 405B replication's, all four of its judge's booleans.
+STRICT_DEFINITIONS = ("lindsey", "replication")
+
+
+def strict_definition_of(grades: dict, default: str) -> str:
+    """The definition a grade was made under: the grade says it (graders write
+    `strict_definition`); older records: a replication judge's grades are the replication's,
+    every other grader asked the paper's questions."""
+    named = grades.get("strict_definition")
+    if named in STRICT_DEFINITIONS:
+        return named
+    return "replication" if str(grades.get("grader", "")).startswith("replication:") else default
 
 
 @dataclasses.dataclass
@@ -62,16 +80,6 @@ class Run:
     @property
     def name(self) -> str:
         return self.metadata.get("name") or os.path.basename(os.path.normpath(self.path))
-
-
-def protocol_kind(protocol: str) -> str:
-    """What a protocol asks, independent of whose text it is: 'lindsey_injected_thought' and
-    'replication_405b_injected_thought' -> 'injected_thought'; 'replication_405b_thinking_about' ->
-    'thinking_about'. Used to match cells of two runs."""
-    for prefix in ("replication_405b_", "lindsey_"):
-        if protocol.startswith(prefix):
-            return protocol[len(prefix):]
-    return protocol
 
 
 def replication_prompt(protocol: str) -> str:
@@ -134,7 +142,10 @@ def _graded(grades) -> bool:
 
 
 def _find_model(config) -> Optional[str]:
-    """The model named in a run config: the first of a few usual keys, searched depth-first."""
+    """The model named in a run config: the first of a few usual keys, searched depth-first (into
+    lists too: a run of several arms binds {"arms": [...]})."""
+    if isinstance(config, list):
+        return next((m for m in map(_find_model, config) if m), None)
     if not isinstance(config, dict):
         return None
     for key in ("model", "model_name", "model_path", "checkpoint", "checkpoint_dir", "checkpoint_path"):
@@ -195,7 +206,7 @@ def _load_ours(jsonl: str, display_path: str) -> Run:
             strength=0.0 if control or r.strength is None else float(r.strength),
             grades={c: bool(r.grades.get(c)) for c in CRITERIA},
             trial_id=r.trial_id, question=r.question, response=r.response, grader=grader,
-            trial_index=r.trial_index))
+            trial_index=r.trial_index, strict_definition=strict_definition_of(r.grades, "lindsey")))
     if not rows:
         raise ReportError(f"{jsonl}: {len(records)} trial records but none graded (empty results)")
     config, run_hash = _read_run_json(jsonl)
@@ -260,7 +271,7 @@ def _replication_run(path: str, data: dict, judged: Callable[[dict], bool]) -> R
             # the file's layer and position too: unique across the files of a layer sweep
             trial_id=f"L{layer}/{label}/{magnitude:g}/{trial_index}/{i}",
             question=questions[prompt], response=e.get("response", ""), grader=judge_model,
-            trial_index=trial_index))
+            trial_index=trial_index, strict_definition="replication"))
     if not rows:
         raise ReportError(f"{path}: {len(entries)} results but none judged (empty results)")
     settings = {k: v for k, v in data.items() if k not in ("results", "aggregates") and

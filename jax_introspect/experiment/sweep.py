@@ -21,11 +21,12 @@ import numpy as np
 from jax_introspect import config as config_lib
 from jax_introspect import inject
 from jax_introspect.experiment import files, protocols, results, vectors
-from jax_introspect.experiment.sweep_config import (SweepConfig, SweepError, binding_fields, resolve_layers,
-                                                    strength_label)
+from jax_introspect.experiment.sweep_config import (SweepConfig, SweepError, bound_values, grader_specs,
+                                                    resolve_layers, strength_label)
 
 VECTORS_FILE = "vectors.npz"
-__all__ = ["SweepConfig", "SweepError", "SweepPlan", "Trial", "plan_sweep", "plan_trials", "run_sweep"]
+__all__ = ["ExperimentPlan", "SweepConfig", "SweepError", "SweepPlan", "Trial", "plan_experiment", "plan_sweep",
+           "plan_trials", "run_sweep"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +61,10 @@ def plan_trials(config: SweepConfig, words: list[str], layers: list[int]) -> lis
                 for word, i in cells:
                     trials.append(Trial(f"{protocol}/L{layer}/s{strength_label(strength)}/{word}/{i}", "injected", protocol,
                                         word, layer, float(strength), i))
-        for i in range(config.control_trials):
-            trials.append(Trial(f"{protocol}/control/{i}", "control", protocol, None, None, 0.0, i))
+        for layer in (layers if config.controls_per_layer else [None]):
+            ids = f"{protocol}/control" if layer is None else f"{protocol}/control/L{layer}"
+            for i in range(config.control_trials):
+                trials.append(Trial(f"{ids}/{i}", "control", protocol, None, layer, 0.0, i))
     return trials
 
 
@@ -79,24 +82,32 @@ def _load_cached_vectors(path: str, recipe: dict):
     return cached if cached.metadata.get("recipe") == recipe else None
 
 
-def extract_vectors(lm, config: SweepConfig, words: list[str], cache_path: Optional[str], progress: bool,
-                    use_cache: bool = True):
-    """Concept vectors for every layer (cached in the results folder, keyed by their recipe)."""
+def extract_vectors(lm, plan: "SweepPlan", cache_path: Optional[str], progress: bool, use_cache: bool = True):
+    """Concept vectors for every layer (cached in the results folder, keyed by their recipe), or
+    those of the plan's vector files."""
+    config, words = plan.config, plan.words
     recipe = {k: getattr(config, k) for k in ("vector_method", "vector_position", "template", "system_header",
                                               "seed")}
     recipe.update(words=list(words), baseline_words=list(config.baseline_words), model=lm.config.name,
                   n_layers=lm.config.n_layers, d_model=lm.config.d_model, dtype=str(lm.dtype))
+    if plan.prefix:  # only when set: the caches of earlier runs stay valid
+        recipe["prefix"] = plan.prefix
+    if plan.file_vectors is not None:
+        recipe["files"] = plan.file_vectors.metadata["files"]
     if use_cache and cache_path:
         cached = _load_cached_vectors(cache_path, recipe)
         if cached is not None:
             return cached
     method = config.vector_method
-    if method == "contrast_pairs":
-        result = vectors.contrast_vectors(lm, protocols.contrast_pairs(words), system_header=config.system_header)
+    if method == "files":  # read when planned; saved below as the record of what was injected
+        result = plan.file_vectors
+    elif method == "contrast_pairs":
+        result = vectors.contrast_vectors(lm, protocols.contrast_pairs(words), system_header=config.system_header,
+                                          prefix=plan.prefix)
     else:
         result = vectors.concept_vectors(lm, words, config.baseline_words, template=config.template,
-                                         system_header=config.system_header,
-                                         position=config.vector_position, progress=progress)
+                                         system_header=config.system_header, position=config.vector_position,
+                                         progress=progress, prefix=plan.prefix)
         if method == "random":
             result = vectors.random_vectors(result, seed=config.seed)
             result.names = list(words)
@@ -106,21 +117,32 @@ def extract_vectors(lm, config: SweepConfig, words: list[str], cache_path: Optio
     return result
 
 
+def prompt_prefix(tokenizer, double_bos: bool) -> str:
+    """Text before every chat prompt: with `double_bos`, a second BOS (the template writes the
+    first), as vLLM's generate adds one to an already templated Llama-3 string."""
+    if not double_bos:
+        return ""
+    if tokenizer.bos_id is None:
+        raise SweepError("double_bos: this tokenizer puts no BOS before text, so there is none to double "
+                         "(it is a Llama-3 tokenizer's <|begin_of_text|>, as vLLM adds it)")
+    return tokenizer.decode([tokenizer.bos_id])
+
+
 @dataclasses.dataclass
 class PromptInfo:
-    text: str
+    text: str  # what the model reads, the doubled BOS included
     ids: list[int]
     question: str
     start: int
-    norm_match: bool
+    norm_match: object  # the protocol's setting as written (False, "mlp_out", "residual"): inject.make reads it
 
 
-def prompt_info(tokenizer, name: str, system_header: bool) -> PromptInfo:
+def prompt_info(tokenizer, name: str, system_header: bool, prefix: str = "") -> PromptInfo:
     data = protocols.protocol(name)
-    text = tokenizer.chat_prompt(data["messages"], system_header=system_header)
+    text = prefix + tokenizer.chat_prompt(data["messages"], system_header=system_header)
     start = protocols.window_start(tokenizer, text, data["window"], data.get("anchor"))
     return PromptInfo(text=text, ids=tokenizer.encode(text), question=protocols.question(data), start=start,
-                      norm_match=bool(data.get("norm_match", False)))
+                      norm_match=data.get("norm_match", False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,44 +155,118 @@ class SweepPlan:
     trials: list
     prompts: dict  # protocol -> PromptInfo
     binding: dict  # what a results folder is bound to (see `binding`)
+    prefix: str = ""  # before every chat prompt (`prompt_prefix`)
+    file_vectors: Optional[vectors.ConceptVectors] = None  # vector_method "files": read and checked
 
 
-def binding(config: SweepConfig, layers: list[int], model_name: str, checkpoint: str, dtype: str) -> dict:
-    """The fields that decide the trials' texts (`sweep_config.binding_fields`): a results folder
+def binding(config: SweepConfig, layers: list[int], model_name: str, checkpoint: str, dtype: str,
+            numerics: str = config_lib.DEQUANTIZED) -> dict:
+    """The fields that decide the trials' texts (`sweep_config.bound_values`): a results folder
     holds trials of one binding. Layers are the resolved indices (0.5 and 15 are the same sweep on a
-    30-layer model); the checkpoint is its real path (a symlink to it is the same checkpoint)."""
-    data = config.to_dict()
-    bound = {k: data[k] for k in binding_fields()}
+    30-layer model); the checkpoint is its real path (a symlink to it is the same checkpoint);
+    vector files are their contents' digests (a copy elsewhere is the same file); `numerics` (how
+    an FP8 checkpoint runs) only when not the default, so folders made before it stay bound."""
+    bound = bound_values(config)
     bound.update(layers=list(layers), model=model_name, dtype=str(dtype),
                  checkpoint=checkpoint if "://" in checkpoint else os.path.realpath(checkpoint))
+    if numerics != config_lib.DEQUANTIZED:
+        bound["numerics"] = numerics
+    if "vector_files" in bound:
+        bound["vector_files"] = [vectors.file_digest(p) for p in config.vector_files]
     return bound
 
 
-def plan_sweep(config: SweepConfig, model_config, tokenizer, checkpoint: str, dtype: str) -> SweepPlan:
-    """Check `config` against the model (layers, prompt lengths) and plan every trial."""
+def read_vector_files(config: SweepConfig, words: list, layers: list, model_config) -> vectors.ConceptVectors:
+    """The sweep's vectors from its vector files, checked against its words, layers and the model's width."""
+    try:
+        return vectors.vectors_from_files(config.vector_files, words, layers, model_config.d_model)
+    except vectors.VectorError as e:
+        raise SweepError(f"vector_files: {e}") from e
+
+
+def plan_sweep(config: SweepConfig, model_config, tokenizer, checkpoint: str, dtype: str,
+               numerics: str = config_lib.DEQUANTIZED) -> SweepPlan:
+    """Check `config` against the model (layers, prompt lengths; `numerics` against its weights)
+    and plan every trial."""
     config = as_config(config)
     if tokenizer is None:
         raise SweepError(f"the checkpoint {checkpoint} has no tokenizer; convert it again with --tokenizer=PATH")
+    try:
+        config_lib.with_numerics(model_config, numerics)
+    except config_lib.ConfigError as e:
+        raise SweepError(f"--numerics: {e}") from e
     words = list(config.words)
     layers = resolve_layers(config.layers, model_config.n_layers)
-    prompts = {name: prompt_info(tokenizer, name, config.system_header) for name in config.protocols}
+    prefix = prompt_prefix(tokenizer, config.double_bos)
+    prompts = {name: prompt_info(tokenizer, name, config.system_header, prefix) for name in config.protocols}
     for name, info in prompts.items():
         try:
             config_lib.check_context(model_config, len(info.ids), config.max_new_tokens)
         except config_lib.ContextTooLongError as e:
             raise SweepError(f"protocol {name}: {e} (--config.max_new_tokens)") from e
+    file_vectors = read_vector_files(config, words, layers, model_config) if config.vector_files else None
     return SweepPlan(config=config, words=words, layers=layers, trials=plan_trials(config, words, layers),
-                     prompts=prompts, binding=binding(config, layers, model_config.name, checkpoint, dtype))
+                     prompts=prompts, binding=binding(config, layers, model_config.name, checkpoint, dtype, numerics),
+                     prefix=prefix, file_vectors=file_vectors)
 
 
-def estimated_bytes(plan: SweepPlan, model_config) -> int:
+@dataclasses.dataclass(frozen=True)
+class ExperimentPlan:
+    """One or more arms — each a `SweepConfig` with its own protocols, vectors, strengths and
+    graders (e.g. Lindsey's protocol and the 405B replication's on the same weights) — run into one
+    results folder and reported together. One arm binds a folder exactly as a lone sweep does."""
+    arms: tuple  # of SweepPlan
+
+    @property
+    def binding(self) -> dict:
+        return self.arms[0].binding if len(self.arms) == 1 else {"arms": [a.binding for a in self.arms]}
+
+    @property
+    def trials(self) -> list:
+        return [t for arm in self.arms for t in arm.trials]
+
+    def vectors_file(self, arm: int) -> str:
+        """The concept-vector cache of an arm (one arm: vectors.npz, as a lone sweep)."""
+        return VECTORS_FILE if len(self.arms) == 1 else f"vectors.arm{arm}.npz"
+
+
+def as_configs(configs) -> tuple:
+    """One `SweepConfig` (or a mapping of its fields), or a sequence of them: the arms."""
+    if isinstance(configs, (list, tuple)):
+        return tuple(as_config(c) for c in configs)
+    return (as_config(configs),)
+
+
+def plan_experiment(configs, model_config, tokenizer, checkpoint: str, dtype: str,
+                    numerics: str = config_lib.DEQUANTIZED) -> ExperimentPlan:
+    """`plan_sweep` for every arm. A protocol runs in one arm only: its trial ids (which carry the
+    protocol) stay unique across the folder."""
+    arms = tuple(plan_sweep(c, model_config, tokenizer, checkpoint, dtype, numerics) for c in as_configs(configs))
+    seen = {}
+    for i, arm in enumerate(arms):
+        for protocol in arm.config.protocols:
+            if protocol in seen:
+                raise SweepError(f"protocol {protocol} is in arms {seen[protocol]} and {i}: give each protocol "
+                                 "to one arm (its trials would share ids)")
+            seen[protocol] = i
+    return ExperimentPlan(arms)
+
+
+def estimated_bytes(plan, model_config) -> int:
+    """A generous bound on what the sweep writes (all arms): records, vector caches, the report."""
+    if isinstance(plan, ExperimentPlan):
+        return sum(_arm_bytes(arm, model_config) for arm in plan.arms) + (8 << 20)
+    return _arm_bytes(plan, model_config) + (8 << 20)
+
+
+def _arm_bytes(plan: SweepPlan, model_config) -> int:
     """A generous bound on what the sweep writes: records (prompt + response + grades), the vector
     cache and the report."""
     per_trial = {name: 2 * len(info.text.encode()) + 16 * plan.config.max_new_tokens + 2048
                  for name, info in plan.prompts.items()}
     records = sum(per_trial[t.protocol] for t in plan.trials)
     cache = len(plan.words) * model_config.n_layers * model_config.d_model * 4
-    return records + cache + (8 << 20)
+    return records + cache
 
 
 def _batches(items: list, size: int):
@@ -203,73 +299,137 @@ def generate_batch(lm, batch: list[Trial], config: SweepConfig, prompts: dict[st
         for t, g in zip(batch, generations)]
 
 
-def grade_and_store(records: list[results.TrialRecord], grader, store: Optional[results.ResultsStore]) -> None:
-    """Grade records and append them. If the grader fails part-way, the graded ones are stored and
-    the rest kept in the store's ungraded file, so no response is lost; the next run grades them."""
+def make_graders(config: SweepConfig, writer: bool) -> dict:
+    """{protocol: Grader or None}: one grader per distinct spec (`sweep_config.grader_specs`). The
+    writer builds them all; other processes of a pod only self-hosted judges, which run on every
+    process like generation (None: that protocol is graded by the writer alone)."""
     from jax_introspect.experiment import grading
-    requests = [grading.GradeRequest(trial_id=r.trial_id, question=r.question, response=r.response, word=r.word)
-                for r in records]
+    specs = grader_specs(config)
+    built = {spec: grading.make_grader(spec) for spec in dict.fromkeys(specs.values())
+             if writer or grading.is_self_hosted(spec)}
+    return {protocol: built.get(spec) for protocol, spec in specs.items()}
+
+
+def _grade_into(grades: dict, records: list, graders: dict) -> None:
+    """Fill `grades` {trial_id: grade, or None when the grader left it ungraded}, each record graded
+    by its protocol's grader, one call per grader in the order of first use (a pod's processes
+    agree on it). On a GradingError, `grades` holds what was graded before it."""
+    from jax_introspect.experiment import grading
+    for grader in dict.fromkeys(graders[r.protocol] for r in records):
+        group = [r for r in records if graders[r.protocol] is grader]
+        ids = [r.trial_id for r in group]
+        if grader is None:  # not graded on this process (a pod's non-writer): nothing is stored here
+            grades.update((i, {}) for i in ids)
+            continue
+        requests = [grading.GradeRequest(trial_id=r.trial_id, question=r.question, response=r.response, word=r.word,
+                                         strength=r.strength, protocol=r.protocol) for r in group]
+        try:
+            grades.update(zip(ids, grader.grade(requests)))
+        except grading.GradingError as e:
+            grades.update(zip(ids, e.partial))
+            raise
+
+
+def _store(records: list, grades: dict, store: Optional[results.ResultsStore]) -> list:
+    """Append the graded records; keep the rest (no grade, or None) in the ungraded file, once
+    each. Returns the records left ungraded."""
+    graded = [dataclasses.replace(r, grades=grades[r.trial_id]) for r in records if grades.get(r.trial_id) is not None]
+    ungraded = [r for r in records if grades.get(r.trial_id) is None]
+    if store is not None:
+        if graded:
+            store.append(graded)
+        kept = {r.trial_id for r in store.ungraded()} if ungraded else set()
+        if any(r.trial_id not in kept for r in ungraded):
+            store.keep_ungraded([r for r in ungraded if r.trial_id not in kept])
+    return ungraded
+
+
+def grade_and_store(records: list[results.TrialRecord], graders: dict, store: Optional[results.ResultsStore]) -> int:
+    """Grade records, each with its protocol's grader (`make_graders`), and append them. A record
+    the grader leaves ungraded (None: a judge's reply that broke its schema after retries) is kept
+    in the store's ungraded file, never guessed; so are the rest when a grader fails part-way. No
+    response is lost: the next run grades them. Returns how many were left ungraded."""
+    from jax_introspect.experiment import grading
+    grades = {}
     try:
-        grades = grader.grade(requests) if grader is not None else [{}] * len(records)
+        _grade_into(grades, records, graders)
     except grading.GradingError as e:
-        done = len(e.partial)
-        if store is not None:
-            store.append([dataclasses.replace(r, grades=g) for r, g in zip(records, e.partial)])
-            store.keep_ungraded(records[done:])
-        raise SweepError(f"grading failed at trial {e.trial_id}: {e}; {len(records) - done} generated responses "
+        left = _store(records, grades, store)
+        raise SweepError(f"grading failed at trial {e.trial_id}: {e}; {len(left)} generated responses "
                          f"kept in {store.ungraded_path if store else 'memory'}: re-run the same command to grade "
                          "them and continue") from e
-    if store is not None:
-        store.append([dataclasses.replace(r, grades=g) for r, g in zip(records, grades)])
+    return len(_store(records, grades, store))
 
 
-def run_sweep(lm, config: SweepConfig, out: str, *, progress: bool = True, is_writer: bool = True,
-              on_batch: Optional[Callable[[int], None]] = None, plan: Optional[SweepPlan] = None) -> dict:
+def run_sweep(lm, config, out: str, *, progress: bool = True, is_writer: bool = True,
+              on_batch: Optional[Callable[[int], None]] = None, plan=None) -> dict:
     """Run (or resume) a sweep into `out`; returns a small summary. Only the writer process
     (process 0 on a pod) touches the results folder, which it locks against a second writer, and
-    calls graders other than a self-hosted LLM judge (which, like generation, runs on every
-    process). `config`: a SweepConfig (or a mapping of its fields); `plan`: from `plan_sweep`, when
-    the caller made it before loading the model."""
-    plan = plan or plan_sweep(as_config(config), lm.config, lm.tokenizer, lm.path, str(lm.dtype))
-    if plan.binding["dtype"] != str(lm.dtype):
-        raise SweepError(f"the plan was made for {plan.binding['dtype']} weights but the model holds {lm.dtype}")
+    calls graders other than a self-hosted judge (which, like generation, runs on every process).
+    `config`: a SweepConfig (or a mapping of its fields), or a sequence of them (arms, run one
+    after the other into the folder); `plan`: from `plan_sweep` / `plan_experiment`, when the
+    caller made it before loading the model."""
+    if plan is None:
+        plan = plan_experiment(config, lm.config, lm.tokenizer, lm.path, str(lm.dtype), lm.numerics)
+    elif isinstance(plan, SweepPlan):
+        plan = ExperimentPlan((plan,))
+    for arm in plan.arms:
+        if arm.binding["dtype"] != str(lm.dtype):
+            raise SweepError(f"the plan was made for {arm.binding['dtype']} weights but the model holds {lm.dtype}")
+        planned = arm.binding.get("numerics", config_lib.DEQUANTIZED)
+        if planned != lm.numerics:
+            raise SweepError(f"the plan was made for numerics={planned!r} but the model runs {lm.numerics!r}")
     if not is_writer:
-        return _run(lm, plan, out, None, progress=False, on_batch=on_batch)
+        return _run_arms(lm, plan, out, None, progress=False, on_batch=on_batch)
     results.check_output_folder(out, estimated_bytes(plan, lm.config))
     with files.FolderLock(out):
-        return _run(lm, plan, out, results.ResultsStore(out, plan.binding), progress=progress, on_batch=on_batch)
+        return _run_arms(lm, plan, out, results.ResultsStore(out, plan.binding), progress=progress,
+                         on_batch=on_batch)
+
+
+def _run_arms(lm, plan: ExperimentPlan, out: str, store: Optional[results.ResultsStore], progress: bool,
+              on_batch: Optional[Callable[[int], None]]) -> dict:
+    summaries = [_run(lm, arm, out, store, progress, on_batch, vectors_path=os.path.join(out, plan.vectors_file(i)),
+                      config_hash=results.config_hash(plan.binding))
+                 for i, arm in enumerate(plan.arms)]
+    total = {k: sum(s[k] for s in summaries) for k in ("trials", "resumed_from", "ran", "ungraded")}
+    return dict(total, results=os.path.join(out, results.RESULTS_FILE),
+                layers=sorted({layer for s in summaries for layer in s["layers"]}))
 
 
 def _run(lm, plan: SweepPlan, out: str, store: Optional[results.ResultsStore], progress: bool,
-         on_batch: Optional[Callable[[int], None]]) -> dict:
+         on_batch: Optional[Callable[[int], None]], vectors_path: str, config_hash: str) -> dict:
     from jax_introspect import distributed
-    from jax_introspect.experiment import grading
     config = plan.config
     # Only process 0's disk has the results folder: its view of what is done decides for all, or
     # the processes would plan different batches and deadlock in their collectives.
     ungraded = [results.TrialRecord.from_dict(r) for r in distributed.broadcast_from_primary(
-        [dataclasses.asdict(r) for r in store.ungraded()] if store else [])]
+        [dataclasses.asdict(r) for r in store.ungraded() if r.protocol in config.protocols] if store else [])]
     done = set(distributed.broadcast_from_primary(
         sorted(store.done_ids() | {r.trial_id for r in ungraded}) if store else []))
     pending = [t for t in plan.trials if t.trial_id not in done]
     # Cached vectors are reused single-process only: on a pod every process extracts them together.
-    concept = extract_vectors(lm, config, plan.words, os.path.join(out, VECTORS_FILE) if store else None,
+    concept = extract_vectors(lm, plan, vectors_path if store else None,
                               progress, use_cache=jax.process_count() == 1) if pending else None
-    grades_here = store is not None or grading.parse_spec(config.grader)[0] == "llm"
-    grader = grading.make_grader(config.grader) if grades_here else None
-    if ungraded:  # responses of an earlier run whose grading failed: grade them, don't regenerate
-        grade_and_store(ungraded, grader, store)
-        if store:
+    graders = make_graders(config, writer=store is not None)
+    left_ungraded = 0
+    if ungraded:  # responses of an earlier run left ungraded: grade them, don't regenerate
+        left_ungraded = grade_and_store(ungraded, graders, store)
+        if store and not store.ungraded():  # nothing left, of this arm or another
             store.clear_ungraded()
     batches = list(_batches(pending, config.batch_size))
     iterator = batches
     if progress:
         from tqdm import tqdm
         iterator = tqdm(batches, desc="trials", unit="batch", postfix={"trials": len(pending)})
-    config_hash = results.config_hash(plan.binding)
     for number, batch in enumerate(iterator):
-        grade_and_store(generate_batch(lm, batch, config, plan.prompts, concept, config_hash), grader, store)
+        left_ungraded += grade_and_store(generate_batch(lm, batch, config, plan.prompts, concept, config_hash),
+                                         graders, store)
         if on_batch:
             on_batch(number)
+    if left_ungraded and store:
+        print(f"warning: {left_ungraded} responses were left ungraded (the judge's reply broke its schema after "
+              f"its retries); they are kept in {store.ungraded_path}: re-run the same command to grade them",
+              file=sys.stderr)
     return {"results": os.path.join(out, results.RESULTS_FILE), "trials": len(plan.trials),
-            "resumed_from": len(done), "ran": len(pending), "layers": plan.layers}
+            "resumed_from": len(done), "ran": len(pending), "layers": plan.layers, "ungraded": left_ungraded}

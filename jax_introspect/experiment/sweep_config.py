@@ -1,11 +1,12 @@
 """The sweep's configuration, declared once: `SweepConfig`, a typed and frozen dataclass.
 
 Each field carries its default, its help text and whether it decides the trials' texts (a
-results folder is bound to those: `binding_fields`). Everything that can be checked without a
-model is checked when a `SweepConfig` is made, so a bad config fails before any compute. Config
-files (`configs/sweeps/*.py`) build one in `get_config()`; the command line overrides fields
-with `--config.FIELD=VALUE`, parsed by the field's type (`parse_field`): list fields all take
-the same forms (comma-separated, a list literal, or one value).
+results folder is bound to those: `binding_fields`; a field added after results folders existed
+binds only when set, so those folders still resume: `bound_values`). Everything that can be
+checked without a model is checked when a `SweepConfig` is made, so a bad config fails before
+any compute. Config files (`configs/sweeps/*.py`) build one in `get_config()`; the command line
+overrides fields with `--config.FIELD=VALUE`, parsed by the field's type (`parse_field`): list
+fields all take the same forms (comma-separated, a list literal, or one value).
 """
 from __future__ import annotations
 
@@ -19,16 +20,20 @@ from typing import Sequence
 
 from jax_introspect.experiment import protocols, vectors
 
-VECTOR_METHODS = ("mean_difference", "contrast_pairs", "random")
+VECTOR_METHODS = ("mean_difference", "contrast_pairs", "random", "files")
 
 
 class SweepError(ValueError):
     pass
 
 
-def _field(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, help: str, binds: bool = True):
-    """A config field with its help text; `binds`: it decides the trials' texts."""
-    return dataclasses.field(default=default, default_factory=factory, metadata={"help": help, "binds": binds})
+def _field(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, help: str, binds: bool = True,
+           bound_when_set: bool = False):
+    """A config field with its help text; `binds`: it decides the trials' texts; `bound_when_set`:
+    it binds only at a value other than its default (a field added after results folders existed:
+    at its default, the texts are what they were, and those folders resume)."""
+    return dataclasses.field(default=default, default_factory=factory,
+                             metadata={"help": help, "binds": binds, "bound_when_set": bound_when_set})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,22 +45,39 @@ class SweepConfig:
                                     help="concept words (default: Lindsey's 50)")
     baseline_words: tuple[str, ...] = _field(factory=lambda: tuple(protocols.baseline_words()),
                                              help="baseline words of mean-difference vectors (Lindsey's 100)")
-    vector_method: str = _field("mean_difference", help=f"one of {VECTOR_METHODS}")
+    vector_method: str = _field("mean_difference", help=f"one of {VECTOR_METHODS} ('files': vector_files)")
+    vector_files: tuple[str, ...] = _field(
+        (), bound_when_set=True,
+        help="vector_method='files': .pt files in the 405B replication's format ({direction, concept, layer, ...}: "
+             "one concept at one layer each) and/or our .npz vector sets; every word needs a vector at every "
+             "layer, of the model's width (checked before the weights load); bound by content, not path; "
+             "on a pod, every host reads them")
     vector_position: str = _field("last", help="mean_difference: 'last' (the paper) or 'word'")
     template: str = _field("Tell me about {word}", help="concept prompt of mean-difference vectors")
     layers: tuple = _field((0.5,), help="ints: layer indices; floats in [0, 1]: fractions of depth")
     strengths: tuple[float, ...] = _field((1.0, 2.0, 4.0, 8.0), help="injection strengths")
     trials_per_cell: int = _field(50, help="injected trials per (protocol, layer, strength[, word]) cell")
     cell_per_word: bool = _field(False, help="False: words cycle through a cell's trials (the paper)")
-    control_trials: int = _field(100, help="control trials (no injection) per protocol")
+    control_trials: int = _field(100, help="control trials (no injection) per protocol (per layer too with "
+                                           "controls_per_layer)")
+    controls_per_layer: bool = _field(False, bound_when_set=True,
+                                      help="control_trials controls for each layer (ids PROTOCOL/control/L<layer>/i, "
+                                           "as the replication's layer sweep ran them) instead of once per protocol")
     temperature: float = _field(1.0, help="sampling temperature (0: greedy)")
     top_p: float = _field(1.0, help="nucleus sampling mass, in (0, 1]")
     max_new_tokens: int = _field(100, help="generated tokens per trial")
     seed: int = _field(0, help="run seed: with the trial id it decides each trial's sampling key")
     grader: str = _field("heuristic", binds=False,
-                         help="heuristic | llm:<checkpoint> | api:anthropic:<model> | api:openai:<model>")
+                         help="one grader spec for every protocol (heuristic | llm:<checkpoint> | "
+                              "api:<anthropic|openai>:<model> | replication:api:<provider>:<model> | "
+                              "replication:llm:<checkpoint>), or PROTOCOL=SPEC pairs separated by commas, one for "
+                              "each protocol of the sweep")
     batch_size: int = _field(32, binds=False, help="trials per generate call")
     system_header: bool = _field(True, help="the chat template's default system block")
+    double_bos: bool = _field(False, bound_when_set=True,
+                              help="a second BOS before every prompt, trials and vector extraction alike: what "
+                                   "vLLM's generate does to an already templated Llama-3 string (the 405B "
+                                   "replication's 173 prompt tokens where one BOS gives 172)")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # lists become tuples: the config stays hashable and frozen
@@ -95,6 +117,17 @@ LIST_FIELDS = TEXT_LIST_FIELDS + NUMBER_LIST_FIELDS
 def binding_fields() -> tuple[str, ...]:
     """The fields that decide the trials' texts (not the grader, not the batch size)."""
     return tuple(f.name for f in dataclasses.fields(SweepConfig) if f.metadata["binds"])
+
+
+def bound_values(config: SweepConfig) -> dict:
+    """The binding fields' values (JSON-able), less those bound only when set that are at their default."""
+    data = config.to_dict()
+    return {name: data[name] for name in binding_fields() if not _unset_late_field(config, name)}
+
+
+def _unset_late_field(config: SweepConfig, name: str) -> bool:
+    field = SweepConfig.__dataclass_fields__[name]
+    return field.metadata["bound_when_set"] and getattr(config, name) == field.default
 
 
 def field_help(name: str) -> str:
@@ -213,6 +246,7 @@ def validate(config: SweepConfig) -> None:
             protocols.contrast_pairs(words)
         except ValueError as e:
             raise SweepError(str(e)) from e
+    _check_vector_files(config)
     if config.vector_position not in vectors.POSITIONS:
         raise SweepError(f"vector_position {config.vector_position!r}: choose one of {vectors.POSITIONS}")
     if "{word}" not in str(config.template):
@@ -225,20 +259,83 @@ def validate(config: SweepConfig) -> None:
     _check_number(config, "seed", 0, integer=True)
     _check_number(config, "temperature", 0.0)
     _check_number(config, "top_p", 0.0, 1.0, low_inclusive=False)
-    for field in ("cell_per_word", "system_header"):
+    for field in (n for n in FIELDS if _TYPES[n] == "bool"):
         if not isinstance(getattr(config, field), bool):
             raise SweepError(f"{field} must be True or False, got {getattr(config, field)!r}")
+    grader_specs(config)
+
+
+def _check_vector_files(config: SweepConfig) -> None:
+    """The file list's form (the files themselves are read when the sweep is planned)."""
+    paths = config.vector_files
+    if isinstance(paths, str) or any(not isinstance(p, str) or not p.strip() for p in paths):
+        raise SweepError(f"vector_files must be a list of file paths, got {paths!r}")
+    if (config.vector_method == "files") != bool(paths):
+        raise SweepError("vector_method='files' needs vector_files" if not paths else
+                         f"vector_files are given but vector_method is {config.vector_method!r}: set "
+                         "vector_method='files' to inject them")
+    wrong = [p for p in paths if not p.endswith(vectors.VECTOR_FILE_TYPES)]
+    if wrong:
+        raise SweepError(f"vector file {wrong[0]!r}: expected one of {vectors.VECTOR_FILE_TYPES}")
+    if _repeats(list(paths)):
+        raise SweepError(f"vector_files repeat {_repeats(list(paths))}; give each file once")
+
+
+def grader_specs(config: SweepConfig) -> dict[str, str]:
+    """{protocol: grader spec} for every protocol of the sweep. `grader` is one spec for all of
+    them, or PROTOCOL=SPEC pairs separated by commas (specs hold colons, never commas or '='); a
+    pair for a known protocol the sweep does not run is allowed (a config's grader map outlives
+    a narrower --config.protocols), an unknown protocol is refused."""
     from jax_introspect.experiment import grading
-    try:
-        grading.parse_spec(config.grader)
-    except ValueError as e:
-        raise SweepError(str(e)) from e
+    text = config.grader
+    if not isinstance(text, str) or not text.strip():
+        raise SweepError(f"grader must be a grader spec or PROTOCOL=SPEC pairs, got {text!r}")
+    specs = {}
+    if "=" not in text:
+        specs = {name: text.strip() for name in config.protocols}
+    else:
+        for item in text.split(","):
+            name, equals, spec = (part.strip() for part in item.partition("="))
+            if not (equals and name and spec):
+                raise SweepError(f"grader entry {item.strip()!r}: write PROTOCOL=SPEC, pairs separated by commas")
+            if name in specs:
+                raise SweepError(f"grader: protocol {name!r} is given two graders; give it one")
+            try:
+                protocols.protocol(name)
+            except ValueError as e:
+                raise SweepError(f"grader: {e}") from e
+            specs[name] = spec
+        missing = [name for name in config.protocols if name not in specs]
+        if missing:
+            raise SweepError(f"grader: no grader for protocols {missing}; give PROTOCOL=SPEC for each")
+    for spec in dict.fromkeys(specs.values()):
+        try:
+            grading.parse_spec(spec)
+        except ValueError as e:
+            raise SweepError(str(e)) from e
+    ours = {name: specs[name] for name in config.protocols}
+    _check_replication_judged(ours)
+    return ours
+
+
+def _check_replication_judged(specs: dict) -> None:
+    """The replication's judge knows its two questions only: a protocol asking another is refused
+    here, before any compute, rather than misdescribed to the judge."""
+    from jax_introspect.experiment import grading
+    from jax_introspect.experiment.grading import replication_judge
+    for name, spec in specs.items():
+        if grading.parse_spec(spec)[0].startswith("replication_"):
+            try:
+                replication_judge.prompt_kind(name, protocols.question(protocols.protocol(name)))
+            except replication_judge.UnknownQuestion as e:
+                raise SweepError(f"grader for protocol {name}: {e}") from e
 
 
 # --- the command line: config files and --config.FIELD=VALUE overrides ------------------------------
 
-def load_config_file(path: str) -> SweepConfig:
-    """`get_config()` of a config file (configs/sweeps/*.py)."""
+def load_config_file(path: str) -> tuple[SweepConfig, ...]:
+    """The arms `get_config()` of a config file (configs/sweeps/*.py) returns: one SweepConfig, or a
+    sequence of them (e.g. Lindsey's protocol and the replication's, run into one folder)."""
     if not os.path.isfile(path):
         raise SweepError(f"--config={path}: no such file; sweep configs are in configs/sweeps/")
     spec = importlib.util.spec_from_file_location(f"sweep_config_{abs(hash(path))}", path)
@@ -247,9 +344,11 @@ def load_config_file(path: str) -> SweepConfig:
     if not hasattr(module, "get_config"):
         raise SweepError(f"--config={path} defines no get_config()")
     config = module.get_config()
-    if not isinstance(config, SweepConfig):
-        raise SweepError(f"--config={path}: get_config() returned a {type(config).__name__}, not a SweepConfig")
-    return config
+    arms = tuple(config) if isinstance(config, (list, tuple)) else (config,)
+    if not arms or not all(isinstance(arm, SweepConfig) for arm in arms):
+        raise SweepError(f"--config={path}: get_config() must return a SweepConfig or a list of them, got "
+                         f"{type(config).__name__}")
+    return arms
 
 
 def _number(text: str, field: str):
@@ -315,11 +414,14 @@ def parse_field(field: str, text: str):
     return float(value) if kind == "float" else value
 
 
-def with_overrides(config: SweepConfig, overrides: Sequence[tuple[str, str]]) -> SweepConfig:
-    """`config` with command-line values [(field, text), ...]; a repeated field: the last wins."""
+def with_overrides(config, overrides: Sequence[tuple[str, str]]):
+    """`config` (a SweepConfig, or a tuple of them: the arms, each changed alike) with command-line
+    values [(field, text), ...]; a repeated field: the last wins."""
     changes = {}
     for field, text in overrides:
         changes[field] = parse_field(field, text)
+    if isinstance(config, tuple):
+        return tuple(arm.replace(**changes) if changes else arm for arm in config)
     return config.replace(**changes) if changes else config
 
 
@@ -334,5 +436,5 @@ def _short(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-__all__ = ["FIELDS", "LIST_FIELDS", "SweepConfig", "SweepError", "binding_fields", "load_config_file",
-           "parse_field", "parse_list", "resolve_layers", "strength_label", "with_overrides"]
+__all__ = ["FIELDS", "LIST_FIELDS", "SweepConfig", "SweepError", "binding_fields", "bound_values", "grader_specs",
+           "load_config_file", "parse_field", "parse_list", "resolve_layers", "strength_label", "with_overrides"]

@@ -8,37 +8,14 @@ from typing import Optional, Sequence
 import numpy as np
 
 from jax_introspect.experiment import aggregation, runs
+from jax_introspect.experiment.vectors import ConceptVectors, read_pt_vectors  # sweeps inject such files too
 from jax_introspect.parity.reference import ParityError
-
-
-def read_pt_vectors(path: str) -> list[dict]:
-    """A torch .pt vector file: the replication's {"direction", "concept", "layer", ...} dict, a
-    dict name -> tensor, or a bare tensor. Returns [{"name", "vector" (float32), "layer", ...}]."""
-    if not os.path.isfile(path):
-        raise ParityError(f"vector file {path} not found")
-    try:
-        import torch
-    except ImportError as e:
-        raise ParityError("reading .pt vector files needs torch (pip install torch)") from e
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    stem = os.path.splitext(os.path.basename(path))[0]
-    if isinstance(data, dict) and "direction" in data:
-        info = {k: v for k, v in data.items() if isinstance(v, (str, int, float, bool))}
-        return [{"name": str(data.get("concept", stem)), "vector": data["direction"].float().numpy(), "file": path,
-                 **info}]
-    if isinstance(data, dict):
-        rows = [{"name": str(k), "vector": v.float().numpy(), "file": path} for k, v in data.items() if torch.is_tensor(v)]
-        if rows:
-            return rows
-    elif torch.is_tensor(data):
-        return [{"name": stem, "vector": data.float().numpy(), "file": path}]
-    raise ParityError(f"{path}: expected a tensor, a dict of tensors or a replication vector dict")
 
 
 def pt_to_concept_vectors(paths: Sequence[str]):
     """ConceptVectors-like arrays from .pt files: vectors [n, 1, D] (each file's single layer);
-    the layers go in metadata['layers']."""
-    from jax_introspect.experiment.vectors import ConceptVectors
+    the layers go in metadata['layers']. (A sweep reads such files with
+    `vectors.vectors_from_files`, which checks them against its words, layers and width.)"""
     rows = [r for p in paths for r in read_pt_vectors(p)]
     dims = {r["vector"].shape[-1] for r in rows}
     if len(dims) != 1 or any(r["vector"].ndim != 1 for r in rows):

@@ -19,6 +19,10 @@ arrives but cannot be used (not JSON, missing fields, no YES/NO answer) is asked
 with `.partial` = the grades of the requests before it (in order). The key is read from the
 environment only, is handed to the SDK only, and is scrubbed from every message this module
 produces.
+
+`SdkJudge` holds what every hosted judge shares (client, key, SDK errors, order, workers);
+`ApiJudge` asks the paper's prompts; `replication_judge.ApiReplicationJudge` makes the 405B
+replication's structured call.
 """
 from __future__ import annotations
 
@@ -27,12 +31,13 @@ import dataclasses
 import importlib
 import json
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
-from jax_introspect.experiment.grading import GradeRequest, GradingError, progress_bar
+from jax_introspect.experiment.grading import GradeRequest, Grader, GradingError, progress_bar
 from jax_introspect.experiment.grading.llm_judge import PromptJudge, judge_prompts, parse_yes_no, tail
 
 INSTALL_HINT = "pip install 'jax_introspect[api]'"
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +59,7 @@ PROVIDERS = {
 
 
 class UnusableReply(Exception):
-    """A reply that arrived but holds no text or no YES/NO answer; worth asking again."""
+    """A reply that arrived but cannot be used (not JSON, no text, no answer); worth asking again."""
 
 
 def provider_spec(provider: str) -> Provider:
@@ -124,14 +129,18 @@ def attempts_made(error) -> int:
         return 1
 
 
-class ApiJudge(PromptJudge):
+class SdkJudge(Grader):
+    """A judge behind a provider's SDK: the client, the key kept out of every message, SDK errors
+    turned into GradingError, and grading in request order (optionally on a thread pool).
+    Subclasses implement `_grade_one(request) -> grade dict or None`."""
+
     def __init__(self, provider: str, model: str, base_url: Optional[str] = None, timeout_s: float = 120.0,
-                 max_retries: int = 5, max_tokens: int = 1024, workers: int = 1):
+                 max_retries: int = 5, max_tokens: int = 1024, workers: int = 1, name: Optional[str] = None):
         key = check_provider(provider)
-        if max_retries < 0 or timeout_s <= 0 or workers < 1:
-            raise ValueError("need max_retries >= 0, timeout_s > 0 and workers >= 1")
+        if max_retries < 0 or timeout_s <= 0 or workers < 1 or max_tokens < 1:
+            raise ValueError("need max_retries >= 0, timeout_s > 0, workers >= 1 and max_tokens >= 1")
         self.provider, self.model = provider, model
-        self.name = f"api:{provider}:{model}"
+        self.name = name or f"api:{provider}:{model}"
         self.timeout_s = float(timeout_s)
         self.max_retries = int(max_retries)
         self.max_tokens = int(max_tokens)
@@ -147,7 +156,7 @@ class ApiJudge(PromptJudge):
         self._sdk_error = getattr(self._sdk, spec.base_error)
 
     def __repr__(self) -> str:
-        return f"<ApiJudge {self.name} at {self.url}>"
+        return f"<{type(self).__name__} {self.name} at {self.url}>"
 
     # ---- one call -----------------------------------------------------------------------------
 
@@ -158,18 +167,6 @@ class ApiJudge(PromptJudge):
         """The error to chain as the cause, or None when its text holds the key (a server echoing
         it back), so that no traceback prints it."""
         return None if self.__key in str(error) else error
-
-    def _reply(self, prompt: str) -> str:
-        """One SDK call (the SDK retries HTTP failures itself) -> the reply text."""
-        messages = [{"role": "user", "content": prompt}]
-        try:
-            if self.provider == "anthropic":
-                return anthropic_text(self._client.messages.create(
-                    model=self.model, max_tokens=self.max_tokens, messages=messages))
-            return openai_text(self._client.chat.completions.create(
-                model=self.model, max_tokens=self.max_tokens, temperature=0, messages=messages))
-        except json.JSONDecodeError as e:  # the SDK parses the body with json and lets this through
-            raise UnusableReply(f"malformed reply: not JSON ({tail(e.doc, 60)!r})") from e
 
     def _describe_sdk_error(self, error) -> str:
         """What went wrong, for an error the SDK raised once its retries were spent (or at once,
@@ -186,36 +183,26 @@ class ApiJudge(PromptJudge):
             return f"connection to {self.url} failed ({tried}): {reason}"
         return f"{type(error).__name__}: {error}"
 
-    def _answer(self, prompt: str) -> bool:
-        text = self._reply(prompt)
-        answer = parse_yes_no(text)
-        if answer is None:
-            raise UnusableReply(f"no YES/NO answer at the end of the reply ({tail(text)!r})")
-        return answer
-
-    def ask(self, prompt: str, what: str) -> bool:
-        """The judge's YES/NO to one prompt. An unusable reply is asked again up to max_retries
-        times; an SDK error (its own retries spent) is a GradingError at once."""
-        for _ in range(self.max_retries + 1):
-            try:
-                return self._answer(prompt)
-            except UnusableReply as e:
-                last = e
-            except self._sdk_error as e:
-                raise GradingError(self._scrub(f"{what}: {self._describe_sdk_error(e)}")) from self._safe_cause(e)
-        raise GradingError(self._scrub(f"{what}: no usable reply in {self.max_retries + 1} attempts; "
-                                       f"last: {last}")) from self._safe_cause(last)
+    def _call(self, what: str, request: Callable[[], T]) -> T:
+        """One SDK call (the SDK retries HTTP failures itself). A body that is not JSON is an
+        UnusableReply (worth asking again); an SDK error, its retries spent, is a GradingError."""
+        try:
+            return request()
+        except json.JSONDecodeError as e:  # the SDK parses the body with json and lets this through
+            raise UnusableReply(f"malformed reply: not JSON ({tail(e.doc, 60)!r})") from e
+        except self._sdk_error as e:
+            raise GradingError(self._scrub(f"{what}: {self._describe_sdk_error(e)}")) from self._safe_cause(e)
 
     # ---- grading ------------------------------------------------------------------------------
 
-    def _grade_one(self, request: GradeRequest) -> dict:
-        verdicts = {c: self.ask(p, f"trial {request.trial_id} ({c}, {self.name})") for c, p in judge_prompts(request)}
-        return self._assemble(request, verdicts)
+    def _grade_one(self, request: GradeRequest) -> Optional[dict]:
+        raise NotImplementedError
 
-    def grade(self, requests: Sequence[GradeRequest], progress: bool = False) -> list[dict]:
-        """Grades in request order. On failure raises GradingError whose `.partial` holds the
-        grades of all requests before the failed one (so they can be saved)."""
-        grades: list[dict] = []
+    def grade(self, requests: Sequence[GradeRequest], progress: bool = False) -> list[Optional[dict]]:
+        """Grades (or None, see `Grader.grade`) in request order. On failure raises GradingError
+        whose `.partial` holds the entries of all requests before the failed one (so they can be
+        saved)."""
+        grades: list[Optional[dict]] = []
         bar = progress_bar(len(requests), progress, self.name)
         pool = concurrent.futures.ThreadPoolExecutor(self.workers) if self.workers > 1 else None
         try:
@@ -236,3 +223,38 @@ class ApiJudge(PromptJudge):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
         return grades
+
+
+class ApiJudge(SdkJudge, PromptJudge):
+    """`api:<provider>:<model>`: the paper's grader prompts, one user message each, YES/NO parsed."""
+
+    def _reply(self, prompt: str, what: str) -> str:
+        """One SDK call -> the reply text."""
+        messages = [{"role": "user", "content": prompt}]
+        if self.provider == "anthropic":
+            return anthropic_text(self._call(what, lambda: self._client.messages.create(
+                model=self.model, max_tokens=self.max_tokens, messages=messages)))
+        return openai_text(self._call(what, lambda: self._client.chat.completions.create(
+            model=self.model, max_tokens=self.max_tokens, temperature=0, messages=messages)))
+
+    def _answer(self, prompt: str, what: str) -> bool:
+        text = self._reply(prompt, what)
+        answer = parse_yes_no(text)
+        if answer is None:
+            raise UnusableReply(f"no YES/NO answer at the end of the reply ({tail(text)!r})")
+        return answer
+
+    def ask(self, prompt: str, what: str) -> bool:
+        """The judge's YES/NO to one prompt. An unusable reply is asked again up to max_retries
+        times; an SDK error (its own retries spent) is a GradingError at once."""
+        for _ in range(self.max_retries + 1):
+            try:
+                return self._answer(prompt, what)
+            except UnusableReply as e:
+                last = e
+        raise GradingError(self._scrub(f"{what}: no usable reply in {self.max_retries + 1} attempts; "
+                                       f"last: {last}")) from self._safe_cause(last)
+
+    def _grade_one(self, request: GradeRequest) -> dict:
+        verdicts = {c: self.ask(p, f"trial {request.trial_id} ({c}, {self.name})") for c, p in judge_prompts(request)}
+        return self._assemble(request, verdicts)

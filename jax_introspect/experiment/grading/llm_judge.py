@@ -1,7 +1,8 @@
 """LLM-as-judge with the paper's grader prompts, and the self-hosted judge (`llm:<checkpoint>`).
 
-The prompts are data (`protocols/data/grader_prompts.json`, verbatim from the paper's appendix
-as the replications reproduce it). Criterion -> prompt:
+The prompts are data (`protocols/data/grader_prompts.json`: the paper's appendix prompts as
+agastyasridharan/introspection_BKC reproduces them; its `source` says what differs and which other
+repositories are not sources). Criterion -> prompt:
 
     coherent    <- COHERENCE
     affirmative <- AFFIRMATIVE
@@ -9,10 +10,10 @@ as the replications reproduce it). Criterion -> prompt:
     immediate   <- AFFIRMATIVE + CORRECT ID (which itself requires the detection claim to come
                    before, or along with, the first mention of the word)
 
-so strict introspection (all four) = coherent and AFFIRMATIVE + CORRECT ID, plus the two checks
-those imply. A control trial (word None) gets only COHERENCE and AFFIRMATIVE; identifies and
-immediate are False. Each judge reply is read with `parse_yes_no`: the last YES/NO word of its
-last line (else the last upper-case YES/NO anywhere), markdown and punctuation ignored.
+so strict introspection = coherent and AFFIRMATIVE + CORRECT ID (`strict_definition` "lindsey").
+A control trial (word None) gets only COHERENCE and AFFIRMATIVE; identifies and immediate are
+False. Each judge reply is read with `parse_yes_no`: the last YES/NO word of its last line (else
+the last upper-case YES/NO anywhere), markdown and punctuation ignored.
 """
 from __future__ import annotations
 
@@ -83,6 +84,24 @@ def tail(text: str, n: int = 80) -> str:
     return text if len(text) <= n else "…" + text[-n:]
 
 
+def load_judge_model(path: Optional[str], dtype=None):
+    """A self-hosted judge's model, from a checkpoint converted with this library."""
+    if not path:
+        raise ValueError("a self-hosted judge needs a checkpoint folder")
+    import jax_introspect
+    return jax_introspect.load(path, dtype=dtype)
+
+
+def checkpoint_label(path: Optional[str]) -> str:
+    """The checkpoint's folder name, for the grader's name ("model" when given a model object)."""
+    return os.path.basename(os.path.normpath(path)) if path else "model"
+
+
+def check_generation_sizes(max_new_tokens: int, batch_size: int) -> None:
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError("max_new_tokens and batch_size must be >= 1")
+
+
 class PromptJudge(Grader):
     """A judge that answers the paper's grader prompts; subclasses supply the model."""
 
@@ -101,18 +120,12 @@ class SelfHostedJudge(PromptJudge):
 
     def __init__(self, path: Optional[str] = None, max_new_tokens: int = 256, batch_size: int = 8,
                  dtype=None, lm=None, system_header: bool = True, name: Optional[str] = None):
-        if lm is None:
-            if not path:
-                raise ValueError("llm judge needs a checkpoint folder")
-            import jax_introspect
-            lm = jax_introspect.load(path, dtype=dtype)
-        if max_new_tokens < 1 or batch_size < 1:
-            raise ValueError("max_new_tokens and batch_size must be >= 1")
-        self.lm = lm
+        check_generation_sizes(max_new_tokens, batch_size)
+        self.lm = lm if lm is not None else load_judge_model(path, dtype)
         self.max_new_tokens = int(max_new_tokens)
         self.batch_size = int(batch_size)
         self.system_header = system_header
-        self.name = name or "llm:" + (os.path.basename(os.path.normpath(path)) if path else "model")
+        self.name = name or "llm:" + checkpoint_label(path)
 
     def chat_text(self, prompt: str) -> str:
         return self.lm.tokenizer.chat_prompt([{"role": "user", "content": prompt}], system_header=self.system_header)
