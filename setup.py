@@ -38,6 +38,7 @@ setup(
             "transformers>=5",
             "accelerate",
             "pillow",
+            "peft==0.21.2",  # tests/test_adapters.py: the LoRA reference
             "compressed-tensors",  # tests/test_fp8.py: transformers' own FP8-dynamic path as a second reference
             *API_EXTRA,  # tests/test_grading.py runs the API judges on the SDKs
         ],

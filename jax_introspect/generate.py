@@ -101,7 +101,7 @@ def next_tokens(logits: jax.Array, params: Sampling, step: jax.Array) -> jax.Arr
 
 def _generate(params: model_lib.Params, cfg: ModelConfig, tokens: jax.Array, token_valid: jax.Array,
               injection: inject_lib.Injection, sample: Sampling, eos_ids: jax.Array, pad_id: jax.Array,
-              max_new_tokens: int, return_logits: bool = False, *, layout):
+              max_new_tokens: int, return_logits: bool = False, *, layout, adapter=None):
     """Continue a left-padded batch, injecting in prefill and at every decode step.
 
     Returns (new_tokens [B, max_new_tokens], lengths [B], step_logits): each row stops after its
@@ -112,12 +112,14 @@ def _generate(params: model_lib.Params, cfg: ModelConfig, tokens: jax.Array, tok
     `Layout.put` (or the loader); the KV cache and activations are pinned to the layout, and the
     generated ids and lengths come back replicated (every process can read them) while step
     logits stay split over batch and vocab.
+    adapter: optional `adapters.Adapter` placed on the layout (`adapters.place`), traced: adapters of
+    one shape share the compiled program.
     """
     batch, prompt_len = tokens.shape
     cache = layout.constrain_cache(model_lib.init_cache(cfg, batch, prompt_len, params.embed.dtype))
     positions = model_lib.prompt_positions(token_valid)
     logits, cache, _ = model_lib.forward(params, cfg, tokens, positions, token_valid, cache,
-                                         injection=injection, layout=layout, last_only=True)
+                                         injection=injection, layout=layout, last_only=True, adapter=adapter)
     cache = layout.constrain_cache(model_lib.extend_cache(cache, max_new_tokens))
     last = logits[:, -1]
     first = next_tokens(last, sample, jnp.int32(0))
@@ -137,7 +139,7 @@ def _generate(params: model_lib.Params, cfg: ModelConfig, tokens: jax.Array, tok
         done = done | jnp.isin(token, eos_ids)
         logits, cache, _ = model_lib.forward(params, cfg, token[:, None], position[:, None],
                                              jnp.ones((batch, 1), bool), cache, injection=injection,
-                                             layout=layout)
+                                             layout=layout, adapter=adapter)
         last = logits[:, 0]
         token = next_tokens(last, sample, step + 1)
         return step + 1, token, position + 1, out, done, lengths, cache, last, recorded

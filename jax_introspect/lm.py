@@ -1,12 +1,14 @@
 """The user-facing model: `lm = jax_introspect.load(path)`; logits, residuals, generate."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Optional, Sequence, Union
 
 import jax
 import numpy as np
 
+from jax_introspect import adapters as adapters_lib
 from jax_introspect import checkpoint as ckpt
 from jax_introspect import config as config_lib
 from jax_introspect import generate as generate_lib
@@ -28,17 +30,19 @@ class Generation:
     logits: Optional[np.ndarray] = None  # [len(token_ids), vocab] float32, when asked for
 
 
-def _prefill_impl(params, cfg, tokens, token_valid, injection, return_residuals, layout):
+def _prefill_impl(params, cfg, tokens, token_valid, injection, return_residuals, layout, adapter=None):
     cache = layout.constrain_cache(model_lib.init_cache(cfg, tokens.shape[0], tokens.shape[1], params.embed.dtype))
     # Residual calls discard the logits: only the last column's are computed for them.
     logits, _, residuals = model_lib.forward(params, cfg, tokens, model_lib.prompt_positions(token_valid),
                                              token_valid, cache, return_residuals=return_residuals,
-                                             injection=injection, layout=layout, last_only=return_residuals)
+                                             injection=injection, layout=layout, last_only=return_residuals,
+                                             adapter=adapter)
     # Logits come back split over batch and vocab (pinned by `forward`), residuals over batch and d_model.
     return logits, (layout.pin(residuals, "residuals") if return_residuals else None)
 
 
-# One program for every mesh (`layout` is static), compiled once per batch shape.
+# One program for every mesh (`layout` is static), compiled once per batch shape (and adapter shape:
+# the adapter is traced).
 _prefill = jax.jit(_prefill_impl, static_argnames=("cfg", "return_residuals", "layout"))
 
 
@@ -84,6 +88,24 @@ class LanguageModel:
             raise ValueError(f"params with leaves {_leaf_names(params)} do not fit numerics={numerics!r} for this "
                              f"config, which needs {_leaf_names(expected)}; load them with "
                              "jax_introspect.load(path, numerics=...)")
+        # An adapter (`with_adapter`) placed on the layout, and its content digest; None: the base model.
+        self.adapter: Optional[adapters_lib.Adapter] = None
+        self.adapter_digest: Optional[str] = None
+
+    def with_adapter(self, adapter: Optional[adapters_lib.Adapter]) -> "LanguageModel":
+        """This model (same params, config, tokenizer, layout: nothing is copied) running `adapter`
+        (an `adapters.Adapter` shaped for `config`, e.g. from `adapters.init` / `adapters.load`) in
+        `logits`, `residuals`, `generate` and `chat`. The adapter is checked, placed on the layout by
+        `adapters.shardings` and traced: adapters of one shape share the compiled programs. None: the
+        base model. `adapter_digest` (`adapters.digest`) names it (a sweep binds its folder to it)."""
+        new = copy.copy(self)
+        if adapter is None:
+            new.adapter, new.adapter_digest = None, None
+            return new
+        adapters_lib.spec_of(adapter, self.config).validate(self.run_config)
+        new.adapter_digest = adapters_lib.digest(adapter)
+        new.adapter = adapters_lib.place(adapter, self.config, self.layout)
+        return new
 
     @property
     def tokenizer(self):
@@ -142,7 +164,7 @@ class LanguageModel:
         rows = len(tokens)
         logits, residuals = _prefill(self.params, self.run_config,
                                      *self._on_mesh(tokens, valid, self._injection(injection, rows)),
-                                     return_residuals, self.layout)
+                                     return_residuals, self.layout, self.adapter)
         if return_residuals:
             return None, sharding_lib.to_host(residuals)[:, :rows]
         return sharding_lib.to_host(logits)[:rows], None
@@ -186,7 +208,8 @@ class LanguageModel:
         lay = self.layout
         out, lengths, step_logits = generate_lib.generate_tokens(
             self.params, self.run_config, *rows, lay.put(eos, lay.replicated),
-            lay.put(np.int32(self._pad_id()), lay.replicated), max_new_tokens, return_logits, layout=lay)
+            lay.put(np.int32(self._pad_id()), lay.replicated), max_new_tokens, return_logits, layout=lay,
+            adapter=self.adapter)
         out, lengths = sharding_lib.to_host(out), sharding_lib.to_host(lengths)
         step_logits = None if step_logits is None else sharding_lib.to_host(step_logits)
         results = []

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_introspect import adapters as adapters_lib
 from jax_introspect import inject
 from jax_introspect import params as params_lib
 from jax_introspect.config import ModelConfig
@@ -204,11 +205,20 @@ def _attention(cfg: ModelConfig, q, k_cache, v_cache, mask):
     return out.reshape(B, K, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
 
-def _mlp(x, layer: LayerParams):
+def _projection(name: str, spec: str, x, layer: LayerParams, precision, adapter=None):
+    """The linear layer `name` of one decoder layer (`layer.<name>`, with its FP8 scale if any),
+    plus its LoRA term when `adapter` (that layer's slices) adapts it."""
+    y = linear(spec, x, getattr(layer, name), getattr(layer, params_lib.scale_name(name)), precision)
+    if adapter is not None and name in adapter.lora:
+        y = y + adapters_lib.lora_delta(adapter, name, x, precision)
+    return y
+
+
+def _mlp(x, layer: LayerParams, adapter=None):
     prec = _precision(x.dtype)
-    gate = linear("btd,df->btf", x, layer.w_gate, layer.w_gate_scale, prec)
-    up = linear("btd,df->btf", x, layer.w_up, layer.w_up_scale, prec)
-    return linear("btf,fd->btd", jax.nn.silu(gate) * up, layer.w_down, layer.w_down_scale, prec)
+    gate = _projection("w_gate", "btd,df->btf", x, layer, prec, adapter)
+    up = _projection("w_up", "btd,df->btf", x, layer, prec, adapter)
+    return _projection("w_down", "btf,fd->btd", jax.nn.silu(gate) * up, layer, prec, adapter)
 
 
 def attention_mask(cache_valid: jax.Array, start: jax.Array, num_queries: int) -> jax.Array:
@@ -226,7 +236,8 @@ def attention_mask(cache_valid: jax.Array, start: jax.Array, num_queries: int) -
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
             token_valid: jax.Array, cache: KVCache, *, layout, return_residuals: bool = False,
-            injection: Optional[Injection] = None, last_only: bool = False):
+            injection: Optional[Injection] = None, last_only: bool = False,
+            adapter: Optional[adapters_lib.Adapter] = None):
     """Run `tokens` [B, T] through the model, appending them to `cache` at slot `cache.length`.
 
     positions: [B, T] RoPE positions (pad tokens: any value); token_valid: [B, T] bool.
@@ -240,6 +251,9 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     intended layout.
     last_only: logits of the last column only ([B, 1, V]); generation needs no others, and the
     full [B, T, V] float32 prefill logits are the largest temporary in HBM (docs/tpu.md).
+    adapter: optional `adapters.Adapter` (shaped for `cfg`): LoRA on its target projections and
+    its residual bias, added after the layer's MLP and before the injection (docs/adapters.md). Its
+    per-layer slices ride in the scan with the layer weights. None traces the plain model.
     """
     B, T = tokens.shape
     dtype = params.embed.dtype
@@ -249,20 +263,23 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     mask = attention_mask(cache_valid, start, T)
     cos, sin = rope_cos_sin(rope_inverse_frequencies(cfg), positions, dtype)
 
-    def layer_step(carry, layer_and_index):
+    def layer_step(carry, xs):
         h, k_all, v_all = carry
-        layer, index = layer_and_index
+        layer, index = xs[0], xs[1]
+        ad = xs[2] if adapter is not None else None  # this layer's adapter slices
         x = rms_norm(h, layer.attn_norm, cfg.rms_norm_eps)
-        q = apply_rope(linear("btd,dhk->bthk", x, layer.wq, layer.wq_scale, prec), cos, sin)
-        k = apply_rope(linear("btd,dhk->bthk", x, layer.wk, layer.wk_scale, prec), cos, sin)
-        v = linear("btd,dhk->bthk", x, layer.wv, layer.wv_scale, prec)
+        q = apply_rope(_projection("wq", "btd,dhk->bthk", x, layer, prec, ad), cos, sin)
+        k = apply_rope(_projection("wk", "btd,dhk->bthk", x, layer, prec, ad), cos, sin)
+        v = _projection("wv", "btd,dhk->bthk", x, layer, prec, ad)
         # The whole cache rides in the carry and is updated in place at this layer's index.
         k_all = jax.lax.dynamic_update_slice(k_all, k.transpose(0, 2, 3, 1)[None], (index, 0, 0, 0, start))
         v_all = jax.lax.dynamic_update_slice(v_all, v.transpose(0, 2, 1, 3)[None], (index, 0, 0, start, 0))
         attn = _attention(cfg, q, k_all[index], v_all[index], mask)
-        h = h + linear("bthk,hkd->btd", attn, layer.wo, layer.wo_scale, prec)
-        mlp_out = _mlp(rms_norm(h, layer.mlp_norm, cfg.rms_norm_eps), layer)
+        h = h + _projection("wo", "bthk,hkd->btd", attn, layer, prec, ad)
+        mlp_out = _mlp(rms_norm(h, layer.mlp_norm, cfg.rms_norm_eps), layer, ad)
         h = h + mlp_out
+        if ad is not None:  # the adapter's residual bias, before any injection
+            h = h + adapters_lib.bias_delta(ad, h.dtype)
         if injection is not None:
             h = h + inject.residual_delta(injection, index, positions, token_valid, mlp_out, h)
         h, k_all, v_all = layout.pin(h, "hidden"), layout.pin(k_all, "cache_k"), layout.pin(v_all, "cache_v")
@@ -270,7 +287,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
 
     h = layout.pin(params.embed[tokens], "hidden")
     (h, k_all, v_all), residuals = jax.lax.scan(
-        layer_step, (h, cache.k, cache.v), (params.layers, jnp.arange(cfg.n_layers)))
+        layer_step, (h, cache.k, cache.v),
+        (params.layers, jnp.arange(cfg.n_layers)) + (() if adapter is None else (adapter,)))
     if last_only:
         h = h[:, -1:]
     h = rms_norm(h, params.final_norm, cfg.rms_norm_eps)

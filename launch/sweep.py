@@ -9,8 +9,9 @@ overrides one of its fields (`--helpfull` lists them), parsed by the field's typ
 (`--config.words=Dust,Oceans`), a list literal (`--config.words="('Dust','Oceans')"`) or one
 value; a repeated flag replaces the earlier one. Everything that can be checked without the
 weights (the config, the graders, layers and prompt lengths against the model's config.json, vector
-files against the words, layers and width, the output folder) is checked before they load. Re-running the same command resumes: finished trials
-are skipped. A results folder of another config is refused; one being written by another run too.
+files against the words, layers and width, an `--adapter` folder against the model, the output folder) is checked
+before they load. Re-running the same command resumes: finished trials are skipped. A results folder of another
+config (or adapter) is refused; one being written by another run too.
 """
 import contextlib
 import os
@@ -36,6 +37,8 @@ def define_flags() -> None:
                       "How a checkpoint converted from FP8 weights runs: dequantized (bf16/f32 weights) or "
                       "fp8_dynamic (weights as stored, inputs of each quantized linear layer rounded through "
                       "e4m3 per token, as vLLM ran the 405B replication); see docs/numerics.md.")
+    flags.DEFINE_string("adapter", None, "Adapter folder (written by jax_introspect.adapters.save): LoRA / residual "
+                        "bias the model runs with; the results folder is bound to its digest.")
     flags.DEFINE_bool("report", True, "Write the report when the trials are done.")
     flags.DEFINE_string("mesh", None, "Device mesh data x tensor, e.g. 1x-1 (all devices tensor-parallel) or 2x4; "
                         "default: one device.")
@@ -45,7 +48,7 @@ def define_flags() -> None:
 def _plan(arms: tuple, writer: bool):
     """Check everything that needs no weights and plan the sweep (every arm): every protocol's
     grader, the checkpoint's config.json and tokenizer (layers, prompt lengths), the vector files."""
-    from jax_introspect import checkpoint
+    from jax_introspect import adapters, checkpoint
     from jax_introspect.experiment import grading, sweep, sweep_config
     specs = dict.fromkeys(spec for arm in arms for spec in sweep_config.grader_specs(arm).values())
     for spec in specs:
@@ -56,7 +59,26 @@ def _plan(arms: tuple, writer: bool):
     if dtype not in ("float32", "bfloat16"):
         raise sweep.SweepError(f"--dtype={dtype}: choose float32 or bfloat16")
     tokenizer = checkpoint.load_tokenizer(FLAGS.checkpoint)
-    return sweep.plan_experiment(arms, model_config, tokenizer, FLAGS.checkpoint, dtype, FLAGS.numerics), model_config
+    adapter = _read_adapter(model_config) if FLAGS.adapter else None
+    plan = sweep.plan_experiment(arms, model_config, tokenizer, FLAGS.checkpoint, dtype, FLAGS.numerics,
+                                 None if adapter is None else adapters.digest(adapter))
+    return plan, model_config, adapter
+
+
+def _read_adapter(model_config):
+    """The `--adapter` folder's adapter (host arrays), checked against the model's config.json."""
+    from jax_introspect import adapters
+    from jax_introspect import config as config_lib
+    from jax_introspect.experiment import sweep
+    try:
+        run_config = config_lib.with_numerics(model_config, FLAGS.numerics)
+    except config_lib.ConfigError as e:
+        raise sweep.SweepError(f"--numerics: {e}") from e
+    try:
+        adapter, _, _ = adapters.load(FLAGS.adapter, run_config)
+    except adapters.AdapterError as e:
+        raise sweep.SweepError(f"--adapter: {e}") from e
+    return adapter
 
 
 def _sweep(stack: contextlib.ExitStack) -> None:
@@ -64,12 +86,14 @@ def _sweep(stack: contextlib.ExitStack) -> None:
     from launch.common import load_model
     writer = distributed.is_primary()  # on a pod every process computes; process 0 writes
     arms = sweep_config.with_overrides(sweep_config.load_config_file(FLAGS.config), _OVERRIDES)
-    plan, model_config = _plan(arms, writer)
+    plan, model_config, adapter = _plan(arms, writer)
     if writer:  # the folder is checked, locked and bound before the weights load
         results.check_output_folder(FLAGS.out, sweep.estimated_bytes(plan, model_config))
         stack.enter_context(files.FolderLock(FLAGS.out))
         results.ResultsStore(FLAGS.out, plan.binding)
     lm = load_model(FLAGS.checkpoint, dtype=FLAGS.dtype, mesh=FLAGS.mesh, numerics=FLAGS.numerics)
+    if adapter is not None:
+        lm = lm.with_adapter(adapter)
     summary = sweep.run_sweep(lm, arms, FLAGS.out, is_writer=writer, plan=plan)
     if writer:
         print(f"trials: {summary['trials']} ({summary['resumed_from']} already done, {summary['ran']} run now) "

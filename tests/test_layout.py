@@ -43,7 +43,7 @@ print(json.dumps({{"model_side": names, "experiment_loaded": loaded}}))
 
 
 LAUNCH_MODULES = ("launch.sweep", "launch.chat", "launch.convert", "launch.report", "launch.parity",
-                  "launch.positive_control", "launch.gpu_reference", "launch.tpu.pod", "launch.common")
+                  "launch.positive_control", "launch.gpu_reference", "launch.tpu.pod", "launch.common", "launch.train")
 
 
 def test_importing_modules_defines_no_flags():

@@ -160,17 +160,20 @@ class SweepPlan:
 
 
 def binding(config: SweepConfig, layers: list[int], model_name: str, checkpoint: str, dtype: str,
-            numerics: str = config_lib.DEQUANTIZED) -> dict:
+            numerics: str = config_lib.DEQUANTIZED, adapter: Optional[str] = None) -> dict:
     """The fields that decide the trials' texts (`sweep_config.bound_values`): a results folder
     holds trials of one binding. Layers are the resolved indices (0.5 and 15 are the same sweep on a
     30-layer model); the checkpoint is its real path (a symlink to it is the same checkpoint);
     vector files are their contents' digests (a copy elsewhere is the same file); `numerics` (how
-    an FP8 checkpoint runs) only when not the default, so folders made before it stay bound."""
+    an FP8 checkpoint runs) only when not the default, so folders made before it stay bound; likewise
+    `adapter`, the digest of the adapter the model runs (`adapters.digest`), only when there is one."""
     bound = bound_values(config)
     bound.update(layers=list(layers), model=model_name, dtype=str(dtype),
                  checkpoint=checkpoint if "://" in checkpoint else os.path.realpath(checkpoint))
     if numerics != config_lib.DEQUANTIZED:
         bound["numerics"] = numerics
+    if adapter is not None:
+        bound["adapter"] = adapter
     if "vector_files" in bound:
         bound["vector_files"] = [vectors.file_digest(p) for p in config.vector_files]
     return bound
@@ -185,9 +188,9 @@ def read_vector_files(config: SweepConfig, words: list, layers: list, model_conf
 
 
 def plan_sweep(config: SweepConfig, model_config, tokenizer, checkpoint: str, dtype: str,
-               numerics: str = config_lib.DEQUANTIZED) -> SweepPlan:
+               numerics: str = config_lib.DEQUANTIZED, adapter: Optional[str] = None) -> SweepPlan:
     """Check `config` against the model (layers, prompt lengths; `numerics` against its weights)
-    and plan every trial."""
+    and plan every trial. `adapter`: the digest of the adapter the model will run, if any."""
     config = as_config(config)
     if tokenizer is None:
         raise SweepError(f"the checkpoint {checkpoint} has no tokenizer; convert it again with --tokenizer=PATH")
@@ -206,7 +209,8 @@ def plan_sweep(config: SweepConfig, model_config, tokenizer, checkpoint: str, dt
             raise SweepError(f"protocol {name}: {e} (--config.max_new_tokens)") from e
     file_vectors = read_vector_files(config, words, layers, model_config) if config.vector_files else None
     return SweepPlan(config=config, words=words, layers=layers, trials=plan_trials(config, words, layers),
-                     prompts=prompts, binding=binding(config, layers, model_config.name, checkpoint, dtype, numerics),
+                     prompts=prompts,
+                     binding=binding(config, layers, model_config.name, checkpoint, dtype, numerics, adapter),
                      prefix=prefix, file_vectors=file_vectors)
 
 
@@ -238,10 +242,11 @@ def as_configs(configs) -> tuple:
 
 
 def plan_experiment(configs, model_config, tokenizer, checkpoint: str, dtype: str,
-                    numerics: str = config_lib.DEQUANTIZED) -> ExperimentPlan:
+                    numerics: str = config_lib.DEQUANTIZED, adapter: Optional[str] = None) -> ExperimentPlan:
     """`plan_sweep` for every arm. A protocol runs in one arm only: its trial ids (which carry the
     protocol) stay unique across the folder."""
-    arms = tuple(plan_sweep(c, model_config, tokenizer, checkpoint, dtype, numerics) for c in as_configs(configs))
+    arms = tuple(plan_sweep(c, model_config, tokenizer, checkpoint, dtype, numerics, adapter)
+                 for c in as_configs(configs))
     seen = {}
     for i, arm in enumerate(arms):
         for protocol in arm.config.protocols:
@@ -370,7 +375,8 @@ def run_sweep(lm, config, out: str, *, progress: bool = True, is_writer: bool = 
     after the other into the folder); `plan`: from `plan_sweep` / `plan_experiment`, when the
     caller made it before loading the model."""
     if plan is None:
-        plan = plan_experiment(config, lm.config, lm.tokenizer, lm.path, str(lm.dtype), lm.numerics)
+        plan = plan_experiment(config, lm.config, lm.tokenizer, lm.path, str(lm.dtype), lm.numerics,
+                               getattr(lm, "adapter_digest", None))
     elif isinstance(plan, SweepPlan):
         plan = ExperimentPlan((plan,))
     for arm in plan.arms:
@@ -379,6 +385,10 @@ def run_sweep(lm, config, out: str, *, progress: bool = True, is_writer: bool = 
         planned = arm.binding.get("numerics", config_lib.DEQUANTIZED)
         if planned != lm.numerics:
             raise SweepError(f"the plan was made for numerics={planned!r} but the model runs {lm.numerics!r}")
+        running = getattr(lm, "adapter_digest", None)
+        if arm.binding.get("adapter") != running:
+            raise SweepError(f"the plan was made for adapter {arm.binding.get('adapter') or 'none'} but the model "
+                             f"runs adapter {running or 'none'}")
     if not is_writer:
         return _run_arms(lm, plan, out, None, progress=False, on_batch=on_batch)
     results.check_output_folder(out, estimated_bytes(plan, lm.config))
