@@ -47,7 +47,7 @@ def test_two_arms_one_folder_one_report(checkpoint, tmp_path, monkeypatch):
     lm = jax_introspect.load(checkpoint)
     summary = sweep.run_sweep(lm, arms, out, progress=False)
     # Lindsey: 2 layers x 2 strengths x 2 trials + 2 controls; the replication: 2 layers x 1 x 2 + 2
-    assert summary["trials"] == summary["ran"] == 10 + 6
+    assert summary["trials"] == summary["ran"] == 10 + 6 and summary["resumed_from"] == 0
     records = list(results.read_records(os.path.join(out, results.RESULTS_FILE)))
     assert len({r.trial_id for r in records}) == 16
     by_protocol = {}
@@ -60,7 +60,8 @@ def test_two_arms_one_folder_one_report(checkpoint, tmp_path, monkeypatch):
     bound = json.load(open(os.path.join(out, results.RUN_FILE)))["config"]
     assert [a["protocols"] for a in bound["arms"]] == [["lindsey_injected_thought"],
                                                         ["replication_405b_injected_thought"]]
-    assert sweep.run_sweep(lm, arms, out, progress=False)["ran"] == 0  # resumed: nothing left
+    again = sweep.run_sweep(lm, arms, out, progress=False)  # resumed: nothing left
+    assert again["ran"] == 0 and again["resumed_from"] == again["trials"] == 16
 
     run = report.load_run(out)
     assert run.metadata["model"]  # found inside the arms' bindings

@@ -442,4 +442,4 @@ def _run(lm, plan: SweepPlan, out: str, store: Optional[results.ResultsStore], p
               f"its retries); they are kept in {store.ungraded_path}: re-run the same command to grade them",
               file=sys.stderr)
     return {"results": os.path.join(out, results.RESULTS_FILE), "trials": len(plan.trials),
-            "resumed_from": len(done), "ran": len(pending), "layers": plan.layers, "ungraded": left_ungraded}
+            "resumed_from": len(plan.trials) - len(pending), "ran": len(pending), "layers": plan.layers, "ungraded": left_ungraded}
