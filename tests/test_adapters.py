@@ -547,3 +547,16 @@ def test_sweep_runs_an_adapter_and_binds_its_folder_to_it(tmp_path):
     refused = _sweep(checkpoint, tmp_path / "run2", f"--adapter={wrong}")
     assert refused.returncode != 0 and "--adapter:" in refused.stderr and "d_model=32" in refused.stderr
     assert not (tmp_path / "run2").exists()
+
+    # The self-hosted judge runs with an adapter too: llm:<checkpoint>@<adapter folder>.
+    from jax_introspect.experiment import grading
+    judge = grading.make_grader(f"llm:{checkpoint}@{first}", max_new_tokens=4, batch_size=2)
+    assert judge.name == "llm:ckpt@adapter1" and judge.lm.adapter_digest == adapters.digest(adapter)
+    ids = judge.lm.tokenizer.encode(judge.chat_text("Is this answer coherent?"))
+    base = judge.lm.with_adapter(None)
+    assert np.abs(judge.lm.logits([ids]) - base.logits([ids])).max() > 1e-3
+    grading.check_grader(f"replication:llm:{checkpoint}@{first}")
+    with pytest.raises(adapters.AdapterError, match="d_model=32"):
+        grading.check_grader(f"llm:{checkpoint}@{wrong}")
+    with pytest.raises(ValueError, match="<checkpoint folder>@<adapter folder>"):
+        grading.check_grader(f"llm:{checkpoint}@")

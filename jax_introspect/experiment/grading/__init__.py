@@ -105,7 +105,7 @@ class _NoBar:
         return False
 
 
-GRADER_SPECS = ("'heuristic', 'llm:<checkpoint folder>', 'api:anthropic:<model>', 'api:openai:<model>', "
+GRADER_SPECS = ("'heuristic', 'llm:<checkpoint folder>[@<adapter folder>]', 'api:anthropic:<model>', 'api:openai:<model>', "
                 "'replication:api:anthropic:<model>', 'replication:api:openai:<model>' or "
                 "'replication:llm:<checkpoint folder>'")
 # The replication's own judge, as it ran (its model is in protocols/data/replication_405b_judge.json;
@@ -152,8 +152,8 @@ def check_grader(spec: str) -> None:
     ValueError / GradingError naming the fix."""
     kind, args = parse_spec(spec)
     if kind in SELF_HOSTED_KINDS:
-        from jax_introspect import checkpoint
-        checkpoint.read_manifest(args[0])
+        from jax_introspect.experiment.grading.llm_judge import check_judge_path
+        check_judge_path(args[0])
     elif kind in ("api", "replication_api"):
         from jax_introspect.experiment.grading.api_judge import check_provider
         check_provider(args[0])

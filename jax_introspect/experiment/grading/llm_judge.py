@@ -84,17 +84,50 @@ def tail(text: str, n: int = 80) -> str:
     return text if len(text) <= n else "…" + text[-n:]
 
 
+ADAPTER_SEPARATOR = "@"  # llm:<checkpoint>@<adapter folder>: the judge runs with that adapter
+
+
+def split_judge_path(path: str) -> tuple[str, Optional[str]]:
+    """"CKPT" -> (CKPT, None); "CKPT@ADAPTER" -> (CKPT, ADAPTER) (an adapters.save folder)."""
+    checkpoint_path, _, adapter_path = path.partition(ADAPTER_SEPARATOR)
+    if not checkpoint_path or (ADAPTER_SEPARATOR in path and not adapter_path):
+        raise ValueError(f"self-hosted judge {path!r}: give <checkpoint folder> or <checkpoint folder>@<adapter folder>")
+    return checkpoint_path, adapter_path or None
+
+
+def check_judge_path(path: str) -> None:
+    """The judge's checkpoint manifest and, if given, its adapter against the model's config.json:
+    no weights read."""
+    from jax_introspect import adapters, checkpoint
+    checkpoint_path, adapter_path = split_judge_path(path)
+    checkpoint.read_manifest(checkpoint_path)
+    if adapter_path:
+        adapters.check_folder(adapter_path, checkpoint.load_config(checkpoint_path))
+
+
 def load_judge_model(path: Optional[str], dtype=None):
-    """A self-hosted judge's model, from a checkpoint converted with this library."""
+    """A self-hosted judge's model, from a checkpoint converted with this library (with an adapter
+    when the path is `<checkpoint>@<adapter folder>`)."""
     if not path:
         raise ValueError("a self-hosted judge needs a checkpoint folder")
     import jax_introspect
-    return jax_introspect.load(path, dtype=dtype)
+    from jax_introspect import adapters
+    checkpoint_path, adapter_path = split_judge_path(path)
+    lm = jax_introspect.load(checkpoint_path, dtype=dtype)
+    if adapter_path:
+        adapter, _, _ = adapters.load(adapter_path, lm.config)
+        lm = lm.with_adapter(adapter)
+    return lm
 
 
 def checkpoint_label(path: Optional[str]) -> str:
-    """The checkpoint's folder name, for the grader's name ("model" when given a model object)."""
-    return os.path.basename(os.path.normpath(path)) if path else "model"
+    """The checkpoint's folder name (and the adapter's), for the grader's name ("model" when given
+    a model object)."""
+    if not path:
+        return "model"
+    checkpoint_path, adapter_path = split_judge_path(path)
+    label = os.path.basename(os.path.normpath(checkpoint_path))
+    return label + (ADAPTER_SEPARATOR + os.path.basename(os.path.normpath(adapter_path)) if adapter_path else "")
 
 
 def check_generation_sizes(max_new_tokens: int, batch_size: int) -> None:
