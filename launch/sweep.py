@@ -126,46 +126,17 @@ def main(argv):
 
 
 def split_config_args(argv: list) -> tuple[list, list]:
-    """(argv without the `--config.FIELD` flags, [(field, value), ...] in order). Both
-    `--config.FIELD=VALUE` and `--config.FIELD VALUE` are understood; an unknown field is refused."""
+    """(argv without the `--config.FIELD` flags, [(field, value), ...] in order)."""
+    from launch.common import split_config_args as split
     from jax_introspect.experiment.sweep_config import FIELDS, SweepError
-    kept, overrides, i = [argv[0]], [], 1
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            kept += argv[i:]
-            break
-        if not arg.startswith("--config."):
-            kept.append(arg)
-            i += 1
-            continue
-        field, has_value, value = arg[len("--config."):].partition("=")
-        if field not in FIELDS:
-            raise SweepError(f"unknown config field {field!r} in {arg!r}; fields: {', '.join(FIELDS)}")
-        if not has_value:
-            if i + 1 >= len(argv):
-                raise SweepError(f"{arg} needs a value, e.g. {arg}=VALUE")
-            i, value = i + 1, argv[i + 1]
-        overrides.append((field, value))
-        i += 1
-    return kept, overrides
+    return split(argv, FIELDS, SweepError)
 
 
 def parse_flags(argv):
-    """absl's parser for the other flags, the `--config.FIELD` overrides read here (checked against
-    `SweepConfig`'s fields and types when the config is built); one-line errors, no tracebacks."""
-    from jax_introspect.experiment.sweep_config import SweepError, parse_field
-    try:
-        argv, overrides = split_config_args(list(argv))
-        for field, value in overrides:
-            parse_field(field, value)  # a malformed value is refused before absl parses anything else
-    except SweepError as e:
-        sys.exit(f"error: {e}")
-    _OVERRIDES[:] = overrides
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        sys.exit(f"error: {str(e).strip().splitlines()[-1] if str(e).strip() else e}")
+    """absl's parser, with the `--config.FIELD` overrides checked against the config's fields and types."""
+    from launch.common import parse_config_flags
+    from jax_introspect.experiment.sweep_config import FIELDS, SweepError, parse_field
+    return parse_config_flags(argv, FIELDS, SweepError, parse_field, _OVERRIDES)
 
 
 if __name__ == "__main__":
