@@ -534,6 +534,8 @@ def test_sweep_runs_an_adapter_and_binds_its_folder_to_it(tmp_path):
     run_info = json.loads((out / "run.json").read_text())
     assert adapters.digest(adapter) in json.dumps(run_info)
     assert records[0]["config_hash"] == run_info["config_hash"]
+    from jax_introspect.experiment import report
+    assert report.load_run(str(out)).metadata["adapter"] == adapters.digest(adapter)  # the report names it
     again = _sweep(checkpoint, out, f"--adapter={first}")
     assert again.returncode == 0 and "(3 already done, 0 run now)" in again.stdout
     for extra in ([], [f"--adapter={second}"]):

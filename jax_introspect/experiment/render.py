@@ -77,6 +77,8 @@ def _metadata_rows(meta: dict) -> list:
         ("source", f"`{meta.get('source')}`"),
         ("format", meta.get("format")),
         ("model", meta.get("model") or "—"),
+        ("adapter", meta.get("adapter") or "—"),
+        ("numerics", meta.get("numerics") or "—"),
         ("grader", meta.get("grader") or "—"),
         ("config hash", meta.get("config_hash")
          or ("— (imported run)" if meta.get("format") == FORMAT_405B else "—")),

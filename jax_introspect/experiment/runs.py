@@ -141,6 +141,15 @@ def _graded(grades) -> bool:
     return isinstance(grades, dict) and any(c in grades and grades[c] is not None for c in CRITERIA)
 
 
+def _bound_value(config, key: str):
+    """A binding field of a run config, or of its first arm that has it ({"arms": [...]})."""
+    if not isinstance(config, dict):
+        return None
+    if key in config:
+        return config[key]
+    return next((a[key] for a in config.get("arms", []) if isinstance(a, dict) and key in a), None)
+
+
 def _find_model(config) -> Optional[str]:
     """The model named in a run config: the first of a few usual keys, searched depth-first (into
     lists too: a run of several arms binds {"arms": [...]})."""
@@ -215,6 +224,9 @@ def _load_ours(jsonl: str, display_path: str) -> Run:
         "source": os.path.abspath(display_path),
         "format": FORMAT_OURS,
         "model": _find_model(config),
+        # Bound only when set (sweep.binding): absent means no adapter, dequantized weights.
+        "adapter": _bound_value(config, "adapter") or "none",
+        "numerics": _bound_value(config, "numerics") or "dequantized",
         "grader": ", ".join(graders) or None,
         "config_hash": run_hash or (hashes[0] if len(hashes) == 1 else None),
         "config_hashes_in_records": hashes,
