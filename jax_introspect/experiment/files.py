@@ -106,3 +106,17 @@ class FolderLock:
         if held[1] == 0:
             del self._held[key]
             os.close(held[0])  # closing the descriptor drops the flock
+
+
+def run_get_config(path: str, folder: str, error: type):
+    """`get_config()` of the config file `path` (a Python file; configs live in `folder`), or
+    `error` naming the fix when the file is missing or defines none."""
+    import importlib.util
+    if not os.path.isfile(path):
+        raise error(f"--config={path}: no such file; {folder}")
+    spec = importlib.util.spec_from_file_location(f"config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise error(f"--config={path} defines no get_config()")
+    return module.get_config()

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import importlib.util
 import math
-import os
 import re
 from typing import Sequence
 
@@ -336,14 +334,8 @@ def _check_replication_judged(specs: dict) -> None:
 def load_config_file(path: str) -> tuple[SweepConfig, ...]:
     """The arms `get_config()` of a config file (configs/sweeps/*.py) returns: one SweepConfig, or a
     sequence of them (e.g. Lindsey's protocol and the replication's, run into one folder)."""
-    if not os.path.isfile(path):
-        raise SweepError(f"--config={path}: no such file; sweep configs are in configs/sweeps/")
-    spec = importlib.util.spec_from_file_location(f"sweep_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise SweepError(f"--config={path} defines no get_config()")
-    config = module.get_config()
+    from jax_introspect.experiment import files
+    config = files.run_get_config(path, "sweep configs are in configs/sweeps/", SweepError)
     arms = tuple(config) if isinstance(config, (list, tuple)) else (config,)
     if not arms or not all(isinstance(arm, SweepConfig) for arm in arms):
         raise SweepError(f"--config={path}: get_config() must return a SweepConfig or a list of them, got "

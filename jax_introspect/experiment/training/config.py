@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import importlib.util
 import math
-import os
 from typing import Sequence
 
 from jax_introspect.experiment import protocols
@@ -195,14 +193,8 @@ _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
 
 def load_config_file(path: str) -> TrainConfig:
-    if not os.path.isfile(path):
-        raise TrainConfigError(f"--config={path}: no such file; training configs are in configs/train/")
-    spec = importlib.util.spec_from_file_location(f"train_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise TrainConfigError(f"--config={path} defines no get_config()")
-    config = module.get_config()
+    from jax_introspect.experiment import files
+    config = files.run_get_config(path, "training configs are in configs/train/", TrainConfigError)
     if not isinstance(config, TrainConfig):
         raise TrainConfigError(f"--config={path}: get_config() must return a TrainConfig, got {type(config).__name__}")
     return config
