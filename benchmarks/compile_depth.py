@@ -35,7 +35,7 @@ def abstract_args(cfg):
     sds = jax.ShapeDtypeStruct
     injection = inject.Injection(layer=sds((BATCH,), jnp.int32), strength=sds((BATCH,), jnp.float32),
                                  vector=sds((BATCH, cfg.d_model), jnp.float32), start=sds((BATCH,), jnp.int32),
-                                 norm_match=sds((BATCH,), jnp.int32))
+                                 end=sds((BATCH,), jnp.int32), norm_match=sds((BATCH,), jnp.int32))
     sample = generate_lib.Sampling(temperature=sds((BATCH,), jnp.float32), top_p=sds((BATCH,), jnp.float32),
                                    keys=sds((BATCH, 2), jnp.uint32))
     args = (checkpoint.abstract_params(cfg, jnp.float32), cfg, sds((BATCH, PROMPT), jnp.int32),

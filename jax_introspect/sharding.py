@@ -65,7 +65,7 @@ CACHE_AXES = {
 }
 INJECTION_AXES = {
     "layer": ("batch",), "strength": ("batch",), "vector": ("batch", "embed"), "start": ("batch",),
-    "norm_match": ("batch",),
+    "end": ("batch",), "norm_match": ("batch",),
 }
 SAMPLING_AXES = {"temperature": ("batch",), "top_p": ("batch",), "keys": ("batch", None)}
 ACTIVATION_AXES = {

@@ -20,8 +20,9 @@ re-implements in torch exactly what jax_introspect computes:
   generation header, the residual after every layer at its last token, minus the mean of the
   same over the baseline words. Not normalised.
 - Injection (jax_introspect.inject): a forward hook on decoder layer `layer` adds
-  `strength * vector` to its output at every token whose position is >= `start` (positions
-  come from the layer's `position_ids`, so cached decode steps are injected too); with
+  `strength * vector` to its output at every token whose position is >= `start` and, when an
+  `end` is given, < `end` (exclusive; positions come from the layer's `position_ids`, so cached
+  decode steps are injected too, or not once past `end`); with
   --norm_match=mlp_out (or bare --norm_match) it adds `strength * vector * |mlp_out| / (|vector| + 1e-6)`,
   where mlp_out is that layer's MLP output at the token (captured by a hook on the layer's MLP):
   vllm-lens 1.1.0's norm_match, the 405B replication's; with --norm_match=residual the norm is
@@ -257,13 +258,15 @@ class Injection:
     """Forward hooks doing jax_introspect's injection (see the module docstring). Register before
     any recorder so recorded residuals include the injection. Also the tests' torch reference
     (`with Injection(model, ...):` removes the hooks on exit); `vector` may be [B, 1, D] for one
-    vector per batch row. norm_match: "raw", "mlp_out", "residual" (or a bool, True = "mlp_out")."""
+    vector per batch row. norm_match: "raw", "mlp_out", "residual" (or a bool, True = "mlp_out").
+    Injected positions: start <= p, and p < end when `end` is given (None: no end)."""
 
     def __init__(self, model, layer: int, vector: np.ndarray, strength: float, start: int = 0,
-                 norm_match="raw"):
+                 norm_match="raw", end: Optional[int] = None):
         import torch
         self.vector = torch.as_tensor(np.asarray(vector, np.float32))
         self.strength, self.start, self.norm_match = float(strength), int(start), norm_mode_name(norm_match)
+        self.end = None if end is None else int(end)
         self._mlp_out = None
         decoder_layer = _layers(model)[layer]
         self._handles = [decoder_layer.register_forward_hook(self._add, with_kwargs=True)]
@@ -287,7 +290,11 @@ class Injection:
             target = self._mlp_out if self.norm_match == "mlp_out" else hidden
             target_norm = target.float().norm(dim=-1, keepdim=True)
             delta = vector * (target_norm / (vector.norm(dim=-1, keepdim=True) + NORM_EPS)) * self.strength
-        mask = (positions.to(hidden.device) >= self.start)[..., None].float()
+        positions = positions.to(hidden.device)
+        inside = positions >= self.start
+        if self.end is not None:
+            inside = inside & (positions < self.end)
+        mask = inside[..., None].float()
         # Rounded to the model's dtype before the add, as jax_introspect does.
         return _with_hidden(output, hidden + (mask * delta).to(hidden.dtype))
 

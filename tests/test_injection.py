@@ -91,6 +91,168 @@ def test_mixed_norm_modes_in_one_batch_each_match_their_own_reference(tiny):
         assert np.abs(ours[i, -len(row):] - theirs[0]).max() <= 1e-4, mode
 
 
+# --- the window's end ----------------------------------------------------------------------------
+# (layer, start, end) on a 20-token prompt + 16 greedy steps (RoPE positions 0..35): the final
+# prompt token alone (Rivera 2025's single token), a middle token, a span ending inside the prompt,
+# a span of generated tokens only (positions 22..25: decode steps 3..6).
+END_WINDOWS = [(0, 19, 20), (2, 19, 20), (1, 7, 8), (2, 5, 12), (1, 22, 26)]
+
+
+@pytest.mark.parametrize("norm_match", list(MODE_STRENGTH))
+@pytest.mark.parametrize("layer,start,end", END_WINDOWS)
+def test_window_with_an_end_matches_hf_hooks(tiny, layer, start, end, norm_match):
+    """Prefill logits, residuals and 16 greedy decode steps against the torch hooks with the same
+    [start, end): float32, logits <= 1e-4 absolute, residuals <= 1e-5 of each token's largest
+    element, tokens identical (the same bounds as without an end)."""
+    lm, model = tiny
+    prompt = _tokens(1, 20, seed=layer + 3)
+    vector = _vector(lm.config.d_model, seed=start + 1)
+    strength = MODE_STRENGTH[norm_match] * 2
+    injection = inject.make(layer, strength, vector, start=start, end=end, norm_match=norm_match, batch=1)
+    with gpu_reference.Injection(model, layer, vector, strength, start, norm_match, end=end):
+        hf_prefill, _ = ref.hf_logits_and_hidden(model, prompt)
+        hf_residuals = ref.hf_raw_residuals(model, prompt)
+        hf_tokens, hf_step_logits = ref.hf_greedy_with_logits(model, prompt, 16)
+    clean, _ = ref.hf_logits_and_hidden(model, prompt)
+    _, clean_steps = ref.hf_greedy_with_logits(model, prompt, 16)
+    changed = max(np.abs(hf_prefill - clean).max(), np.abs(hf_step_logits - clean_steps).max())
+    assert changed > 1e-2, "the injection must change the reference"
+    # The torch reference itself ends the injection: the decode steps after `end` see no addition
+    # (for a window inside the prompt, the first decode step's logits depend on it only through
+    # the cache), and a window in the generated tokens leaves the prefill clean.
+    if start >= prompt.shape[1]:
+        np.testing.assert_array_equal(hf_prefill, clean)
+    ours_prefill = lm.logits(prompt, injection=injection)
+    ours_residuals = lm.residuals(prompt, injection=injection)
+    gen = lm.generate(prompt.tolist(), max_new_tokens=16, injection=injection, return_logits=True)[0]
+    scale = np.abs(hf_residuals).max(axis=-1, keepdims=True)
+    top2 = np.sort(hf_step_logits[0], axis=-1)[:, -2:]
+    print(f"end window {(layer, start, end, norm_match)}: prefill {np.abs(ours_prefill - hf_prefill).max():.1e}, "
+          f"residuals {(np.abs(ours_residuals - hf_residuals) / scale).max():.1e}, "
+          f"steps {np.abs(gen.logits - hf_step_logits[0]).max():.1e}, top-2 gap {(top2[:, 1] - top2[:, 0]).min():.1e}")
+    assert np.abs(ours_prefill - hf_prefill).max() <= 1e-4
+    assert (np.abs(ours_residuals - hf_residuals) / scale).max() <= 1e-5
+    assert (top2[:, 1] - top2[:, 0]).min() > 1e-3, "a near-tie would make greedy tokens ill-defined"
+    assert gen.token_ids == hf_tokens[0].tolist()
+    assert np.abs(gen.logits - hf_step_logits[0]).max() <= 1e-4
+
+
+def test_mixed_windows_in_one_ragged_batch_each_match_their_own_reference(tiny):
+    """Left-padded rows of different lengths: the window is in each row's RoPE positions, not in
+    the padded columns; rows with and without an end in one program."""
+    lm, model = tiny
+    rows = [_tokens(1, n, seed=30 + n)[0].tolist() for n in (9, 14, 20, 12)]
+    settings = [(0, 3.0, 8, 9), (1, 4.0, 13, 14), (2, -3.0, 2, None), (1, 4.0, 4, 7)]  # layer, strength, start, end
+    vectors = np.stack([_vector(lm.config.d_model, seed=20 + i) for i in range(len(rows))])
+    injection = inject.make([s[0] for s in settings], [s[1] for s in settings], vectors,
+                            start=[s[2] for s in settings], end=[s[3] for s in settings])
+    assert injection.end.tolist() == [9, 14, inject.NO_END, 7]
+    ours = lm.logits(rows, injection=injection)
+    for i, (row, (layer, strength, start, end)) in enumerate(zip(rows, settings)):
+        with gpu_reference.Injection(model, layer, vectors[i], strength, start, end=end):
+            theirs, _ = ref.hf_logits_and_hidden(model, [row])
+        clean, _ = ref.hf_logits_and_hidden(model, [row])
+        assert np.abs(theirs - clean).max() > 1e-2
+        assert np.abs(ours[i, -len(row):] - theirs[0]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("norm_match", list(MODE_STRENGTH))
+def test_the_injection_touches_only_its_window(tiny, norm_match):
+    """Residuals after every layer, bit for bit against the clean run (same program, strength 0):
+    every layer before the injected one, every position before `start`, and at the injected layer
+    every position outside [start, end) are the clean run's exactly; at the injected layer the
+    window's positions differ by the addition alone. Decoding after `end`, the new tokens' residuals
+    differ only through attention to the injected positions (layers after the injected one)."""
+    lm, _ = tiny
+    tokens = _tokens(2, 20, seed=11)
+    d = lm.config.d_model
+    vector = _vector(d, seed=4, scale=2.0)
+    layer, windows = 1, [(19, 20), (6, 10)]
+    strength = MODE_STRENGTH[norm_match] * 2
+    injection = inject.make(layer, strength, vector, start=[w[0] for w in windows], end=[w[1] for w in windows],
+                            norm_match=norm_match)
+    clean = lm.residuals(tokens, injection=inject.make(layer, 0.0, vector, start=0, batch=2))
+    np.testing.assert_array_equal(clean, lm.residuals(tokens))
+    ours = lm.residuals(tokens, injection=injection)
+    for row, (start, end) in enumerate(windows):
+        np.testing.assert_array_equal(ours[:layer, row], clean[:layer, row])
+        np.testing.assert_array_equal(ours[:, row, :start], clean[:, row, :start])
+        outside = np.r_[0:start, end:tokens.shape[1]]
+        np.testing.assert_array_equal(ours[layer, row, outside], clean[layer, row, outside])
+        added = ours[layer, row, start:end] - clean[layer, row, start:end]
+        assert np.all(np.abs(added).max(axis=-1) > 0)
+        if norm_match == "raw":  # exactly strength * vector, up to the float32 rounding of the sum
+            np.testing.assert_allclose(added, np.broadcast_to(strength * vector, added.shape),
+                                       atol=1e-5 * np.abs(clean[layer, row]).max())
+        if end < tokens.shape[1]:  # later layers see the window through attention
+            assert np.abs(ours[layer + 1:, row, end:] - clean[layer + 1:, row, end:]).max() > 0
+
+
+def test_huge_end_equals_no_end_and_the_start_only_formula_bit_for_bit(tiny, monkeypatch):
+    """end = None (NO_END), end = 10**6 and end past the last generated position all give what
+    `residual_delta` gave before it had an end (a start-only copy traced into the same forward
+    program), bit for bit, in the prefill and in generation."""
+    lm, _ = tiny
+    tokens = _tokens(3, 16, seed=9)
+    valid = np.ones_like(tokens, bool)
+    vectors = np.stack([_vector(lm.config.d_model, seed=40 + i) for i in range(3)])
+    kw = dict(layer=[0, 1, 2], strength=[4.0, 1.0, 0.3], vector=vectors, start=[0, 5, 15],
+              norm_match=["raw", "mlp_out", "residual"])
+    no_end = inject.make(**kw)
+    assert no_end.end.tolist() == [inject.NO_END] * 3 == [np.iinfo(np.int32).max] * 3
+    variants = [inject.make(**kw, end=10**6), inject.make(**kw, end=[None, 16 + 8, inject.NO_END])]
+
+    def program(injection):
+        cache = model_lib.init_cache(lm.config, 3, 16, lm.params.embed.dtype)
+        return jax.jit(lambda p, t, v, inj: model_lib.forward(p, lm.config, t, model_lib.prompt_positions(v), v,
+                                                               cache, layout=lm.layout, injection=inj)[0])(
+            lm.params, tokens, valid, injection)
+
+    ours = np.asarray(program(no_end))
+    for other in variants:
+        np.testing.assert_array_equal(np.asarray(program(other)), ours)
+        np.testing.assert_array_equal(lm.logits(tokens, injection=other), lm.logits(tokens, injection=no_end))
+    gen = [g.token_ids for g in lm.generate(tokens.tolist(), max_new_tokens=8, injection=no_end, return_logits=True)]
+    for other in variants:
+        assert [g.token_ids for g in lm.generate(tokens.tolist(), max_new_tokens=8, injection=other)] == gen
+
+    def start_only(injection, index, positions, token_valid, mlp_out, residual):  # before `end` existed
+        here = (injection.layer == index)[:, None] & (positions >= injection.start[:, None]) & token_valid
+        vector = injection.vector[:, None, :]
+        strength = injection.strength[:, None, None]
+        mode = injection.norm_match[:, None, None]
+
+        def token_norm(x):
+            return jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True)
+        target_norm = jnp.where(mode == inject.RESIDUAL, token_norm(residual), token_norm(mlp_out))
+        matched = vector * (target_norm / (jnp.linalg.norm(vector, axis=-1, keepdims=True) + inject.VLLM_LENS_EPS)) \
+            * strength
+        delta = jnp.where(mode == inject.RAW, strength * vector, matched)
+        return jnp.where(here[..., None], delta, 0.0).astype(residual.dtype)
+    monkeypatch.setattr(inject, "residual_delta", start_only)
+    np.testing.assert_array_equal(np.asarray(program(no_end)), ours)
+
+
+def test_end_spellings_and_empty_windows_refused(tiny):
+    lm, _ = tiny
+    vector = np.ones(64, np.float32)
+    assert inject.make(0, 1.0, vector, start=3, end=4, batch=2).end.tolist() == [4, 4]
+    assert inject.make(0, 1.0, vector, start=[1, 2], end=[None, 5]).end.tolist() == [inject.NO_END, 5]
+    assert inject.make(0, 1.0, vector, start=[1, 2, 3], end=[5, 6, 7]).end.dtype == np.int32
+    assert inject.none(2, 64).end.tolist() == [inject.NO_END] * 2
+    with pytest.raises(inject.InjectionError, match="expected"):
+        inject.make(0, 1.0, vector, end=[3, 4], batch=3)
+    before = jax_introspect.lm._prefill._cache_size()
+    for start, end in ((3, 3), (4, 2)):
+        with pytest.raises(inject.InjectionError, match=r"end <= start.*start=p, end=p \+ 1"):
+            lm.logits(_tokens(1, 5), injection=inject.make(1, 1.0, vector, start=start, end=end, batch=1))
+    assert jax_introspect.lm._prefill._cache_size() == before
+    # A strength-0 row is clean whatever its window; an empty one is allowed there.
+    zero = inject.make(1, [0.0, 2.0], vector, start=[3, 1], end=[3, 2])
+    tokens = _tokens(2, 5)
+    np.testing.assert_array_equal(lm.logits(tokens, injection=zero)[0], lm.logits(tokens)[0])
+
+
 def _clean_program(params, cfg, layout, tokens, valid):
     cache = model_lib.init_cache(cfg, tokens.shape[0], tokens.shape[1], params.embed.dtype)
     return model_lib.forward(params, cfg, tokens, model_lib.prompt_positions(valid), valid, cache,
@@ -124,6 +286,7 @@ def test_layer_strength_grid_compiles_once_per_batch_shape(tiny):
         injection = inject.make([c[0] for c in cells], [c[1] for c in cells],
                                 np.stack([_vector(d, j) for j in range(len(cells))]),
                                 start=[j % 5 for j in range(len(cells))],
+                                end=[None if j % 2 else j % 5 + 1 + j for j in range(len(cells))],
                                 norm_match=[(i + j) % 3 for j in range(len(cells))])
         lm.generate(prompts, max_new_tokens=4, injection=injection, temperature=1.0, seed=i)
         lm.logits(prompts, injection=injection)

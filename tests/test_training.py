@@ -59,7 +59,8 @@ def tiny(tmp_path_factory):
 def plan_and_vectors(tiny):
     from jax_introspect.experiment.training import data, loop
     ckpt, lm, _ = tiny
-    config, _ = small_config(batch_size=4)
+    from jax_introspect.experiment.training.config import WINDOWS
+    config, _ = small_config(batch_size=4, windows=WINDOWS)  # every window, single_token included
     plan = data.plan_data(config, lm.config, lm.tokenizer)
     concept = loop.concept_vectors(lm, plan, str(os.path.dirname(ckpt)))
     return config, plan, concept
@@ -77,7 +78,7 @@ def _hf_answer_logps(hf, ex, answer_ids):
     ids = list(ex.prompt_ids) + list(answer_ids)
     with torch.no_grad():
         if ex.strength:
-            with_hook = Injection(hf, ex.layer, ex.vector, ex.strength, ex.start, "raw")
+            with_hook = Injection(hf, ex.layer, ex.vector, ex.strength, ex.start, "raw", end=ex.end)
             try:
                 logits = hf(torch.tensor([ids])).logits[0].float()
             finally:
@@ -134,6 +135,48 @@ def test_sft_loss_is_cross_entropy_of_exactly_the_answer_tokens(tiny, plan_and_v
         ce = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(labels[1:]), ignore_index=-100)
         assert abs(float(ce) + ours_tokens[0, :len(ex.chosen_ids)].mean()) < 2e-4
     assert abs(float(loss) - total / count) < 2e-4 * abs(total / count)
+
+
+def test_single_token_window_injects_only_the_final_prompt_token(tiny, plan_and_vectors):
+    """`single_token` (Rivera 2025): start = the final prompt token's position, end = start + 1, so
+    the answer tokens are not injected. One injected example in each of the four windows: our
+    answer-token log-probs equal HF's with the torch hooks of the same window (rtol 1e-4,
+    atol 2e-4, float32), and single_token's differ from last_token's (whose injection runs on
+    through the answer) by far more than that."""
+    import dataclasses
+
+    from jax_introspect import inject
+    from jax_introspect.experiment.training import data, loop, objectives
+    _, lm, hf = tiny
+    config, plan, concept = plan_and_vectors
+    base = next(e for i in range(40) for e in _examples(plan, lm, i) if e.kind == "injected")
+    n = len(base.prompt_ids)
+    info = plan.prompts[base.protocol]
+    expected = {"protocol": (info.start, None), "last_token": (n - 1, None), "single_token": (n - 1, n),
+                "all_positions": (0, None)}
+    drawn = {e.window: e for i in range(40) for e in _examples(plan, lm, i)}
+    for window, (start, end) in expected.items():
+        assert (drawn[window].start, drawn[window].end) == (start, end), window
+    exs = [dataclasses.replace(base, window=w, start=start, end=end) for w, (start, end) in expected.items()]
+    batch = data.to_batch(plan, exs, concept, lm.tokenizer.pad_id, lm.config.d_model)
+    assert batch.end.tolist() == [inject.NO_END, inject.NO_END, n, inject.NO_END]
+    injection = batch.injection()
+    assert injection.start.tolist() == [e.start for e in exs] and injection.end.tolist() == batch.end.tolist()
+    arrays = loop.place_arrays(batch, lm.layout)
+    np.testing.assert_array_equal(np.asarray(arrays["injection"].end), batch.end)
+    ours, _ = jax.jit(objectives.answer_token_logps, static_argnames=("cfg", "layout"))(
+        lm.params, lm.run_config, arrays, None, layout=lm.layout)
+    ours = np.asarray(ours)[:, :len(base.chosen_ids)]
+    worst = 0.0
+    for i, ex in enumerate(exs):
+        reference = _hf_answer_logps(hf, _WithVector(ex, concept), ex.chosen_ids)
+        np.testing.assert_allclose(ours[i], reference, rtol=1e-4, atol=2e-4, err_msg=ex.window)
+        worst = max(worst, float(np.abs(ours[i] - reference).max()))
+    print(f"answer log-probs vs HF hooks, four windows: max abs difference {worst:.1e}")
+    last_token, single_token = ours[1], ours[2]
+    # The first answer token is predicted from the injected final prompt token in both windows.
+    assert abs(last_token[0] - single_token[0]) < 2e-4
+    assert np.abs(last_token[1:] - single_token[1:]).max() > 1e-2
 
 
 def _random_adapter(lm, spec, seed):
@@ -216,7 +259,7 @@ def test_heldout_words_never_in_training_data(tiny, plan_and_vectors):
             windows.add(ex.window)
             assert config.strength_range[0] <= ex.strength <= config.strength_range[1] or ex.kind == "control"
     assert seen_words - {None} == set(plan.train_words)
-    assert windows == {"protocol", "last_token", "all_positions"}
+    assert windows == {"protocol", "last_token", "single_token", "all_positions"}
     assert kinds == {("control", "false_detection"), ("injected", "denial"), ("injected", "wrong_concept")}
     # The check can fail: an example naming a held-out word is refused.
     bad = _examples(plan, lm, 0)[0]

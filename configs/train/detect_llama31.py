@@ -6,8 +6,8 @@ trials: held-out detection 1.2% -> 95%, identification 0.4% -> 85%).
         --out=runs/detect_llama31_70b --mesh=1x-1 [--config.objective=dpo --config.learning_rate=5e-6]
 
 - Lindsey's prompt, injections at two thirds of depth (Lindsey's best layer region; 405B: layer 84
-  of 126 is the replication's), strengths uniform in [1, 8] (Lindsey's sweep range), all three
-  windows, half the examples controls; 30 training words, Lindsey's other 20 held out.
+  of 126 is the replication's), strengths uniform in [1, 8] (Lindsey's sweep range), all four
+  windows (single_token is Rivera's), half the examples controls; 30 training words, Lindsey's other 20 held out.
 - LoRA rank 16 on wq/wk/wv/wo of every layer (peft's alpha = 2 * rank). On a mesh whose tensor
   axis exceeds the 8 KV heads, drop wk/wv from lora_targets (the loop refuses them there).
 - 400 optimizer steps of 32 examples (8 per micro-batch x 4 accumulated): 12,800 examples.
@@ -24,7 +24,7 @@ def get_config() -> TrainConfig:
         heldout_fraction=0.4,
         layers=(0.67,),
         strength_range=(1.0, 8.0),
-        windows=("protocol", "last_token", "all_positions"),
+        windows=("protocol", "single_token", "last_token", "all_positions"),
         control_fraction=0.5,
         trainable="lora",
         lora_rank=16,

@@ -18,9 +18,13 @@ from jax_introspect.experiment import protocols
 OBJECTIVES = ("sft", "dpo")
 TRAINABLE = ("lora", "bias", "lora+bias")
 # Injection windows of the training data (see data.py): the protocol's own (Lindsey: from the token
-# before "Trial 1"), the last prompt token on (one prompt token, then the answer tokens: an
-# `Injection` has no end), every position.
-WINDOWS = ("protocol", "last_token", "all_positions")
+# before "Trial 1" on), the last prompt token on (no end: one prompt token, then the answer
+# tokens), the last prompt token only (end = start + 1: Rivera 2025's recipe, the answer tokens
+# are not injected), every position.
+WINDOWS = ("protocol", "last_token", "single_token", "all_positions")
+# The default draw: the three windows of the runs measured before `single_token` existed (a
+# default that changed would change the data, and the config, of those runs).
+DEFAULT_WINDOWS = ("protocol", "last_token", "all_positions")
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
@@ -49,7 +53,11 @@ class TrainConfig:
     system_header: bool = _field(True, help="the chat template's default system block")
     layers: tuple = _field((0.5,), help="injection layers: ints, or floats in [0, 1] (fractions of depth)")
     strength_range: tuple = _field((2.0, 8.0), help="(low, high): strengths drawn uniformly per example")
-    windows: tuple = _field(WINDOWS, help=f"injection windows drawn per example, from {WINDOWS}")
+    windows: tuple = _field(DEFAULT_WINDOWS, help=f"injection windows drawn per example, from {WINDOWS} "
+                                                  "(protocol: the protocol's, through the answer; last_token: "
+                                                  "the final prompt token and the answer; single_token: the "
+                                                  "final prompt token only, Rivera 2025; all_positions: every "
+                                                  "token)")
     control_fraction: float = _field(0.5, help="share of examples with no injection (controls)")
     # --- adapter
     trainable: str = _field("lora", help=f"what is trained: one of {TRAINABLE}")

@@ -15,10 +15,15 @@ Injection windows, drawn per example from `config.windows`:
 
 - `protocol`: the protocol's own window (`PromptInfo.start`: Lindsey's, from the token before
   "Trial 1" on; 0 for an all-positions protocol);
-- `last_token`: from the final prompt token on. An `Injection` has a start and no end, so this
-  injects the last prompt token *and the answer tokens after it* (as in generation, where the
-  injection continues through every decode step); no other prompt token is touched;
+- `last_token`: from the final prompt token on, with no end: the last prompt token *and the
+  answer tokens after it* (as in generation, where an injection without an end continues through
+  every decode step); no other prompt token is touched;
+- `single_token`: the final prompt token only (start = its position, end = start + 1): the
+  injection is removed afterwards, the answer tokens get none. Rivera 2025 ("Training
+  Introspective Behavior", arXiv 2511.21399) injects this way;
 - `all_positions`: every position (start 0).
+
+Every window but `single_token` has no end (`inject.NO_END`).
 
 DPO pairs (same prompt, same injection): chosen = the correct report; rejected = a denial or a
 wrong concept (another training word, never a held-out one) for injected trials, a false claim
@@ -104,6 +109,7 @@ class Example:
     rejected_ids: tuple
     rejected_kind: str  # denial | wrong_concept | false_detection
     rejected_word: Optional[str] = None
+    end: Optional[int] = None  # exclusive end of the injected positions; None: no end
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +182,9 @@ def draw_example(plan: DataPlan, rng: np.random.Generator, tokenizer) -> Example
     info = plan.prompts[protocol]
     layer = int(plan.layers[rng.integers(len(plan.layers))])
     window = c.windows[rng.integers(len(c.windows))]
-    start = {"protocol": info.start, "last_token": len(info.ids) - 1, "all_positions": 0}[window]
+    last = len(info.ids) - 1
+    start, end = {"protocol": (info.start, None), "last_token": (last, None), "single_token": (last, last + 1),
+                  "all_positions": (0, None)}[window]
     control = bool(rng.random() < c.control_fraction)
     words = plan.train_words
     affirm = AFFIRM_TEMPLATES[rng.integers(len(AFFIRM_TEMPLATES))]
@@ -200,7 +208,7 @@ def draw_example(plan: DataPlan, rng: np.random.Generator, tokenizer) -> Example
                    strength=strength, window=window, start=int(start), norm_match=info.norm_match,
                    prompt_ids=tuple(info.ids), chosen=chosen, chosen_ids=_encode_answer(tokenizer, chosen, plan.end_id),
                    rejected=rejected, rejected_ids=_encode_answer(tokenizer, rejected, plan.end_id),
-                   rejected_kind=rejected_kind, rejected_word=rejected_word)
+                   rejected_kind=rejected_kind, rejected_word=rejected_word, end=end)
 
 
 def examples(plan: DataPlan, tokenizer, index: int) -> list[Example]:
@@ -239,9 +247,10 @@ class Batch:
     vector: np.ndarray  # [R, D]
     start: np.ndarray
     norm_match: np.ndarray
+    end: np.ndarray  # [R] int32, exclusive (inject.NO_END: no end)
 
     def injection(self) -> inject.Injection:
-        return inject.make(self.layer, self.strength, self.vector, self.start, self.norm_match.tolist())
+        return inject.make(self.layer, self.strength, self.vector, self.start, self.norm_match.tolist(), end=self.end)
 
 
 def to_batch(plan: DataPlan, batch: Sequence[Example], concept, pad_id: int, d_model: int,
@@ -266,4 +275,5 @@ def to_batch(plan: DataPlan, batch: Sequence[Example], concept, pad_id: int, d_m
                  layer=np.asarray([ex.layer for ex in rows], np.int32),
                  strength=np.asarray([ex.strength for ex in rows], np.float32), vector=vector,
                  start=np.asarray([ex.start for ex in rows], np.int32),
-                 norm_match=np.asarray([inject.norm_mode(ex.norm_match) for ex in rows], np.int32))
+                 norm_match=np.asarray([inject.norm_mode(ex.norm_match) for ex in rows], np.int32),
+                 end=np.asarray([inject.NO_END if ex.end is None else ex.end for ex in rows], np.int32))
