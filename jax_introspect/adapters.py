@@ -46,9 +46,9 @@ SPEC_FILE = "adapter.json"
 ARRAYS_FILE = "adapter.npz"
 FORMAT = 1
 # The projections LoRA can adapt: the decoder layers' linear weights, in `params.LAYER` order.
-TARGETS: tuple[str, ...] = tuple(leaf.name for leaf in params_lib.LAYER if leaf.fan_in)
+TARGETS: tuple[str, ...] = tuple(leaf.name for leaf in params_lib.LAYER if leaf.is_linear)
 # Our names -> peft / HF module names (LoraConfig(target_modules=...)).
-HF_MODULES = {leaf.name: leaf.hf_module.rsplit(".", 1)[-1] for leaf in params_lib.LAYER if leaf.fan_in}
+HF_MODULES = {leaf.name: leaf.hf_module.rsplit(".", 1)[-1] for leaf in params_lib.LAYER if leaf.is_linear}
 
 
 class AdapterError(ValueError):
@@ -152,17 +152,16 @@ def _leaf(target: str) -> params_lib.Leaf:
 
 def _in_out(target: str, cfg: ModelConfig) -> tuple[int, int]:
     """(fan_in, fan_out) of a projection: HF's [out, in] sizes."""
-    shape = _leaf(target).unit_shape(cfg)
-    n = _leaf(target).fan_in
-    return math.prod(shape[:n]), math.prod(shape[n:])
+    leaf = _leaf(target)
+    return (math.prod(params_lib.axis_size(cfg, a) for a in leaf.hf_in),
+            math.prod(params_lib.axis_size(cfg, a) for a in leaf.hf_out))
 
 
 def lora_axes(target: str) -> tuple[tuple, tuple]:
     """Logical axes of (a, b) for `target`: a = (layers, *in_axes, None), b = (layers, None, *out_axes);
     the rank axis is replicated."""
     leaf = _leaf(target)
-    return ((params_lib.LAYER_AXIS,) + leaf.axes[:leaf.fan_in] + (None,),
-            (params_lib.LAYER_AXIS, None) + leaf.axes[leaf.fan_in:])
+    return ((params_lib.LAYER_AXIS,) + leaf.hf_in + (None,), (params_lib.LAYER_AXIS, None) + leaf.hf_out)
 
 
 BIAS_AXES = (params_lib.LAYER_AXIS, "embed")

@@ -37,7 +37,9 @@ from jax_introspect import params as params_lib
 from jax_introspect import sharding as sharding_lib
 from jax_introspect.config import ModelConfig
 
-FORMAT = "jax_introspect.checkpoint/v1"
+FORMAT = "jax_introspect.checkpoint/v2"
+# v1 stored wq/wk/wv as [D, heads, hd] and w_gate/w_up as [D, F] (params.py has the v2 layouts).
+OLD_FORMATS = ("jax_introspect.checkpoint/v1",)
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -186,7 +188,7 @@ def _foreign_entries(folder: str) -> list[str]:
 
 def _has_our_marker(folder: str) -> bool:
     """A manifest (complete checkpoint) or a job file (staging folder) written by this module."""
-    return any(isinstance(data, dict) and data.get("format") == FORMAT
+    return any(isinstance(data, dict) and data.get("format") in (FORMAT,) + OLD_FORMATS
                for data in (_read_json_or_none(os.path.join(folder, name)) for name in (MANIFEST, _JOB)))
 
 
@@ -332,6 +334,10 @@ def read_manifest(path: str) -> dict:
         raise CheckpointError(f"{path} has no {MANIFEST}: it is not a complete jax_introspect checkpoint; "
                               "convert it again with `python -m launch.convert`")
     manifest = _read_json(manifest_path)
+    if manifest.get("format") in OLD_FORMATS:
+        raise CheckpointError(f"{path} was converted by an older jax_introspect ({manifest['format']}), whose weight "
+                              f"layout this version does not read ({FORMAT}); convert it again: `python -m "
+                              f"launch.convert --source=... --out={path} --overwrite`")
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest
@@ -444,15 +450,17 @@ def _to_run_numerics(unit: dict, cfg: ModelConfig, run_cfg: ModelConfig, dtype, 
     for name in cfg.quantization.weights if cfg.quantization else ():
         if name in unit and not params_lib.is_quantized(name, run_cfg):
             scale = unit.pop(params_lib.scale_name(name))
-            unit[name] = _dequantizer(sharding[name], jnp.dtype(dtype))(unit[name], scale)
+            broadcast = params_lib.by_name(name).scale_shape(cfg)
+            unit[name] = _dequantizer(sharding[name], jnp.dtype(dtype), broadcast)(unit[name], scale)
     return unit
 
 
 @functools.lru_cache(maxsize=None)
-def _dequantizer(out_sharding: jax.sharding.Sharding, dtype):
-    """FP8 weight [in..., out...] x float32 scale [out...] -> `dtype`, what compressed-tensors'
-    decompression computes (the product in float32, then one rounding to `dtype`)."""
-    return jax.jit(lambda w, scale: (w.astype(jnp.float32) * scale).astype(dtype), out_shardings=out_sharding)
+def _dequantizer(out_sharding: jax.sharding.Sharding, dtype, broadcast: tuple):
+    """FP8 weight x float32 scale [out...] (reshaped to `broadcast`: `Leaf.scale_shape`) -> `dtype`,
+    what compressed-tensors' decompression computes (the product in float32, then one rounding)."""
+    return jax.jit(lambda w, scale: (w.astype(jnp.float32) * scale.reshape(broadcast)).astype(dtype),
+                   out_shardings=out_sharding)
 
 
 def abstract_params(cfg: ModelConfig, dtype) -> model_lib.Params:

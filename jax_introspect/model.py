@@ -216,8 +216,9 @@ def _projection(name: str, spec: str, x, layer: LayerParams, precision, adapter=
 
 def _mlp(x, layer: LayerParams, adapter=None):
     prec = _precision(x.dtype)
-    gate = _projection("w_gate", "btd,df->btf", x, layer, prec, adapter)
-    up = _projection("w_up", "btd,df->btf", x, layer, prec, adapter)
+    # Weights in their stored order (params.py: the order XLA's TPU compiler reads without copying).
+    gate = _projection("w_gate", "btd,fd->btf", x, layer, prec, adapter)
+    up = _projection("w_up", "btd,fd->btf", x, layer, prec, adapter)
     return _projection("w_down", "btf,fd->btd", jax.nn.silu(gate) * up, layer, prec, adapter)
 
 
@@ -268,9 +269,9 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
         layer, index = xs[0], xs[1]
         ad = xs[2] if adapter is not None else None  # this layer's adapter slices
         x = rms_norm(h, layer.attn_norm, cfg.rms_norm_eps)
-        q = apply_rope(_projection("wq", "btd,dhk->bthk", x, layer, prec, ad), cos, sin)
-        k = apply_rope(_projection("wk", "btd,dhk->bthk", x, layer, prec, ad), cos, sin)
-        v = _projection("wv", "btd,dhk->bthk", x, layer, prec, ad)
+        q = apply_rope(_projection("wq", "btd,hdk->bthk", x, layer, prec, ad), cos, sin)
+        k = apply_rope(_projection("wk", "btd,hdk->bthk", x, layer, prec, ad), cos, sin)
+        v = _projection("wv", "btd,hdk->bthk", x, layer, prec, ad)
         # The whole cache rides in the carry and is updated in place at this layer's index.
         k_all = jax.lax.dynamic_update_slice(k_all, k.transpose(0, 2, 3, 1)[None], (index, 0, 0, 0, start))
         v_all = jax.lax.dynamic_update_slice(v_all, v.transpose(0, 2, 1, 3)[None], (index, 0, 0, start, 0))

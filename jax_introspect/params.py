@@ -6,10 +6,19 @@ through the config's sizes, and its sharding through `sharding.AxisRules`), the 
 converted from, and how HF's array maps to ours. The model, the sharding layout, the converter
 and the checkpoint reader all read this table; nothing else lists the weights.
 
-HF stores a linear layer as `[out, in]`; we store it as `[in..., out...]` with heads split out
-(`wq [D, H, hd]`), so that `x @ w` needs no transpose: ours = `hf.T.reshape(our shape)`.
-Norms and the embedding are stored as HF holds them. The LM head is a linear layer too
-(`[vocab, embed]` in HF, `[embed, vocab]` here), present only when it is not tied to the embedding.
+HF stores a linear layer as `[out, in]`. A linear leaf names HF's flattening (`hf_in`, `hf_out`:
+the logical axes HF's `in` and `out` dimensions cover, in order) and its stored order (`axes`, a
+permutation of `hf_out + hf_in`): ours = `hf.reshape(out sizes + in sizes).transpose(to axes)`.
+The stored order is the one XLA's TPU compiler wants for each matmul inside the scanned decoder:
+in any other order it copies the whole [n_layers, ...] stack of that weight once per program to
+change its layout (measured: 10 GB of 13.6 GB per chip for the 405B on v6e-64; docs/tpu.md,
+tests/test_tpu_compile.py). So the query/key/value projections are stored head-major
+(`wq [H, D, hd]`: one [D, hd] matrix per head), the MLP's gate and up projections as HF holds
+them (`[F, D]`: a chip's slice of F, 832 rows for the 405B on 64 chips, is no multiple of the TPU's
+128-wide tiles, and as the minor axis it made XLA re-tile the stack), `wo [H, hd, D]` and
+`w_down [F, D]` in = out order. Norms and the embedding are stored as HF holds them. The LM head
+is a linear layer too (`[vocab, embed]` in HF, `[embed, vocab]` here), present only when it is not
+tied to the embedding.
 
 FP8 checkpoints (compressed-tensors FP8-dynamic, `config.Quantization`): a quantized linear weight
 is stored as float8_e4m3fn in the same layout, and its per-output-channel scale (HF
@@ -50,10 +59,20 @@ class Leaf:
     name: str
     axes: tuple[str, ...]  # logical axes of one stored array (a layer's weight without the layer axis)
     hf_name: str  # HF tensor name; '{layer}' stands for the decoder layer's index
-    fan_in: int = 0  # linear weights: how many leading axes HF's `in` dimension covers; 0: stored as in HF
+    hf_in: tuple[str, ...] = ()  # linear weights: the logical axes HF's `in` dimension flattens, in order
+    hf_out: tuple[str, ...] = ()  # linear weights and scales: the axes of HF's `out` dimension
     per_layer: bool = False  # one per decoder layer, stacked on a leading layer axis in `Params`
     untied_only: bool = False  # present only when the LM head is not tied to the embedding
     scale_of: str = ""  # the per-output-channel scale of this FP8 weight; present only when it is quantized
+
+    def __post_init__(self):
+        if self.hf_in and sorted(self.axes) != sorted(self.hf_out + self.hf_in):
+            raise ValueError(f"{self.name}: stored axes {self.axes} are not a permutation of HF's out {self.hf_out} "
+                             f"+ in {self.hf_in}")
+
+    @property
+    def is_linear(self) -> bool:
+        return bool(self.hf_in)
 
     def present(self, cfg: ModelConfig) -> bool:
         """Whether a model of `cfg` has this leaf."""
@@ -70,6 +89,11 @@ class Leaf:
         """Shape of one stored array: a global, or one layer's weight."""
         return tuple(axis_size(cfg, a) for a in self.axes)
 
+    def scale_shape(self, cfg: ModelConfig) -> tuple[int, ...]:
+        """A linear weight's per-output-channel scale, reshaped to broadcast against one stored weight
+        (size 1 on the input axes; the output axes appear in `axes` in HF's order)."""
+        return tuple(axis_size(cfg, a) if a in self.hf_out else 1 for a in self.axes)
+
     def param_shape(self, cfg: ModelConfig) -> tuple[int, ...]:
         return tuple(axis_size(cfg, a) for a in self.param_axes)
 
@@ -77,18 +101,22 @@ class Leaf:
         return self.hf_name.format(layer=layer)
 
     def hf_shape(self, cfg: ModelConfig) -> tuple[int, ...]:
-        shape = self.unit_shape(cfg)
         if self.scale_of:
-            return math.prod(shape), 1  # compressed-tensors' channel scales: [out, 1]
-        if not self.fan_in:
-            return shape
-        return math.prod(shape[self.fan_in:]), math.prod(shape[:self.fan_in])  # [out, in]
+            return math.prod(self.unit_shape(cfg)), 1  # compressed-tensors' channel scales: [out, 1]
+        if not self.is_linear:
+            return self.unit_shape(cfg)
+        size = lambda axes: math.prod(axis_size(cfg, a) for a in axes)  # noqa: E731
+        return size(self.hf_out), size(self.hf_in)  # [out, in]
 
     def from_hf(self, array: np.ndarray, cfg: ModelConfig) -> np.ndarray:
         """HF's array (in `hf_shape`) as ours (in `unit_shape`)."""
         if self.scale_of:
             return array.reshape(self.unit_shape(cfg))
-        return array.T.reshape(self.unit_shape(cfg)) if self.fan_in else array
+        if not self.is_linear:
+            return array
+        hf_axes = self.hf_out + self.hf_in
+        split = array.reshape(tuple(axis_size(cfg, a) for a in hf_axes))
+        return split.transpose(tuple(hf_axes.index(a) for a in self.axes))
 
     @property
     def hf_module(self) -> str:
@@ -96,14 +124,16 @@ class Leaf:
         return self.hf_name.rsplit(".", 1)[0]
 
 
-def _layer(name: str, axes: tuple[str, ...], hf_suffix: str, fan_in: int = 0) -> Leaf:
-    return Leaf(name, axes, f"model.layers.{{layer}}.{hf_suffix}", fan_in=fan_in, per_layer=True)
+def _layer(name: str, axes: tuple[str, ...], hf_suffix: str, hf_in: tuple[str, ...] = (),
+           hf_out: tuple[str, ...] = ()) -> Leaf:
+    return Leaf(name, axes, f"model.layers.{{layer}}.{hf_suffix}", hf_in=hf_in, hf_out=hf_out, per_layer=True)
 
 
 def _scale(weight: Leaf) -> Leaf:
-    """The per-output-channel scale of `weight` when it is stored as FP8: its output axes."""
-    return dataclasses.replace(weight, name=scale_name(weight.name), axes=weight.axes[weight.fan_in:],
-                               hf_name=weight.hf_module + ".weight_scale", fan_in=0, scale_of=weight.name)
+    """The per-output-channel scale of `weight` when it is stored as FP8: its output axes, in HF's
+    order (they broadcast against the projection's output)."""
+    return dataclasses.replace(weight, name=scale_name(weight.name), axes=weight.hf_out, hf_in=(),
+                               hf_name=weight.hf_module + ".weight_scale", scale_of=weight.name)
 
 
 def scale_name(weight: str) -> str:
@@ -112,25 +142,25 @@ def scale_name(weight: str) -> str:
 
 _LAYER_WEIGHTS: tuple[Leaf, ...] = (
     _layer("attn_norm", ("embed",), "input_layernorm.weight"),
-    _layer("wq", ("embed", "heads", "head_dim"), "self_attn.q_proj.weight", fan_in=1),
-    _layer("wk", ("embed", "kv_heads", "head_dim"), "self_attn.k_proj.weight", fan_in=1),
-    _layer("wv", ("embed", "kv_heads", "head_dim"), "self_attn.v_proj.weight", fan_in=1),
-    _layer("wo", ("heads", "head_dim", "embed"), "self_attn.o_proj.weight", fan_in=2),
+    _layer("wq", ("heads", "embed", "head_dim"), "self_attn.q_proj.weight", ("embed",), ("heads", "head_dim")),
+    _layer("wk", ("kv_heads", "embed", "head_dim"), "self_attn.k_proj.weight", ("embed",), ("kv_heads", "head_dim")),
+    _layer("wv", ("kv_heads", "embed", "head_dim"), "self_attn.v_proj.weight", ("embed",), ("kv_heads", "head_dim")),
+    _layer("wo", ("heads", "head_dim", "embed"), "self_attn.o_proj.weight", ("heads", "head_dim"), ("embed",)),
     _layer("mlp_norm", ("embed",), "post_attention_layernorm.weight"),
-    _layer("w_gate", ("embed", "mlp"), "mlp.gate_proj.weight", fan_in=1),
-    _layer("w_up", ("embed", "mlp"), "mlp.up_proj.weight", fan_in=1),
-    _layer("w_down", ("mlp", "embed"), "mlp.down_proj.weight", fan_in=1),
+    _layer("w_gate", ("mlp", "embed"), "mlp.gate_proj.weight", ("embed",), ("mlp",)),
+    _layer("w_up", ("mlp", "embed"), "mlp.up_proj.weight", ("embed",), ("mlp",)),
+    _layer("w_down", ("mlp", "embed"), "mlp.down_proj.weight", ("mlp",), ("embed",)),
 )
 _GLOBAL_WEIGHTS: tuple[Leaf, ...] = (
     Leaf("embed", ("vocab", "embed"), "model.embed_tokens.weight"),
     Leaf("final_norm", ("embed",), "model.norm.weight"),
-    Leaf("lm_head", ("embed", "vocab"), "lm_head.weight", fan_in=1, untied_only=True),
+    Leaf("lm_head", ("embed", "vocab"), "lm_head.weight", hf_in=("embed",), hf_out=("vocab",), untied_only=True),
 )
 # Order = the fields of model.LayerParams / model.Params and the arrays of a stored unit: the
 # weights, then the scales of the linear ones (present only in FP8 checkpoints).
-LAYER: tuple[Leaf, ...] = _LAYER_WEIGHTS + tuple(_scale(w) for w in _LAYER_WEIGHTS if w.fan_in)
-GLOBAL: tuple[Leaf, ...] = _GLOBAL_WEIGHTS + tuple(_scale(w) for w in _GLOBAL_WEIGHTS if w.fan_in)
-LINEAR: tuple[Leaf, ...] = tuple(w for w in _LAYER_WEIGHTS + _GLOBAL_WEIGHTS if w.fan_in)  # may be FP8
+LAYER: tuple[Leaf, ...] = _LAYER_WEIGHTS + tuple(_scale(w) for w in _LAYER_WEIGHTS if w.is_linear)
+GLOBAL: tuple[Leaf, ...] = _GLOBAL_WEIGHTS + tuple(_scale(w) for w in _GLOBAL_WEIGHTS if w.is_linear)
+LINEAR: tuple[Leaf, ...] = tuple(w for w in _LAYER_WEIGHTS + _GLOBAL_WEIGHTS if w.is_linear)  # may be FP8
 _BY_NAME = {leaf.name: leaf for leaf in LAYER + GLOBAL}
 
 

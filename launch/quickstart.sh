@@ -5,8 +5,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source launch/setup_env.sh
-if [ ! -f checkpoints/smollm2/manifest.json ]; then
-  python -m launch.convert --source=smollm2 --out=checkpoints/smollm2
+# Convert unless a checkpoint this version reads is there (one converted by an older version,
+# with another weight layout, is replaced).
+if ! python -c "from jax_introspect import checkpoint; checkpoint.read_manifest('checkpoints/smollm2')" 2>/dev/null; then
+  python -m launch.convert --source=smollm2 --out=checkpoints/smollm2 --overwrite
 fi
 python -m launch.chat --checkpoint=checkpoints/smollm2 --max_new_tokens=24
 python -m launch.sweep --config=configs/sweeps/quickstart.py --checkpoint=checkpoints/smollm2 \

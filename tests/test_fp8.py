@@ -212,6 +212,19 @@ def test_config_records_the_fp8_weights(fp8):
     assert config.ModelConfig.from_json_dict(old).quantization is None
 
 
+OUR_LAYOUT_FROM_HF = {
+    # q/k/v: HF [heads * hd, D] -> [heads, D, hd]; o: HF [D, heads * hd] -> [heads, hd, D];
+    # gate/up: HF's [F, D] as is; down: HF [D, F] -> [F, D].
+    "wq": lambda w, c: w.reshape(c.n_heads, c.head_dim, c.d_model).transpose(0, 2, 1),
+    "wk": lambda w, c: w.reshape(c.n_kv_heads, c.head_dim, c.d_model).transpose(0, 2, 1),
+    "wv": lambda w, c: w.reshape(c.n_kv_heads, c.head_dim, c.d_model).transpose(0, 2, 1),
+    "wo": lambda w, c: w.T.reshape(c.n_heads, c.head_dim, c.d_model),
+    "w_gate": lambda w, c: w,
+    "w_up": lambda w, c: w,
+    "w_down": lambda w, c: w.T,
+}
+
+
 def test_fp8_weights_are_stored_as_read_and_scales_in_our_layout(fp8):
     cfg = checkpoint.load_config(fp8.ckpt)
     unit = os.path.join(fp8.ckpt, "params", "layer_001")
@@ -223,12 +236,13 @@ def test_fp8_weights_are_stored_as_read_and_scales_in_our_layout(fp8):
         hf_weight = fp8.tensors[f"model.layers.1.{module}.weight"]
         hf_scale = fp8.tensors[f"model.layers.1.{module}.weight_scale"]
         assert meta[ours].dtype == jnp.float8_e4m3fn and meta[scale_leaf.name].dtype == jnp.float32
-        # The same e4m3 bit patterns, in our [in..., out...] layout; the bf16 scales exactly, in the output axes.
-        expected_bits = hf_weight.view(torch.uint8).numpy().T.reshape(leaf.unit_shape(cfg))
+        # The same e4m3 bit patterns, in our layout (params.py; written out here per weight from HF's
+        # [out, in]); the bf16 scales exactly, in the output axes.
+        expected_bits = OUR_LAYOUT_FROM_HF[ours](hf_weight.view(torch.uint8).numpy(), cfg)
         np.testing.assert_array_equal(np.asarray(stored[ours]).view(np.uint8), expected_bits)
         np.testing.assert_array_equal(stored[scale_leaf.name],
                                       hf_scale.float().numpy().reshape(scale_leaf.unit_shape(cfg)))
-        assert scale_leaf.axes == leaf.axes[leaf.fan_in:]
+        assert scale_leaf.axes == leaf.hf_out
     globals_meta = ocp.StandardCheckpointer().metadata(os.path.join(fp8.ckpt, "params", "globals")).item_metadata
     assert set(globals_meta) == {"embed", "final_norm", "lm_head"}  # lm_head is in `ignore`: no scale
     assert all(globals_meta[n].dtype == jnp.float32 for n in globals_meta)
@@ -245,7 +259,8 @@ def test_params_in_each_numerics(fp8):
     assert deq.run_config.quantization is None and deq.params.layers.wq_scale is None
     assert deq.params.layers.wq.dtype == jnp.bfloat16 and deq.params.embed.dtype == jnp.bfloat16
     # Dequantized = fp8 * scale, computed in float32 and rounded once to the load dtype.
-    w = np.asarray(fp8_lm.params.layers.wq[1]).astype(np.float32) * np.asarray(fp8_lm.params.layers.wq_scale[1])
+    # wq [heads, D, hd] times its scale [heads, hd], one per output channel (head, hd).
+    w = np.asarray(fp8_lm.params.layers.wq[1]).astype(np.float32) * np.asarray(fp8_lm.params.layers.wq_scale[1])[:, None, :]
     np.testing.assert_array_equal(np.asarray(deq.params.layers.wq[1]), w.astype(ml_dtypes.bfloat16))
 
 
@@ -367,7 +382,7 @@ for mesh, numerics in (("1x2", "fp8_dynamic"), ("1x4", "fp8_dynamic"), ("1x4", "
                           lm.layout.sharding(*params.by_name(n).param_axes), getattr(layers, n).ndim),
                       "tensor" in tuple(getattr(layers, n).sharding.spec))
                   for n in ("wo_scale", "w_up_scale", "wk_scale") if getattr(layers, n) is not None}},
-        "kv_heads": layers.wk.shape[2], "logits": lm.logits(np.asarray({tokens.tolist()!r})).tolist()}}
+        "kv_heads": layers.wk.shape[1], "logits": lm.logits(np.asarray({tokens.tolist()!r})).tolist()}}
 print(json.dumps(out))
 """
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}

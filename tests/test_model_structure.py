@@ -43,11 +43,11 @@ def test_shapes_shardings_and_hf_tensors_follow_the_table(tied):
     cfg = dataclasses.replace(config.preset("llama-3.1-8b"), tie_word_embeddings=tied)
     abstract = checkpoint.abstract_params(cfg, jnp.bfloat16)
     assert (abstract.lm_head is None) == tied
-    assert abstract.layers.wq.shape == (32, 4096, 32, 128) and abstract.layers.w_down.shape == (32, 14336, 4096)
+    assert abstract.layers.wq.shape == (32, 32, 4096, 128) and abstract.layers.w_down.shape == (32, 14336, 4096)
     layout = sharding.Layout.for_model(sharding.one_device_mesh(), cfg)
     shardings = layout.params(cfg)
     assert jax.tree.structure(shardings) == jax.tree.structure(abstract)
-    assert shardings.layers.wq.spec == layout.spec("layers", "embed", "heads", "head_dim")
+    assert shardings.layers.wq.spec == layout.spec("layers", "heads", "embed", "head_dim")
     wo = params.by_name("wo")
     assert wo.hf_tensor(7) == "model.layers.7.self_attn.o_proj.weight" and wo.hf_shape(cfg) == (4096, 4096)
     assert params.by_name("lm_head").hf_shape(cfg) == (128256, 4096)

@@ -49,9 +49,9 @@ def abstract_mesh(data, tensor):
 def test_rules_map_every_array_axis_in_one_table():
     rules = sharding.AxisRules()
     axes = lambda name: params.by_name(name).param_axes  # noqa: E731
-    assert rules.spec(axes("wq")) == P(None, None, "tensor", None)
+    assert rules.spec(axes("wq")) == P(None, "tensor", None, None)
     assert rules.spec(axes("wo")) == P(None, "tensor", None, None)
-    assert rules.spec(axes("w_gate")) == P(None, None, "tensor")
+    assert rules.spec(axes("w_gate")) == P(None, "tensor", None)
     assert rules.spec(axes("w_down")) == P(None, "tensor", None)
     assert rules.spec(axes("embed")) == P("tensor", None)
     assert rules.spec(axes("lm_head")) == P(None, "tensor")
@@ -146,10 +146,10 @@ def test_storage_chunks_align_with_every_tensor_split(preset):
 def test_converter_writes_head_aligned_chunks(tiny8):
     import orbax.checkpoint as ocp
     meta = ocp.StandardCheckpointer().metadata(os.path.join(tiny8, "params", "layer_000")).item_metadata
-    assert meta["wq"].storage.chunk_shape == (64, 1, 8)
-    assert meta["wk"].storage.chunk_shape == (64, 1, 8)
+    assert meta["wq"].storage.chunk_shape == (1, 64, 8)  # [heads, embed, head_dim]: one head a chunk
+    assert meta["wk"].storage.chunk_shape == (1, 64, 8)
     assert meta["wo"].storage.chunk_shape == (1, 8, 64)
-    assert meta["w_gate"].storage.chunk_shape == (64, 2)  # 128 / 64
+    assert meta["w_gate"].storage.chunk_shape == (2, 64)  # [mlp, embed]: 128 / 64 rows
 
 
 def test_checkpoint_of_another_model_is_named(tiny8, tmp_path):
@@ -161,8 +161,8 @@ def test_checkpoint_of_another_model_is_named(tiny8, tmp_path):
     shutil.copytree(tiny8, mixed)
     shutil.rmtree(mixed / "params" / "layer_001")
     shutil.copytree(tmp_path / "other" / "params" / "layer_001", mixed / "params" / "layer_001")
-    with pytest.raises(checkpoint.CheckpointError, match=r"layer_001/w_gate is stored with shape \(64, 96\) but "
-                                                         r"the checkpoint's config expects \(64, 128\): these "
+    with pytest.raises(checkpoint.CheckpointError, match=r"layer_001/w_gate is stored with shape \(96, 64\) but "
+                                                         r"the checkpoint's config expects \(128, 64\): these "
                                                          r"weights belong to another model"):
         jax_introspect.load(str(mixed))
     # A config.json that describes another model than the weights.
@@ -270,8 +270,8 @@ def test_meshes_of_1_2_4_8_devices_match_one_device(tiny8, tmp_path):
         assert r["logits"] <= 1e-5 and r["step_logits"] <= 1e-5 and r["residuals"] <= 1e-5, (spec, r)
         assert r["param_shardings_match"], spec
         assert r["kv_heads"] == max(2, tensor)  # 2 stored KV heads, duplicated to one per device
-        assert r["wq_shard"] == [3, 64, 8 // tensor, 8]
-        assert r["wk_shard"] == [3, 64, 1 if tensor > 1 else 2, 8]
+        assert r["wq_shard"] == [3, 8 // tensor, 64, 8]  # [layers, heads, embed, head_dim]
+        assert r["wk_shard"] == [3, 1 if tensor > 1 else 2, 64, 8]
         assert r["embed_shard"] == [256 // tensor, 64]
     # The batch mixes injected, clean and sampled rows: the generations are not all the same.
     assert len({tuple(t) for t in report["tokens"]}) == 5
