@@ -3,6 +3,10 @@ from setuptools import find_packages, setup
 
 # Hosted judges (grader "api:anthropic:<model>" / "api:openai:<model>"): the official SDKs.
 API_EXTRA = ["anthropic>=2", "openai>=3"]
+# The jax the project is tested with. Its `tpu` extra pins the libtpu that runs on TPU VMs and, on a
+# CPU host, compiles for a TPU slice without one (launch.tpu.plan, tests/test_tpu_compile.py).
+JAX_VERSION = "0.10.2"
+TPU_EXTRA = [f"jax[tpu]=={JAX_VERSION}"]
 
 setup(
     name="jax_introspect",
@@ -28,6 +32,7 @@ setup(
     ],
     extras_require={
         "api": API_EXTRA,
+        "tpu": TPU_EXTRA,
         # torch is pinned to the CPU build that ships on this machine image; an unpinned torch
         # pulls a multi-GB CUDA build. torch + transformers serve parity tests only.
         "test": [
@@ -41,6 +46,7 @@ setup(
             "peft==0.21.2",  # tests/test_adapters.py: the LoRA reference
             "compressed-tensors",  # tests/test_fp8.py: transformers' own FP8-dynamic path as a second reference
             *API_EXTRA,  # tests/test_grading.py runs the API judges on the SDKs
+            *TPU_EXTRA,  # tests/test_tpu_compile.py, tests/test_tpu_plan.py compile for TPU slices
         ],
     },
 )

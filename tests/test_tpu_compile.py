@@ -1,0 +1,69 @@
+"""The generation and extraction programs compiled for a Cloud TPU slice on this CPU host (libtpu's
+compile-only topologies, the `tpu` extra): XLA reads one layer of each stacked weight per scan
+step and never copies a whole stack.
+
+The sizes are where the weight layout of checkpoint format v1 made XLA copy whole stacks (the
+same copies as the 405B on v6e-64, docs/tpu.md): Llama-3.1-8B widths, 16 layers, an MLP of 3,328
+so that a chip's slice (832 rows on 4 chips) is no multiple of the TPU's 128-wide tiles. There,
+format v1's program held 6 whole-stack copies per chip (wq 134 MB, wk and wv 34 MB each, w_gate and
+w_up 109 MB each): XLA temp 0.62 GB next to 1.19 GB of weights; with the v2 layouts none, 0.19 GB.
+No TPU is needed; if libtpu cannot load, the test fails saying what to install.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import pytest
+
+from jax_introspect import compile_only, config, sharding
+
+TOPOLOGY, MESH = "v6e:2x2", "1x4"
+
+
+@pytest.fixture(scope="module")
+def slice_layout():
+    devices = compile_only.tpu_devices(TOPOLOGY)  # CompileOnlyError with the install hint if no libtpu
+    cfg = dataclasses.replace(config.preset("llama-3.1-8b"), n_layers=16, d_ff=3328)
+    layout = sharding.Layout.for_model(sharding.make_mesh(MESH, devices), cfg)
+    return cfg, layout, compile_only.chip_of(devices)
+
+
+@pytest.mark.parametrize("numerics", ["dequantized", "fp8_dynamic"])
+def test_generation_reads_weight_stacks_in_place(slice_layout, numerics):
+    cfg, layout, chip = slice_layout
+    if numerics == "fp8_dynamic":
+        cfg = dataclasses.replace(cfg, quantization=config.Quantization(
+            weights=("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")))
+    run_cfg = config.with_numerics(layout.run_config(cfg), numerics)
+    params = compile_only.abstract_params(run_cfg, layout, jnp.bfloat16)
+    compiled = compile_only.compile_generation(params, run_cfg, layout, batch=32, prompt_len=192, max_new_tokens=100)
+    copies = compile_only.stacked_weight_copies(compiled.as_text(), params)
+    memory = compile_only.ProgramMemory.of(compiled)
+    print(numerics, compile_only.describe(memory, chip), f"copies {copies}")
+    assert chip.generation == "v6e"
+    assert not copies, f"XLA copies whole weight stacks: {copies}"
+    # Arguments are the weights plus a few KB of per-row inputs; nothing else of weight size.
+    weights = compile_only.param_bytes_per_chip(params)
+    assert weights <= memory.arguments <= weights + (1 << 20)
+    kv = compile_only.kv_cache_bytes_per_chip(run_cfg, layout, 32, 292, jnp.bfloat16)
+    assert memory.temp < kv + 0.25 * weights, (memory, kv)
+
+
+def test_extraction_prefill_reads_weight_stacks_in_place(slice_layout):
+    cfg, layout, _ = slice_layout
+    run_cfg = layout.run_config(cfg)
+    params = compile_only.abstract_params(run_cfg, layout, jnp.bfloat16)
+    compiled = compile_only.compile_prefill(params, run_cfg, layout, batch=16, prompt_len=64)
+    assert not compile_only.stacked_weight_copies(compiled.as_text(), params)
+
+
+def test_the_check_sees_a_whole_stack_buffer(slice_layout):
+    """The detector on a program that must make a buffer of a whole stack: w_gate scaled by 2."""
+    import jax
+    cfg, layout, _ = slice_layout
+    params = compile_only.abstract_params(layout.run_config(cfg), layout, jnp.bfloat16)
+    w = params.layers.w_gate
+    compiled = jax.jit(lambda x: x * 2, out_shardings=w.sharding).lower(w).compile()
+    found = compile_only.stacked_weight_copies(compiled.as_text(), params)
+    assert any("w_gate" in c.weight and c.shape == tuple(w.sharding.shard_shape(w.shape)) for c in found), found
