@@ -315,3 +315,22 @@ def test_both_hf_rope_layouts_give_one_config(tmp_path, name):
     assert (cfg_new.rope_scaling is not None) == (name == "gqa_untied")
     if name == "gqa_untied":
         assert cfg_new.rope_scaling.factor == 8.0 and cfg_new.rope_scaling.original_max_position_embeddings == 64
+
+
+def test_checkpoint_of_an_older_format_is_refused_naming_the_fix(sharded, tmp_path):
+    """A checkpoint of format v1 (another weight layout) is refused before any weight is read, and
+    `--overwrite` replaces it (it is ours)."""
+    out = str(tmp_path / "old")
+    hf_reference.run_convert(sharded, out)
+    manifest = os.path.join(out, ckpt.MANIFEST)
+    with open(manifest) as f:
+        data = json.load(f)
+    data["format"] = "jax_introspect.checkpoint/v1"
+    with open(manifest, "w") as f:
+        json.dump(data, f)
+    with pytest.raises(ckpt.CheckpointError, match=r"older jax_introspect \(jax_introspect.checkpoint/v1\).*"
+                                                    r"convert it again: `python -m launch.convert"):
+        ckpt.read_manifest(out)
+    proc = hf_reference.run_convert(sharded, out, extra=("--overwrite",), check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert ckpt.read_manifest(out)["format"] == ckpt.FORMAT
