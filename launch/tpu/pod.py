@@ -9,6 +9,13 @@ Subcommands: create | copy | install | run | fetch | delete | all (the six in or
 deleted at the end, even after a failure, unless --keep) | size (the HBM arithmetic of
 docs/tpu.md for --model on --accelerator_type).
 
+Before `create`, `all` and `run` (with --dry_run too) the run is planned for the slice
+(`jax_introspect.experiment.plan`: the sweep's programs compiled on this host for the slice's
+compile-only TPU topology, e.g. v5p-64 -> 'v5p:2x4x4', `--topology` overrides) and a run whose
+programs do not fit the chips' HBM is refused unless `--force`. The model planned is the local
+`--checkpoint` folder, else `--model` when given (a gs:// checkpoint cannot be read here);
+`--noplan` skips the plan.
+
 Every command is an argv list run without a shell. The one place a shell is unavoidable is
 the remote command of `gcloud ... ssh --command=...`; every value that comes from a flag is
 quoted there with shlex.quote. `--dry_run` prints the commands (shell-quoted) instead of
@@ -63,6 +70,11 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch", 32, "`size`: sweep batch size.")
     flags.DEFINE_integer("prompt_len", 192, "`size`: prompt tokens after bucketing (Lindsey's prompt: 172 -> 192).")
     flags.DEFINE_integer("max_new_tokens", 100, "`size`: generated tokens.")
+    flags.DEFINE_bool("plan", True, "Plan the run for the slice (compile its programs here) before create / all / "
+                      "run, and refuse one that does not fit.")
+    flags.DEFINE_string("topology", None, "Compile-only TPU topology of the plan (default: from --accelerator_type, "
+                        "e.g. v5p-64 -> v5p:2x4x4, v6e-64 -> v6e:8x8, v5litepod-256 -> v5e:16x16).")
+    flags.DEFINE_bool("force", False, "Go ahead even when the plan says the run does not fit.")
 
 
 FLAGS = flags.FLAGS
@@ -214,6 +226,108 @@ def execute(argv: list[str], dry_run: bool) -> None:
         subprocess.run(argv, check=True)
 
 
+# --- the plan: the sweep's programs compiled for the slice -----------------------------------------
+
+# The name jax.experimental.topologies / libtpu gives each generation's compile-only topologies.
+TOPOLOGY_PREFIX = {"v5e": "v5e", "v5p": "v5p", "v6e": "v6e"}
+
+
+def compile_topology(accelerator_type: str) -> tuple[str, Optional[int]]:
+    """(compile-only topology name, chips to use of it: None = all) for an accelerator type:
+    v5p-N (N TensorCores, N/2 chips) -> 'v5p:AxBxC'; v6e-N / v5litepod-N (N chips) -> 'v6e:AxB' /
+    'v5e:AxB', chips per axis as Cloud TPU lays them out (v5p-64 -> v5p:2x4x4, v6e-64 -> v6e:8x8,
+    v5litepod-256 -> v5e:16x16). libtpu's smallest topology is one host's 2x2 chips: a 1- or
+    2-chip slice is the first chips of it. v4 has none: libtpu's compile-only v4 devices are
+    TensorCores of 16 GB, not the megacore chips a v4 VM runs."""
+    gen = generation(accelerator_type)
+    n = chips(accelerator_type)
+    if gen not in TOPOLOGY_PREFIX:
+        raise LaunchError(f"no compile-only plan for {accelerator_type}: libtpu's v4 topologies expose TensorCores "
+                          "(16 GB each), not the 32 GB megacore chips a v4 VM runs; --noplan to go without one")
+    if n & (n - 1):
+        raise LaunchError(f"{accelerator_type}: {n} chips is not a power of two; give --topology=NAME")
+    k = n.bit_length() - 1
+    prefix = TOPOLOGY_PREFIX[gen]
+    if n <= 4:
+        return (f"{prefix}:2x2x1" if gen == "v5p" else f"{prefix}:2x2"), (None if n == 4 else n)
+    if gen == "v5p":
+        dims = [1 << (k // 3)] * 3
+        for i in range(k % 3):
+            dims[2 - i] *= 2
+    else:
+        dims = [1 << (k // 2), 1 << (k - k // 2)]
+    return f"{prefix}:{'x'.join(map(str, dims))}", None
+
+
+def _sweep_arg_value(name: str) -> Optional[str]:
+    """The value of `--NAME=VALUE` among the --sweep_arg flags (the last one)."""
+    value = None
+    for arg in FLAGS.sweep_arg:
+        if arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def plan_model() -> tuple[Optional[str], str]:
+    """(the model to plan: a local checkpoint folder or a preset, or None; why)."""
+    checkpoint = FLAGS.checkpoint
+    if checkpoint and "://" not in checkpoint and os.path.isdir(checkpoint):
+        return checkpoint, f"the checkpoint {checkpoint}"
+    if FLAGS["model"].present:
+        return FLAGS.model, f"--model={FLAGS.model}"
+    where = f"--checkpoint={checkpoint} is not a folder on this host" if checkpoint else "no --checkpoint"
+    return None, f"{where} and no --model=PRESET names the model"
+
+
+def plan_run(accelerator_type: str, progress=None):
+    """The plan of the sweep `run` would start on this slice, or None (with a note on stderr) when
+    the model cannot be known here. Raises LaunchError on bad input."""
+    from jax_introspect.experiment import plan as plan_lib
+    from jax_introspect.experiment import sweep_config
+    from launch.common import split_config_args
+    model, why = plan_model()
+    if model is None:
+        print(f"note: no plan for the slice: {why} (pass --model=PRESET to plan, --noplan to skip)", file=sys.stderr)
+        return None
+    if not FLAGS.topology and generation(accelerator_type) not in TOPOLOGY_PREFIX:
+        print(f"note: no plan for {accelerator_type}: libtpu's compile-only v4 topologies expose TensorCores (16 GB "
+              "each), not the 32 GB megacore chips a v4 VM runs (--topology=NAME to plan on one anyway)",
+              file=sys.stderr)
+        return None
+    topology, n_chips = (FLAGS.topology, None) if FLAGS.topology else compile_topology(accelerator_type)
+    config_path = FLAGS.sweep_config if os.path.isabs(FLAGS.sweep_config) else os.path.join(REPO, FLAGS.sweep_config)
+    try:
+        _, overrides = split_config_args(["pod"] + list(FLAGS.sweep_arg), sweep_config.FIELDS, sweep_config.SweepError)
+        arms = sweep_config.with_overrides(sweep_config.load_config_file(config_path), overrides)
+        dtype = _sweep_arg_value("dtype")
+        if dtype is None and os.path.isdir(model):
+            from jax_introspect import checkpoint as checkpoint_lib
+            dtype = checkpoint_lib.read_manifest(model).get("dtype")
+        print(f"planning the run for {accelerator_type} ({topology}{f', first {n_chips} chips' if n_chips else ''}, "
+              f"mesh {FLAGS.mesh}) with {why}: compiling its programs here ...", file=sys.stderr, flush=True)
+        return plan_lib.make_plan(model, topology, FLAGS.mesh, dtype=dtype if dtype in ("bfloat16", "float32")
+                                  else "bfloat16", numerics=_sweep_arg_value("numerics") or "dequantized",
+                                  sweep=arms, chips=n_chips, progress=progress or plan_lib.stderr_progress,
+                                  sweep_label=" ".join([FLAGS.sweep_config, *FLAGS.sweep_arg]))
+    except (plan_lib.PlanError, ValueError) as e:
+        raise LaunchError(f"plan: {e} (--noplan skips the plan)") from e
+
+
+def check_plan(plan, force: bool) -> None:
+    """Print the plan; refuse (LaunchError) a run that does not fit, unless `force`."""
+    print(plan.format_text(), flush=True)
+    if plan.fits:
+        return
+    failing = ", ".join(f"{p.name} ({'needs ' + format(p.total / 1e9, '.2f') + ' GB' if p.total else p.error})"
+                        for p in plan.programs if not p.fits)
+    if force:
+        print(f"warning: --force: going ahead although {failing} does not fit {plan.topology}", file=sys.stderr)
+        return
+    raise LaunchError(f"the plan says this run does not fit {plan.topology} ({plan.hbm / 1e9:.2f} GB usable per chip): "
+                      f"{failing}; take a larger slice or a smaller batch (--sweep_arg=--config.batch_size=N), "
+                      "or --force")
+
+
 def size_table(model: str, accelerator_type: str, batch: int, prompt_len: int, new_tokens: int) -> str:
     from jax_introspect import config, sharding
     cfg = config.preset(model)
@@ -241,6 +355,10 @@ def main(argv):
                   FLAGS.spot, FLAGS.remote_dir)
         if command in ("all", "run"):
             _required("checkpoint")
+        if command in ("create", "all", "run") and FLAGS.plan:
+            slice_plan = plan_run(pod.accelerator_type)
+            if slice_plan is not None:
+                check_plan(slice_plan, FLAGS.force)
         tarball = "<tarball>"
         if command in ("copy", "all"):
             tarball = os.path.join(tempfile.gettempdir(), Pod.TARBALL) if FLAGS.dry_run else source_tarball()
