@@ -177,6 +177,11 @@ def test_bisection_logic_on_synthetic_memory():
         assert found.batch == truth and found.closed
         assert found.compiles <= (most or 10), found.tried
         assert all(b % step == 0 for b, _, _ in found.tried)
+    # A coarser search: multiples of 8 (and of a data axis of 2), the largest such batch that fits.
+    sl = types.SimpleNamespace(data=2, hbm=hbm)
+    found = plan_lib.largest_batch(sl, 64, 16, start=32, multiple=8,
+                                   measure=lambda b: (2e8 + 1e5 * b, 2e8 + 1e5 * b <= hbm))
+    assert found.batch == 8000 and found.closed and all(b % 8 == 0 for b, _, _ in found.tried)
 
 
 def test_largest_batch_fits_and_one_more_step_does_not():

@@ -377,7 +377,7 @@ class MaxBatch:
 
 def largest_batch(sl: Slice, prompt_len: int, max_new_tokens: int, start: int = 32, progress=None,
                   measure: Optional[Callable[[int], tuple]] = None, max_compiles: int = 14,
-                  limit: int = 1 << 20, known: Sequence[tuple] = ()) -> MaxBatch:
+                  limit: int = 1 << 20, known: Sequence[tuple] = (), multiple: int = 1) -> MaxBatch:
     """The largest generation batch (a multiple of the mesh's data axis) whose program fits one
     chip's usable HBM, found by compiling. The first two compiles (`start` and twice it, or half
     of it when `start` does not fit; `known` [(batch, total, fits)] are reused) seed a linear
@@ -387,8 +387,10 @@ def largest_batch(sl: Slice, prompt_len: int, max_new_tokens: int, start: int = 
     prediction is confirmed by the compile one step above it; when the same side of the bracket
     moves twice running, a bisection step instead. Ends when the answer fits and the answer + one
     step was compiled and does not (`closed`), or after `max_compiles`.
-    `measure(batch) -> (total bytes or None, fits)` replaces the compiles (tests)."""
-    step = sl.data
+    `measure(batch) -> (total bytes or None, fits)` replaces the compiles (tests). `multiple`: search
+    batches that are multiples of it too (e.g. 8: a 405B compile near the limit takes minutes, and
+    the last rows of precision buy little)."""
+    step = math.lcm(sl.data, max(1, multiple))
     hbm = sl.hbm
     began = time.time()
     results: dict[int, tuple] = {}
@@ -824,14 +826,14 @@ def make_plan(model: str, topology: str, mesh: str = "1x-1", batch: int = 32, pr
               max_new_tokens: int = 100, dtype: str = "bfloat16", numerics: str = config_lib.DEQUANTIZED,
               sweep=None, train_config=None, max_batch: bool = False, judge_model: Optional[str] = None,
               chips: Optional[int] = None, progress: Optional[Callable[[str], None]] = None,
-              extraction: bool = True, sweep_label: Optional[str] = None) -> Plan:
+              extraction: bool = True, sweep_label: Optional[str] = None, batch_multiple: int = 1) -> Plan:
     """Plan one run of `model` (preset name or checkpoint folder) on `topology` (a compile-only
     topology name, e.g. 'v5p:2x4x4'; `chips`: its first N chips only) with `mesh` ('DxT').
 
     `sweep`: a sweep config file (configs/sweeps/*.py) or its arms (SweepConfig or a tuple of them):
     batch, max_new_tokens and prompt lengths then come from it. `train_config`: a training config
     file or TrainConfig: its train step is compiled too. `max_batch`: find the largest generation
-    batch that fits. Raises PlanError (one line) on bad input before any compile."""
+    batch that fits (a multiple of `batch_multiple` and of the data axis). Raises PlanError (one line) on bad input before any compile."""
     the_model = resolve_model(model)
     devices = topology_devices(topology, chips)
     sl = make_slice(the_model.config, devices, mesh, dtype, numerics, label=the_model.name)
@@ -928,7 +930,8 @@ def make_plan(model: str, topology: str, mesh: str = "1x-1", batch: int = 32, pr
     best = None
     if max_batch:
         known = [(first.batch, first.memory.total if first.memory else None, first.fits)]
-        best = largest_batch(sl, g_prompt, g_new, start=g_batch, progress=progress, known=known)
+        best = largest_batch(sl, g_prompt, g_new, start=g_batch, progress=progress, known=known,
+                             multiple=batch_multiple)
     mean = g_prompt + g_new / 2
     projection = {"batch": g_batch, "prompt_len": g_prompt, "max_new_tokens": g_new,
                   "decode_bytes_per_chip": sl.weights + sl.kv_cache(sl.rows(g_batch), int(round(mean))),
