@@ -377,3 +377,13 @@ def test_config_errors_are_clear():
         small_config(windows=("somewhere",))
     assert parse_field("layers", "0.5,3") == (0.5, 3)
     assert parse_field("steps", "12") == 12
+
+
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(os.path.join(ref.REPO, "configs", "train"))
+                                        if n.endswith(".py")))
+def test_every_training_config_loads_and_validates(name):
+    from jax_introspect.experiment import files
+    from jax_introspect.experiment.training.config import TrainConfig, TrainConfigError
+    path = os.path.join(ref.REPO, "configs", "train", name)
+    config = files.run_get_config(path, "configs/train", TrainConfigError)
+    assert isinstance(config, TrainConfig) and config.steps > 0 and config.windows
