@@ -17,3 +17,6 @@ if [ ! -x "$VENV/bin/python" ] || [ ! -f "$VENV/.jax_introspect_installed" ]; th
 fi
 export PATH="$VENV/bin:$PATH"
 export HF_HUB_OFFLINE=1
+# libtpu (the tpu extra) is installed for compile-only TPU plans; on this CPU host JAX would still
+# try to start a TPU backend and print libtpu's metadata errors in every command. CPU unless told.
+export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
