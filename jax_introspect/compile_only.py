@@ -169,6 +169,43 @@ _FUSION_CALL = re.compile(r"\sfusion\(.*?calls=%?([\w.\-]+)")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\w+)\[([\d,]*)\](\{[^}]*\})?\s+([a-z][\w\-]*)\(")
 
 
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "bf16": 2, "f16": 2, "s16": 2, "f32": 4, "s32": 4,
+             "u32": 4, "f64": 8, "s64": 8}
+
+
+@dataclasses.dataclass(frozen=True)
+class Buffer:
+    """One array-valued instruction of a compiled module that makes a buffer of its own."""
+
+    instruction: str  # HLO instruction name
+    opcode: str
+    dtype: str  # HLO dtype name (bf16, f32, ...)
+    shape: tuple
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * _ITEMSIZE.get(self.dtype, 4)
+
+
+def buffers(hlo_text: str) -> list[Buffer]:
+    """The array results of a compiled (per-device) HLO module's instructions outside fusions, less
+    the parameters and tuple plumbing that only name other buffers (`_NOT_A_COPY`). Instructions
+    inside a fusion's computation run in registers/VMEM as the fusion runs (a slice of a re-tiled
+    stack is read tile by tile): only the fusion's own result is a buffer."""
+    fused = set(_FUSION_CALL.findall(hlo_text))
+    found, computation = [], None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            computation = header.group(1)
+            continue
+        m = _INSTRUCTION.match(line)
+        if m and computation not in fused and m.group(5) not in _NOT_A_COPY:
+            name, dtype, dims, _layout, opcode = m.groups()
+            found.append(Buffer(name, opcode, dtype, tuple(int(d) for d in dims.split(",") if d)))
+    return found
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightCopy:
     weight: str  # the stacked weight (params.py name)
@@ -195,53 +232,19 @@ def stacked_weight_shards(params) -> dict:
 
 
 def stacked_weight_copies(hlo_text: str, params) -> list[WeightCopy]:
-    """Instructions of a compiled (per-device) HLO module that produce a buffer of the size and
-    shape of a whole stacked weight shard (`params`: the abstract parameters it was compiled with)
-    and are not that parameter passing through: copies, transposes, fusions, async slices of the
-    whole stack. A program that reads one layer per scan step has none."""
+    """Buffers of a compiled (per-device) HLO module with the dtype and shape of a whole stacked
+    weight shard (`params`: the abstract parameters it was compiled with) that are not that
+    parameter passing through: copies, transposes, fusions, async slices of the whole stack. A
+    program that reads one layer per scan step has none."""
     shards = stacked_weight_shards(params)
-    # Instructions inside a fusion's computation are computed in registers/VMEM as the fusion runs
-    # (a slice of a re-tiled stack is read tile by tile): only the fusion's own result is a buffer.
-    fused = set(_FUSION_CALL.findall(hlo_text))
-    found, computation = [], None
-    for line in hlo_text.splitlines():
-        header = _COMPUTATION.match(line)
-        if header:
-            computation = header.group(1)
-            continue
-        m = _INSTRUCTION.match(line)
-        if not m or computation in fused:
-            continue
-        name, dtype, dims, _layout, opcode = m.groups()
-        shape = tuple(int(d) for d in dims.split(",") if d)
-        weights = shards.get((dtype, shape))
-        if weights and opcode not in _NOT_A_COPY:
-            itemsize = 1 if dtype in ("s8", "f8e4m3fn") else 4 if dtype in ("f32", "s32") else 2
-            found.append(WeightCopy("|".join(weights), name, opcode, shape, int(np.prod(shape)) * itemsize))
-    return found
-
-
-_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "bf16": 2, "f16": 2, "s16": 2, "f32": 4, "s32": 4,
-             "u32": 4, "f64": 8, "s64": 8}
+    return [WeightCopy("|".join(shards[(b.dtype, b.shape)]), b.instruction, b.opcode, b.shape, b.nbytes)
+            for b in buffers(hlo_text) if (b.dtype, b.shape) in shards]
 
 
 def largest_buffers(hlo_text: str, n: int = 10) -> list[tuple[int, str, str]]:
-    """The `n` largest buffers the compiled program's instructions make (outside fusions; the
-    parameters and tuple plumbing left out): (bytes, 'dtype[shape]', opcode). Not a liveness
-    analysis (`memory_analysis().temp` is the peak): it says what the temp is made of."""
-    fused = set(_FUSION_CALL.findall(hlo_text))
-    sizes, computation = [], None
-    for line in hlo_text.splitlines():
-        header = _COMPUTATION.match(line)
-        if header:
-            computation = header.group(1)
-            continue
-        m = _INSTRUCTION.match(line)
-        if not m or computation in fused or m.group(5) in _NOT_A_COPY:
-            continue
-        _name, dtype, dims, _layout, opcode = m.groups()
-        shape = [int(d) for d in dims.split(",") if d]
-        sizes.append((int(np.prod(shape)) * _ITEMSIZE.get(dtype, 4), f"{dtype}[{dims}]", opcode))
+    """The `n` largest buffers of the compiled program (`buffers`): (bytes, 'dtype[shape]', opcode).
+    Not a liveness analysis (`memory_analysis().temp` is the peak): it says what the temp is made of."""
+    sizes = [(b.nbytes, f"{b.dtype}[{','.join(map(str, b.shape))}]", b.opcode) for b in buffers(hlo_text)]
     return sorted(sizes, reverse=True)[:n]
 
 
