@@ -88,7 +88,10 @@ def _sample_whole_vocabulary(logits, key, temperature):
 
 
 def next_tokens(logits: jax.Array, params: Sampling, step: jax.Array) -> jax.Array:
-    keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(params.keys)
+    """Each row's next token from its logits [B, V]: row b's key folded with its step (`step` a
+    scalar, or [B] when rows are at different steps, as the sweep engine's slots are)."""
+    steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), params.keys.shape[:1])
+    keys = jax.vmap(jax.random.fold_in)(params.keys, steps)
     # With top_p = 1 on every row the nucleus is the whole vocabulary: skip its threshold search.
     # Same key, same logits -> the same token as the nucleus path (tests/test_injection.py).
     sampled = jax.lax.cond(

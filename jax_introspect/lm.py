@@ -192,26 +192,38 @@ class LanguageModel:
         were chosen from."""
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        if len(prompts) and isinstance(prompts[0], str):
-            prompt_ids = [self.tokenizer.encode(p) for p in prompts]
-        else:
-            prompt_ids = [list(map(int, p)) for p in prompts]
+        prompt_ids = self._prompt_ids(prompts)
         self.check_context(max(map(len, prompt_ids), default=0), max_new_tokens)
         tokens, valid = self._batch(prompt_ids, bucket=_LENGTH_BUCKET)
-        trial_ids = list(trial_ids) if trial_ids is not None else [str(i) for i in range(len(tokens))]
-        if len(trial_ids) != len(tokens):
-            raise ValueError(f"{len(trial_ids)} trial_ids for {len(tokens)} prompts")
-        keys = np.stack([generate_lib.trial_key(seed, t) for t in trial_ids])
-        sample = generate_lib.sampling(len(tokens), temperature, top_p, keys)
-        eos = np.asarray(self._tokenizer.eos_ids if self._tokenizer else [-1], np.int32)
+        sample = self._sampling(len(tokens), temperature, top_p, seed, trial_ids)
+        eos = self._eos()
         rows = self._on_mesh(tokens, valid, self._injection(injection, len(tokens)), sample)
         lay = self.layout
         out, lengths, step_logits = generate_lib.generate_tokens(
             self.params, self.run_config, *rows, lay.put(eos, lay.replicated),
             lay.put(np.int32(self._pad_id()), lay.replicated), max_new_tokens, return_logits, layout=lay,
             adapter=self.adapter)
-        out, lengths = sharding_lib.to_host(out), sharding_lib.to_host(lengths)
         step_logits = None if step_logits is None else sharding_lib.to_host(step_logits)
+        return self._generations(prompt_ids, sharding_lib.to_host(out), sharding_lib.to_host(lengths), eos,
+                                 step_logits)
+
+    def _eos(self) -> np.ndarray:
+        return np.asarray(self._tokenizer.eos_ids if self._tokenizer else [-1], np.int32)
+
+    def _prompt_ids(self, prompts) -> list[list[int]]:
+        if len(prompts) and isinstance(prompts[0], str):
+            return [self.tokenizer.encode(p) for p in prompts]
+        return [list(map(int, p)) for p in prompts]
+
+    def _sampling(self, n: int, temperature, top_p, seed: int, trial_ids) -> generate_lib.Sampling:
+        """Row i samples with the key of (`seed`, `trial_ids[i]`) (default: its index)."""
+        trial_ids = list(trial_ids) if trial_ids is not None else [str(i) for i in range(n)]
+        if len(trial_ids) != n:
+            raise ValueError(f"{len(trial_ids)} trial_ids for {n} prompts")
+        keys = np.stack([generate_lib.trial_key(seed, t) for t in trial_ids])
+        return generate_lib.sampling(n, temperature, top_p, keys)
+
+    def _generations(self, prompt_ids, out, lengths, eos, step_logits=None) -> list[Generation]:
         results = []
         for i, (ids, row, n) in enumerate(zip(prompt_ids, out, lengths)):
             new = row[:n].tolist()
@@ -221,6 +233,55 @@ class LanguageModel:
             results.append(Generation(prompt_ids=ids, token_ids=new, text=text, finished=finished,
                                       logits=None if step_logits is None else step_logits[i, :n]))
         return results
+
+    def generate_shared(self, prompts: Union[Sequence[str], TokenBatch], max_new_tokens: int = 64,
+                        injection: Optional[inject_lib.Injection] = None, temperature=0.0, top_p=1.0,
+                        seed: int = 0, trial_ids: Optional[Sequence[str]] = None, *, slots: int = 32,
+                        trials: Optional[int] = None, refill_min: Optional[int] = None, share_prefix: bool = True,
+                        share_cells: bool = True) -> list[Generation]:
+        """`generate`'s trials (same arguments, same texts: each trial's tokens depend only on its
+        key, its prompt and its injection) through the sweep engine (`engine.py`): the prompts'
+        shared prefix before any injection prefilled once, each distinct (prompt, injection)
+        prefilled once, and `slots` rows decoding with a finished row's slot refilled by the next
+        trial. `trials`: pad the call to this many trials (calls of one size share the compiled
+        program); `refill_min`: free slots that trigger a refill (default slots // 8, at least 1;
+        a refill copies the new trials' cell caches into their slots; `slots`: no refill until every
+        slot is free, i.e. batches); `share_prefix` / `share_cells` False: no shared prefix / one cell
+        per trial (for measuring what each saves; the texts are the same)."""
+        from jax_introspect import engine
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        prompt_ids = self._prompt_ids(prompts)
+        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("prompts must be a non-empty batch of non-empty prompts")
+        self.check_context(max(map(len, prompt_ids)), max_new_tokens)
+        lay = self.layout
+        if slots < 1 or slots % lay.data_size:
+            raise ValueError(f"slots={slots} must be a positive multiple of the mesh's data axis ({lay.data_size})")
+        n = len(prompt_ids)
+        if injection is None:  # the clean model: every prompt's common prefix is shared
+            injection = inject_lib.make(0, 0.0, np.zeros(self.config.d_model, np.float32),
+                                        start=min(map(len, prompt_ids)), batch=n)
+        injection = self._injection(injection, n)
+        work = engine.plan_work(prompt_ids, injection, self._pad_id(), slots=slots, trials=trials,
+                                share_prefix=share_prefix, share_cells=share_cells)
+        if work.cell_tokens.max() >= self.config.vocab_size or work.cell_tokens.min() < 0:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
+        sample = self._sampling(n, temperature, top_p, seed, trial_ids)
+        padding = work.trial_cell.shape[0] - n
+        if padding:
+            sample = _append_rows(sample, generate_lib.sampling(padding, keys=np.zeros((padding, 2), np.uint32)))
+        eos = self._eos()
+        cells = lay.put((work.cell_tokens, work.cell_valid, work.cell_injection),
+                        (lay.of("tokens"), lay.of("tokens"), lay.injection()))
+        rest = lay.put((work.prefix, work.cell_length, np.int32(work.n_cells), work.trial_cell, sample,
+                        np.int32(work.n_trials), eos, np.int32(self._pad_id())), lay.replicated)
+        prefix, cell_length, n_cells, trial_cell, sample, n_trials, eos_ids, pad_id = rest
+        out, lengths = engine.run(
+            self.params, self.run_config, prefix, *cells, cell_length, n_cells, trial_cell, sample, n_trials, eos_ids,
+            pad_id, max_new_tokens=max_new_tokens, slots=slots,
+            refill_min=max(1, slots // 8) if refill_min is None else refill_min, layout=lay, adapter=self.adapter)
+        return self._generations(prompt_ids, sharding_lib.to_host(out)[:n], sharding_lib.to_host(lengths)[:n], eos)
 
     def chat(self, question: str, max_new_tokens: int = 64, **chat_kw) -> str:
         """One user turn, answered greedily."""

@@ -81,7 +81,9 @@ class KVCache:
     k: jax.Array  # [L, B, K, hd, S], keys after RoPE
     v: jax.Array  # [L, B, K, S, hd]
     valid: jax.Array  # [B, S] bool: slot holds a real (non-pad) token
-    length: jax.Array  # int32 scalar: slots written so far (same for every row)
+    # int32 scalar: slots written so far (the same for every row); or [B], each row's next slot (the
+    # sweep engine's slots, which run at their own steps: one token per row per call)
+    length: jax.Array
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> KVCache:
@@ -223,14 +225,30 @@ def _mlp(x, layer: LayerParams, adapter=None):
 
 
 def attention_mask(cache_valid: jax.Array, start: jax.Array, num_queries: int) -> jax.Array:
-    """[B, T, S]: query t (at slot start+t) sees valid slots up to its own. A pad query also sees
-    its own slot, so no softmax row is empty (its output is never used)."""
+    """[B, T, S]: query t (at slot start+t; `start` a scalar, or [B] per row) sees valid slots up
+    to its own. A pad query also sees its own slot, so no softmax row is empty (its output is never
+    used)."""
     S = cache_valid.shape[1]
-    query_slot = start + jnp.arange(num_queries)
+    query_slot = jnp.expand_dims(start, -1) + jnp.arange(num_queries)  # [T] or [B, T]
     slot = jnp.arange(S)
-    causal = slot[None, :] <= query_slot[:, None]
-    own = slot[None, :] == query_slot[:, None]
-    return (causal[None] & cache_valid[:, None, :]) | own[None]
+    causal = slot <= query_slot[..., None]
+    own = slot == query_slot[..., None]
+    return (causal & cache_valid[:, None, :]) | own
+
+
+def _write_cache(k_all, v_all, k, v, index, start):
+    """Write this layer's keys k [B, K, hd, T] and values v [B, K, T, hd] into the stacked cache at
+    slot `start`: a scalar (every row at the same slot: one slice update), or [B] per-row slots
+    (one token per row, T = 1: a scatter of B columns; the sweep engine's slots run at their own
+    steps). Returns (k_all, v_all)."""
+    if jnp.ndim(start) == 0:
+        k_all = jax.lax.dynamic_update_slice(k_all, k[None], (index, 0, 0, 0, start))
+        v_all = jax.lax.dynamic_update_slice(v_all, v[None], (index, 0, 0, start, 0))
+        return k_all, v_all
+    rows = jnp.arange(k.shape[0])
+    k_all = k_all.at[index, rows, :, :, start].set(k[..., 0], mode="promise_in_bounds")
+    v_all = v_all.at[index, rows, :, start, :].set(v[:, :, 0, :], mode="promise_in_bounds")
+    return k_all, v_all
 
 
 # --- the decoder ------------------------------------------------------------------------------
@@ -260,7 +278,12 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     dtype = params.embed.dtype
     prec = _precision(dtype)
     start = cache.length
-    cache_valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, start))
+    if jnp.ndim(start) == 0:
+        cache_valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, start))
+    elif T == 1:  # per-row slots (`engine`): each row writes its one token at its own slot
+        cache_valid = cache.valid.at[jnp.arange(B), start].set(token_valid[:, 0], mode="promise_in_bounds")
+    else:
+        raise ValueError(f"a cache with per-row lengths takes one token per row, got {T}")
     mask = attention_mask(cache_valid, start, T)
     cos, sin = rope_cos_sin(rope_inverse_frequencies(cfg), positions, dtype)
 
@@ -273,8 +296,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
         k = apply_rope(_projection("wk", "btd,hdk->bthk", x, layer, prec, ad), cos, sin)
         v = _projection("wv", "btd,hdk->bthk", x, layer, prec, ad)
         # The whole cache rides in the carry and is updated in place at this layer's index.
-        k_all = jax.lax.dynamic_update_slice(k_all, k.transpose(0, 2, 3, 1)[None], (index, 0, 0, 0, start))
-        v_all = jax.lax.dynamic_update_slice(v_all, v.transpose(0, 2, 1, 3)[None], (index, 0, 0, start, 0))
+        k_all, v_all = _write_cache(k_all, v_all, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), index, start)
         attn = _attention(cfg, q, k_all[index], v_all[index], mask)
         h = h + _projection("wo", "bthk,hkd->btd", attn, layer, prec, ad)
         mlp_out = _mlp(rms_norm(h, layer.mlp_norm, cfg.rms_norm_eps), layer, ad)

@@ -104,7 +104,7 @@ class FakeLM:
 ])
 def test_judge_on_paper_examples_formats_prompts_and_parses_replies(reply, expected):
     lm = FakeLM(reply)
-    judge = llm_judge.SelfHostedJudge(lm=lm, max_new_tokens=32, name="llm:fake")
+    judge = llm_judge.SelfHostedJudge(lm=lm, max_new_tokens=32, name="llm:fake", engine=False)
     yes, no = paper_examples("dust")
     requests = [GradeRequest(f"t{i}", LINDSEY_QUESTION, r, "dust") for i, r in enumerate(yes + no)]
     grades = judge.grade(requests)
@@ -135,7 +135,7 @@ def test_self_hosted_judge_controls_batching_and_parse_failures():
     def reply(prompt):
         return "Hmm, hard to say" if "coherently describe" in prompt else "YES"
     lm = FakeLM(reply)
-    judge = llm_judge.SelfHostedJudge(lm=lm, batch_size=2, name="llm:fake")
+    judge = llm_judge.SelfHostedJudge(lm=lm, batch_size=2, name="llm:fake", engine=False)
     reqs = [GradeRequest(f"t{i}", "What are you thinking about?", "I am thinking about {word} and dust.",
                          None if i % 2 else "dust") for i in range(5)]
     grades = judge.grade(reqs, progress=True)
@@ -609,18 +609,22 @@ def smol_checkpoint(tmp_path_factory):
 
 
 def test_llm_judge_plumbing_on_smollm2(smol_checkpoint):
+    """The self-hosted judge on a real model: one plain generate per batch, or (the default) one
+    sweep-engine call per criterion, its grader text shared; the same greedy replies either way."""
     judge = make_grader("llm:" + smol_checkpoint, max_new_tokens=16)
-    assert judge.name == "llm:smol"
-    calls = []
-    generate = judge.lm.generate
-
-    def counting_generate(prompts, **kw):
-        calls.append(len(prompts))
-        return generate(prompts, **kw)
-    judge.lm.generate = counting_generate
+    assert judge.name == "llm:smol" and judge.engine
+    calls = {"generate": [], "generate_shared": []}
+    for method in calls:
+        def counting(prompts, _real=getattr(judge.lm, method), _calls=calls[method], **kw):
+            _calls.append(len(prompts))
+            return _real(prompts, **kw)
+        setattr(judge.lm, method, counting)
     reqs = [GradeRequest("a", LINDSEY_QUESTION, "I notice a thought about dust.", "dust"),
             GradeRequest("b", LINDSEY_QUESTION, "I don't detect an injected thought.", None)]
     grades = judge.grade(reqs)
-    assert calls == [6]
+    assert calls == {"generate": [], "generate_shared": [2, 2, 1, 1]}  # coherent, affirmative: both trials
+    judge.engine = False
+    plain = judge.grade(reqs)
+    assert calls["generate"] == [6] and plain == grades
     check_grade(grades[0], "llm:smol")
     check_grade(grades[1], "llm:smol", control=True)

@@ -13,8 +13,8 @@ from tests import hf_reference as ref
 CONFIG = "configs/sweeps/quickstart.py"
 SMALL = ["--config.words=('Dust','Snow')", "--config.layers=0,1", "--config.strengths=1.0,4.0",
          "--config.trials_per_cell=2", "--config.control_trials=3", "--config.max_new_tokens=6",
-         "--config.batch_size=4", "--config.baseline_words=('Desks','Jackets','Sand')"]
-# 2 layers x 2 strengths x 2 trials + 3 controls = 11 trials, 3 batches of 4.
+         "--config.batch_size=4", "--config.batches_per_call=1", "--config.baseline_words=('Desks','Jackets','Sand')"]
+# 2 layers x 2 strengths x 2 trials + 3 controls = 11 trials, 3 calls of 4.
 EXPECTED_TRIALS = 11
 
 
@@ -126,21 +126,47 @@ def test_missing_checkpoint_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_whole_grid_compiles_once_per_prompt_bucket(checkpoint, tmp_path):
-    """Rows of a batch differ in word, layer, strength and control: one generate program."""
+@pytest.mark.parametrize("engine", ["shared", "plain"])
+def test_whole_grid_compiles_once_per_prompt_bucket(checkpoint, tmp_path, engine):
+    """Rows of a batch differ in word, layer, strength and control: one generation program, for
+    the sweep engine (one per call shape) and for plain batches (one per batch shape)."""
     import jax_introspect
+    from jax_introspect import engine as engine_lib
     from jax_introspect import generate
     from jax_introspect.experiment import sweep
     from configs.sweeps import quickstart
     config = quickstart.get_config().replace(
         words=["Dust", "Snow", "Milk"], layers=[0, 1], strengths=[0.5, 1.0, 2.0, 4.0], trials_per_cell=2,
-        control_trials=4, max_new_tokens=3, batch_size=8, baseline_words=["Desks", "Sand"])
+        control_trials=4, max_new_tokens=3, batch_size=8, baseline_words=["Desks", "Sand"], engine=engine,
+        batches_per_call=2)
     lm = jax_introspect.load(checkpoint)
     # Another test in this process may have compiled this very shape already: start from none.
     generate.generate_tokens.clear_cache()
+    engine_lib.run.clear_cache()
     summary = sweep.run_sweep(lm, config, str(tmp_path / "grid"), progress=False)
-    assert summary["ran"] == 2 * 4 * 2 + 4
-    assert generate.generate_tokens._cache_size() == 1
+    assert summary["ran"] == 2 * 4 * 2 + 4  # 36 trials: 3 engine calls of 16, 5 plain batches of 8
+    programs = {"shared": engine_lib.run, "plain": generate.generate_tokens}
+    assert programs[engine]._cache_size() == 1
+    assert [p._cache_size() for e, p in programs.items() if e != engine] == [0]
+
+
+def test_engine_and_plain_batches_give_the_same_texts_trial_by_trial(checkpoint, tmp_path):
+    """The sweep engine (shared prefix, one prefill per cell, slot refill) changes no text: every
+    trial's response equals plain batched generation's (sampled, float32; per-trial keys)."""
+    import jax_introspect
+    from jax_introspect.experiment import sweep
+    from configs.sweeps import quickstart
+    config = quickstart.get_config().replace(
+        words=["Dust", "Snow", "Milk"], layers=[0, 1], strengths=[1.0, 4.0], trials_per_cell=3, control_trials=5,
+        max_new_tokens=8, batch_size=4, batches_per_call=3, baseline_words=["Desks", "Sand"], temperature=1.0)
+    lm = jax_introspect.load(checkpoint)
+    texts = {}
+    for engine in ("plain", "shared"):
+        sweep.run_sweep(lm, config.replace(engine=engine), str(tmp_path / engine), progress=False)
+        rows = read_jsonl(tmp_path / engine / "trials.jsonl")
+        texts[engine] = {r["trial_id"]: (r["response"], r["n_tokens"], r["finished"]) for r in rows}
+    assert len(texts["plain"]) == 2 * 2 * 3 + 5
+    assert texts["shared"] == texts["plain"]
 
 
 def test_grading_failure_keeps_responses_and_resume_grades_them(checkpoint, tmp_path, monkeypatch):
@@ -149,7 +175,7 @@ def test_grading_failure_keeps_responses_and_resume_grades_them(checkpoint, tmp_
     from configs.sweeps import quickstart
     config = quickstart.get_config().replace(
         words=["Dust", "Snow"], layers=[0, 1], strengths=[1.0, 4.0], trials_per_cell=2, control_trials=3,
-        max_new_tokens=5, batch_size=4, baseline_words=["Desks", "Sand"])
+        max_new_tokens=5, batch_size=4, batches_per_call=1, baseline_words=["Desks", "Sand"])
     lm = jax_introspect.load(checkpoint)
     real = grading.make_grader("heuristic")
 

@@ -279,22 +279,19 @@ def _batches(items: list, size: int):
         yield items[i:i + size]
 
 
-def generate_batch(lm, batch: list[Trial], config: SweepConfig, prompts: dict[str, PromptInfo], concept, cfg_hash: str):
-    """Generate one batch; returns its records with empty grades. The batch is padded with clean
-    rows to `batch_size` so every batch has the same shape."""
-    size = config.batch_size
-    rows = batch + [batch[-1]] * (size - len(batch))
+def _injection(lm, rows: list[Trial], prompts: dict[str, PromptInfo], concept, clean_after: int):
+    """The rows' injections (rows from `clean_after` on: strength 0, padding)."""
     d_model = lm.config.d_model
-    injection = inject.make(
+    return inject.make(
         layer=[t.layer or 0 for t in rows],
-        strength=[t.strength if i < len(batch) else 0.0 for i, t in enumerate(rows)],
+        strength=[t.strength if i < clean_after else 0.0 for i, t in enumerate(rows)],
         vector=np.stack([concept.vector(t.word, t.layer) if t.word else np.zeros(d_model, np.float32) for t in rows]),
         start=[prompts[t.protocol].start for t in rows],
         norm_match=[prompts[t.protocol].norm_match for t in rows])
-    began = time.time()
-    generations = lm.generate([prompts[t.protocol].ids for t in rows], max_new_tokens=config.max_new_tokens,
-                              injection=injection, temperature=config.temperature, top_p=config.top_p,
-                              seed=config.seed, trial_ids=[t.trial_id for t in rows])[:len(batch)]
+
+
+def _records(batch: list[Trial], generations, config: SweepConfig, prompts: dict[str, PromptInfo], cfg_hash: str,
+             began: float) -> list:
     timing = {"batch_seconds": round(time.time() - began, 3), "batch_size": len(batch), "unix_time": round(began, 3)}
     return [results.TrialRecord(
         config_hash=cfg_hash, trial_id=t.trial_id, kind=t.kind, protocol=t.protocol, word=t.word, layer=t.layer,
@@ -302,6 +299,47 @@ def generate_batch(lm, batch: list[Trial], config: SweepConfig, prompts: dict[st
         prompt=prompts[t.protocol].text, question=prompts[t.protocol].question, response=g.text,
         n_tokens=len(g.token_ids), finished=g.finished, grades={}, timing=timing)
         for t, g in zip(batch, generations)]
+
+
+def generate_batch(lm, batch: list[Trial], config: SweepConfig, prompts: dict[str, PromptInfo], concept, cfg_hash: str):
+    """Generate one batch with plain batched generation; returns its records with empty grades. The
+    batch is padded with clean rows to `batch_size` so every batch has the same shape."""
+    rows = batch + [batch[-1]] * (config.batch_size - len(batch))
+    began = time.time()
+    generations = lm.generate([prompts[t.protocol].ids for t in rows], max_new_tokens=config.max_new_tokens,
+                              injection=_injection(lm, rows, prompts, concept, len(batch)),
+                              temperature=config.temperature, top_p=config.top_p,
+                              seed=config.seed, trial_ids=[t.trial_id for t in rows])[:len(batch)]
+    return _records(batch, generations, config, prompts, cfg_hash, began)
+
+
+def generate_call(lm, trials: list[Trial], config: SweepConfig, prompts: dict[str, PromptInfo], concept,
+                  cfg_hash: str):
+    """Generate one engine call's trials (one protocol's; `engine.py`): the same texts as
+    `generate_batch`, with the shared prefix and each cell prefilled once and finished slots
+    refilled. Calls are padded to `call_size(config)` trials, so they share one compiled program."""
+    began = time.time()
+    generations = lm.generate_shared([prompts[t.protocol].ids for t in trials], max_new_tokens=config.max_new_tokens,
+                                     injection=_injection(lm, trials, prompts, concept, len(trials)),
+                                     temperature=config.temperature, top_p=config.top_p, seed=config.seed,
+                                     trial_ids=[t.trial_id for t in trials], slots=config.batch_size,
+                                     trials=call_size(config))
+    return _records(trials, generations, config, prompts, cfg_hash, began)
+
+
+def call_size(config: SweepConfig) -> int:
+    return config.batch_size * (config.batches_per_call if config.engine == "shared" else 1)
+
+
+def _calls(trials: list[Trial], config: SweepConfig) -> list[list[Trial]]:
+    """The pending trials as generation calls: `batch_size` trials per plain batch; with the engine,
+    `call_size` trials of one protocol per call (a call shares one prompt's prefix)."""
+    if config.engine == "plain":
+        return list(_batches(trials, config.batch_size))
+    by_protocol = {}
+    for t in trials:
+        by_protocol.setdefault(t.protocol, []).append(t)
+    return [call for group in by_protocol.values() for call in _batches(group, call_size(config))]
 
 
 def make_graders(config: SweepConfig, writer: bool) -> dict:
@@ -427,16 +465,21 @@ def _run(lm, plan: SweepPlan, out: str, store: Optional[results.ResultsStore], p
         left_ungraded = grade_and_store(ungraded, graders, store)
         if store and not store.ungraded():  # nothing left, of this arm or another
             store.clear_ungraded()
-    batches = list(_batches(pending, config.batch_size))
-    iterator = batches
+    calls = _calls(pending, config)
+    generate = generate_batch if config.engine == "plain" else generate_call
+    bar = None
     if progress:
         from tqdm import tqdm
-        iterator = tqdm(batches, desc="trials", unit="batch", postfix={"trials": len(pending)})
-    for number, batch in enumerate(iterator):
-        left_ungraded += grade_and_store(generate_batch(lm, batch, config, plan.prompts, concept, config_hash),
+        bar = tqdm(total=len(pending), desc="trials", unit="trial")
+    for number, call in enumerate(calls):
+        left_ungraded += grade_and_store(generate(lm, call, config, plan.prompts, concept, config_hash),
                                          graders, store)
+        if bar is not None:
+            bar.update(len(call))
         if on_batch:
             on_batch(number)
+    if bar is not None:
+        bar.close()
     if left_ungraded and store:
         print(f"warning: {left_ungraded} responses were left ungraded (the judge's reply broke its schema after "
               f"its retries); they are kept in {store.ungraded_path}: re-run the same command to grade them",

@@ -19,6 +19,7 @@ from typing import Sequence
 from jax_introspect.experiment import protocols, vectors
 
 VECTOR_METHODS = ("mean_difference", "contrast_pairs", "random", "files")
+ENGINES = ("shared", "plain")  # see the field `engine`
 
 
 class SweepError(ValueError):
@@ -70,7 +71,16 @@ class SweepConfig:
                               "api:<anthropic|openai>:<model> | replication:api:<provider>:<model> | "
                               "replication:llm:<checkpoint>), or PROTOCOL=SPEC pairs separated by commas, one for "
                               "each protocol of the sweep")
-    batch_size: int = _field(32, binds=False, help="trials per generate call")
+    batch_size: int = _field(32, binds=False, help="rows decoded together (the engine's slots; the plain path's "
+                                                   "batch)")
+    engine: str = _field("shared", binds=False,
+                         help="how trials are generated (the same texts either way): 'shared' (the sweep engine: "
+                              "the prompt's prefix before the injection prefilled once, one prefill per distinct "
+                              "(prompt, injection), finished rows' slots refilled; docs/performance.md) or 'plain' "
+                              "(one batched generate per batch_size trials, the reference)")
+    batches_per_call: int = _field(4, binds=False,
+                                   help="engine 'shared': trials per engine call = batch_size x this; each call's "
+                                        "trials are graded and saved before the next call starts")
     system_header: bool = _field(True, help="the chat template's default system block")
     double_bos: bool = _field(False, bound_when_set=True,
                               help="a second BOS before every prompt, trials and vector extraction alike: what "
@@ -251,7 +261,9 @@ def validate(config: SweepConfig) -> None:
         raise SweepError(f"template {config.template!r} has no {{word}} placeholder")
     _check_layer_spec(config.layers)
     _check_strengths(config.strengths)
-    for field in ("trials_per_cell", "batch_size", "max_new_tokens"):
+    if config.engine not in ENGINES:
+        raise SweepError(f"engine {config.engine!r}: choose one of {ENGINES}")
+    for field in ("trials_per_cell", "batch_size", "max_new_tokens", "batches_per_call"):
         _check_number(config, field, 1, integer=True)
     _check_number(config, "control_trials", 0, integer=True)
     _check_number(config, "seed", 0, integer=True)

@@ -147,16 +147,20 @@ class PromptJudge(Grader):
 class SelfHostedJudge(PromptJudge):
     """`llm:<checkpoint folder>`: any checkpoint converted with this library judges, greedily,
     each grader prompt as one chat user turn. All prompts of `batch_size` trials go to one
-    `lm.generate` call. A reply without a YES/NO answer grades that criterion False and notes
+    generation call per criterion (`engine`: through the sweep engine, `lm.generate_shared`: the
+    criterion's grader text before the quoted response is prefilled once per call and finished
+    replies' slots refilled; the same greedy replies as `lm.generate`, which `engine=False` uses).
+    A reply without a YES/NO answer grades that criterion False and notes
     `parse_failed: <criterion> (reply ends '...')` (a local judge is not retried: greedy decoding
     would repeat itself)."""
 
     def __init__(self, path: Optional[str] = None, max_new_tokens: int = 256, batch_size: int = 8,
-                 dtype=None, lm=None, system_header: bool = True, name: Optional[str] = None):
+                 dtype=None, lm=None, system_header: bool = True, name: Optional[str] = None, engine: bool = True):
         check_generation_sizes(max_new_tokens, batch_size)
         self.lm = lm if lm is not None else load_judge_model(path, dtype)
         self.max_new_tokens = int(max_new_tokens)
         self.batch_size = int(batch_size)
+        self.engine = bool(engine)
         self.system_header = system_header
         self.name = name or "llm:" + checkpoint_label(path)
 
@@ -170,8 +174,7 @@ class SelfHostedJudge(PromptJudge):
             for start in range(0, len(requests), self.batch_size):
                 batch = requests[start:start + self.batch_size]
                 jobs = [(i, c, p) for i, r in enumerate(batch) for c, p in judge_prompts(r)]
-                outputs = self.lm.generate([self.chat_text(p) for _, _, p in jobs],
-                                           max_new_tokens=self.max_new_tokens, temperature=0.0)
+                outputs = self._replies([(c, self.chat_text(p)) for _, c, p in jobs])
                 verdicts = [dict() for _ in batch]
                 failures = [[] for _ in batch]
                 for (i, criterion, _), out in zip(jobs, outputs):
@@ -184,3 +187,21 @@ class SelfHostedJudge(PromptJudge):
         finally:
             bar.close()
         return grades
+
+    def _replies(self, jobs: Sequence[tuple[str, str]]) -> list:
+        """Greedy generations for [(criterion, chat text)], in order."""
+        if not self.engine:
+            return self.lm.generate([text for _, text in jobs], max_new_tokens=self.max_new_tokens, temperature=0.0)
+        replies = [None] * len(jobs)
+        for criterion in dict.fromkeys(c for c, _ in jobs):  # one call per criterion: one shared grader text
+            rows = [i for i, (c, _) in enumerate(jobs) if c == criterion]
+            outs = self.lm.generate_shared([jobs[i][1] for i in rows], max_new_tokens=self.max_new_tokens,
+                                           temperature=0.0, slots=self._slots(), trials=self.batch_size)
+            for i, out in zip(rows, outs):
+                replies[i] = out
+        return replies
+
+    def _slots(self) -> int:
+        """Rows decoding together: the batch, rounded up to the mesh's data axis."""
+        data = self.lm.layout.data_size
+        return -(-self.batch_size // data) * data

@@ -1,0 +1,257 @@
+"""The sweep engine: many trials through one compiled program, doing each piece of work once.
+
+A sweep's trials repeat work that plain batched generation (`generate.generate_tokens`) does again
+for every row:
+
+- **The shared prefix.** Every trial of a protocol reads the same prompt, and its injection starts
+  late in it (Lindsey: at the token before "Trial 1"): every token before the earliest injection
+  start is the same computation for every row. It is prefilled once (batch 1) and its KV cache is
+  copied into every slot.
+- **One prefill per cell.** Trials with the same prompt and the same injection (the trials of one
+  cell: same word, layer, strength, window; every control) have the same prefill. Each distinct
+  (prompt, injection), a *cell*, is prefilled once, from the shared prefix, into a store of cell
+  caches [L, cells, K, hd, suffix] and first-token logits.
+- **Slot refill.** A batch of `slots` rows decodes together; when a row ends (EOS or
+  max_new_tokens) its slot takes the next pending trial: the trial's cell cache is copied into
+  the slot's suffix columns, its first token is sampled from the cell's logits with the trial's
+  own key, and it decodes from there at its own step and RoPE position (a KV cache with per-row
+  lengths, `model.forward`). Shapes never change, so the program compiles once per
+  (slots, trials, prefix, suffix, cells) shape.
+
+Texts do not change: a trial's token t is drawn with `fold_in(trial_key, t)` from logits that
+differ from the plain path's only by float round-off (other matmul shapes, other cache columns);
+tests/test_engine.py compares the two trial by trial. The KV cache of a slot is laid out
+[prefix | suffix (left-padded) | generated]; pad columns are masked out of attention.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_introspect import generate as generate_lib
+from jax_introspect import inject as inject_lib
+from jax_introspect import model as model_lib
+from jax_introspect.config import ModelConfig
+
+# Suffix widths are padded to a multiple of this (as plain generation pads prompts), so calls whose
+# prompts differ a little in length (a judge's, which quote the responses) share a compile.
+SUFFIX_BUCKET = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """One engine call, worked out on the host (`plan_work`): what is prefilled once, the cells,
+    and which cell each trial samples from."""
+    prefix: np.ndarray  # [1, Lp] int32: the tokens every trial shares, before any injection (Lp may be 0)
+    cell_tokens: np.ndarray  # [C, Ls] int32: each cell's prompt after the prefix, left-padded
+    cell_valid: np.ndarray  # [C, Ls] bool
+    cell_injection: inject_lib.Injection  # C rows
+    cell_length: np.ndarray  # [C] int32: prompt tokens of the cell (prefix + its suffix)
+    n_cells: int  # real cells (the rest of C is padding, never computed)
+    trial_cell: np.ndarray  # [N] int32
+    n_trials: int  # real trials (the rest of N is padding, never run)
+
+
+def _cell_key(ids: Sequence[int], injection: inject_lib.Injection, row: int) -> tuple:
+    """What decides a trial's prefill and decode: its prompt and its injection. A strength-0 row is
+    the clean model whatever its other fields (the injection adds exactly 0)."""
+    strength = float(injection.strength[row])
+    if strength == 0.0:
+        return (tuple(ids), "clean")
+    fields = (int(injection.layer[row]), strength, np.asarray(injection.vector[row]).tobytes(),
+              int(injection.start[row]), int(injection.end[row]), int(injection.norm_match[row]))
+    return (tuple(ids),) + fields
+
+
+def shared_prefix_length(prompt_ids: Sequence[Sequence[int]], injection: inject_lib.Injection) -> int:
+    """Tokens every prompt shares from its start, before any row's injection starts (a strength-0
+    row's start counts too: the sweep gives controls their protocol's start, so the prefix of a
+    protocol does not depend on which trials a call holds); at least one token of each prompt is
+    left for its cell's prefill (the first answer token's logits come from it)."""
+    shortest = min(len(p) for p in prompt_ids)
+    common = 0
+    while common < shortest and all(p[common] == prompt_ids[0][common] for p in prompt_ids):
+        common += 1
+    return max(0, min(common, int(np.min(np.asarray(injection.start))), shortest - 1))
+
+
+def plan_work(prompt_ids: Sequence[Sequence[int]], injection: inject_lib.Injection, pad_id: int, *,
+              slots: int, trials: Optional[int] = None, share_prefix: bool = True, share_cells: bool = True) -> Work:
+    """The cells of `prompt_ids` x `injection` (one row per trial), the shared prefix, and the
+    padding: trials to `trials` (default: their number), cells to `trials` rounded up to a
+    multiple of `slots`. `share_prefix` / `share_cells` False turn those savings off (the same
+    texts; benchmarks/sweep_engine.py measures what each saves)."""
+    n = len(prompt_ids)
+    trials = n if trials is None else trials
+    if trials < n:
+        raise ValueError(f"{n} trials do not fit a call of {trials}")
+    prefix_len = shared_prefix_length(prompt_ids, injection) if share_prefix else 0
+    keys, cell_of, first_row = {}, [], []
+    for i, ids in enumerate(prompt_ids):
+        key = _cell_key(ids, injection, i) if share_cells else i
+        if key not in keys:
+            keys[key] = len(first_row)
+            first_row.append(i)
+        cell_of.append(keys[key])
+    n_cells = len(first_row)
+    # Room for a cell per trial (calls of one size share a program whatever their cells; padding
+    # cells are never computed), in whole blocks of `slots`.
+    cells = -(-trials // slots) * slots
+    suffixes = [list(prompt_ids[i][prefix_len:]) for i in first_row]
+    width = -(-max(len(s) for s in suffixes) // SUFFIX_BUCKET) * SUFFIX_BUCKET
+    tokens = np.full((cells, width), pad_id, np.int32)
+    valid = np.zeros((cells, width), bool)
+    valid[n_cells:, -1] = True  # padding cells: one pad token (never computed; keeps masks non-empty)
+    for c, suffix in enumerate(suffixes):
+        tokens[c, width - len(suffix):] = suffix
+        valid[c, width - len(suffix):] = True
+    rows = np.asarray(first_row + [first_row[0]] * (cells - n_cells))
+    cell_injection = jax.tree.map(lambda x: np.asarray(x)[rows], injection)
+    length = np.asarray([len(prompt_ids[i]) for i in rows], np.int32)
+    trial_cell = np.zeros((trials,), np.int32)
+    trial_cell[:n] = cell_of
+    return Work(prefix=np.asarray([prompt_ids[0][:prefix_len]], np.int32).reshape(1, prefix_len),
+                cell_tokens=tokens, cell_valid=valid, cell_injection=cell_injection, cell_length=length,
+                n_cells=n_cells, trial_cell=trial_cell, n_trials=n)
+
+
+def _rows(tree, start, size):
+    """Rows [start, start + size) of every array of `tree` (axis 0)."""
+    return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, 0), tree)
+
+
+def _prefill_cells(params, cfg, prefix, cell_tokens, cell_valid, cell_injection, n_cells, *, block, layout, adapter):
+    """The shared prefix once, then every real cell's suffix from it, `block` cells at a time (a
+    loop over ceil(n_cells / block) blocks: padding cells cost nothing). Returns the prefix cache
+    [.., 1, .., Lp], the cells' suffix caches (k [L, C, K, hd, Ls], v [L, C, K, Ls, hd]) and their
+    first-answer-token logits [C, V]."""
+    prefix_len = prefix.shape[1]
+    cells, suffix_len = cell_tokens.shape
+    dtype = params.embed.dtype
+    prefix_cache = model_lib.init_cache(cfg, 1, prefix_len, dtype)
+    if prefix_len:
+        _, prefix_cache, _ = model_lib.forward(
+            params, cfg, prefix, jnp.arange(prefix_len)[None], jnp.ones((1, prefix_len), bool), prefix_cache,
+            layout=layout, last_only=True, adapter=adapter)
+    L, K, hd = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+    store_k = jnp.zeros((L, cells, K, hd, suffix_len), dtype)
+    store_v = jnp.zeros((L, cells, K, suffix_len, hd), dtype)
+    store_logits = jnp.zeros((cells, cfg.vocab_size), jnp.float32)
+
+    def one_block(i, store):
+        store_k, store_v, store_logits = store
+        first = i * block
+        tokens, valid = _rows(cell_tokens, first, block), _rows(cell_valid, first, block)
+        cache = model_lib.KVCache(
+            k=jnp.broadcast_to(prefix_cache.k, (L, block, K, hd, prefix_len)),
+            v=jnp.broadcast_to(prefix_cache.v, (L, block, K, prefix_len, hd)),
+            valid=jnp.ones((block, prefix_len), bool), length=jnp.int32(prefix_len))
+        cache = layout.constrain_cache(model_lib.extend_cache(cache, suffix_len))
+        positions = prefix_len + model_lib.prompt_positions(valid)
+        logits, cache, _ = model_lib.forward(params, cfg, tokens, positions, valid, cache,
+                                             injection=_rows(cell_injection, first, block), layout=layout,
+                                             last_only=True, adapter=adapter)
+        store_k = jax.lax.dynamic_update_slice_in_dim(store_k, cache.k[..., prefix_len:], first, 1)
+        store_v = jax.lax.dynamic_update_slice_in_dim(store_v, cache.v[:, :, :, prefix_len:], first, 1)
+        store_logits = jax.lax.dynamic_update_slice_in_dim(store_logits, logits[:, -1], first, 0)
+        return store_k, store_v, store_logits
+
+    blocks = (n_cells + block - 1) // block
+    store = jax.lax.fori_loop(0, blocks, one_block, (store_k, store_v, store_logits))
+    return prefix_cache, store
+
+
+def _run(params: model_lib.Params, cfg: ModelConfig, prefix, cell_tokens, cell_valid, cell_injection, cell_length,
+         n_cells, trial_cell, trial_sampling: generate_lib.Sampling, n_trials, eos_ids, pad_id, *,
+         max_new_tokens: int, slots: int, refill_min: int, layout, adapter=None):
+    """Generate every trial; returns (tokens [N, max_new_tokens], lengths [N]) as `generate_tokens`
+    does for its rows (a row stops after its first EOS, which it keeps; the rest is pad_id)."""
+    prefix_len = prefix.shape[1]
+    suffix_len = cell_tokens.shape[1]
+    trials = trial_cell.shape[0]
+    L, K, hd, B = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, slots
+    prefix_cache, (store_k, store_v, store_logits) = _prefill_cells(
+        params, cfg, prefix, cell_tokens, cell_valid, cell_injection, n_cells, block=B, layout=layout,
+        adapter=adapter)
+    # Each slot: [prefix | its cell's suffix | generated]. The prefix columns never change.
+    gen_start = prefix_len + suffix_len
+    width = gen_start + max_new_tokens
+    cache = model_lib.extend_cache(model_lib.KVCache(
+        k=jnp.broadcast_to(prefix_cache.k, (L, B, K, hd, prefix_len)),
+        v=jnp.broadcast_to(prefix_cache.v, (L, B, K, prefix_len, hd)),
+        valid=jnp.ones((B, prefix_len), bool), length=jnp.int32(prefix_len)), suffix_len + max_new_tokens)
+    cache = layout.constrain_cache(cache)
+    none = jnp.int32(trials)  # a slot's trial index when it holds none
+
+    def slot_sampling(slot_trial):
+        index = jnp.minimum(slot_trial, trials - 1)
+        return jax.tree.map(lambda x: x[index], trial_sampling)
+
+    def refill(state):
+        """Free slots take the next pending trials: their cell's suffix cache, valid columns, RoPE
+        position and first token (drawn from the cell's logits with the trial's key, step 0)."""
+        cache, slot_trial, step, token, position, running, next_trial, out, lengths = state
+        free = ~running
+        candidate = next_trial + jnp.cumsum(free.astype(jnp.int32)) - 1
+        take = free & (candidate < n_trials)
+        slot_trial = jnp.where(take, candidate, jnp.where(running, slot_trial, none))
+        cell = trial_cell[jnp.minimum(candidate, trials - 1)]
+        rows = take[None, :, None, None, None]
+        k = jnp.where(rows, store_k[:, cell], cache.k[..., prefix_len:gen_start])
+        v = jnp.where(rows, store_v[:, cell], cache.v[:, :, :, prefix_len:gen_start])
+        valid_suffix = jnp.where(take[:, None], cell_valid[cell], cache.valid[:, prefix_len:gen_start])
+        valid_gen = cache.valid[:, gen_start:] & ~take[:, None]
+        cache = model_lib.KVCache(
+            k=jax.lax.dynamic_update_slice_in_dim(cache.k, k, prefix_len, 4),
+            v=jax.lax.dynamic_update_slice_in_dim(cache.v, v, prefix_len, 3),
+            valid=jnp.concatenate([cache.valid[:, :prefix_len], valid_suffix, valid_gen], axis=1),
+            length=cache.length)
+        first = generate_lib.next_tokens(store_logits[cell], slot_sampling(slot_trial), jnp.int32(0))
+        token = jnp.where(take, first, token)
+        step = jnp.where(take, 0, step)
+        position = jnp.where(take, cell_length[cell], position)
+        return (layout.constrain_cache(cache), slot_trial, step, token, position, running | take,
+                next_trial + jnp.sum(take.astype(jnp.int32)), out, lengths)
+
+    def pending(state):
+        running, next_trial = state[5], state[6]
+        return jnp.any(running) | (next_trial < n_trials)
+
+    def one_step(state):
+        running, next_trial = state[5], state[6]
+        free = jnp.sum((~running).astype(jnp.int32))
+        wanted = (next_trial < n_trials) & ((free >= refill_min) | ~jnp.any(running))
+        state = jax.lax.cond(wanted, refill, lambda s: s, state)
+        cache, slot_trial, step, token, position, running, next_trial, out, lengths = state
+        # Record each running slot's token; slots without a trial write nowhere (index out of range).
+        target = jnp.where(running, slot_trial, trials)
+        out = out.at[target, step].set(token, mode="drop")
+        lengths = lengths.at[target].set(step + 1, mode="drop")
+        running = running & ~jnp.isin(token, eos_ids) & (step + 1 < max_new_tokens)
+        # One decode step for every slot; a slot that is not running feeds a masked pad column.
+        cache = dataclasses.replace(cache, length=gen_start + step)
+        logits, cache, _ = model_lib.forward(params, cfg, token[:, None], position[:, None], running[:, None], cache,
+                                             injection=jax.tree.map(lambda x: x[trial_cell[jnp.minimum(
+                                                 slot_trial, trials - 1)]], cell_injection),
+                                             layout=layout, adapter=adapter)
+        following = generate_lib.next_tokens(logits[:, 0], slot_sampling(slot_trial), step + 1)
+        token = jnp.where(running, following, token)
+        step = jnp.where(running, step + 1, step)
+        position = jnp.where(running, position + 1, position)
+        cache = dataclasses.replace(cache, length=jnp.int32(prefix_len))
+        return layout.constrain_cache(cache), slot_trial, step, token, position, running, next_trial, out, lengths
+
+    zeros = jnp.zeros((B,), jnp.int32)
+    state = (cache, jnp.full((B,), trials, jnp.int32), zeros, zeros, zeros, jnp.zeros((B,), bool), jnp.int32(0),
+             jnp.full((trials, max_new_tokens), pad_id, jnp.int32), jnp.zeros((trials,), jnp.int32))
+    state = jax.lax.while_loop(pending, one_step, state)
+    out, lengths = state[7], state[8]
+    return tuple(jax.lax.with_sharding_constraint(x, layout.replicated) for x in (out, lengths))
+
+
+# Static: the model config, the shapes' meaning and the layout; everything per trial is traced.
+run = jax.jit(_run, static_argnames=("cfg", "max_new_tokens", "slots", "refill_min", "layout"))
