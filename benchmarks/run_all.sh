@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run every benchmark and write benchmarks/results.md (machine, versions, load, tables).
 #
-#   bash benchmarks/run_all.sh            # ~22 minutes on 2 CPU cores
+#   bash benchmarks/run_all.sh            # ~75 minutes on 2 CPU cores (the sweep engine's part: ~50)
 #
 # Env: BENCH_MAX_LOAD (default 0.7) and BENCH_WAIT_S (default 900): before the timed parts, wait
 # until the 1-minute load average is below BENCH_MAX_LOAD, polling every 30 s for at most
@@ -55,6 +55,7 @@ run() {  # $1: name, $2: max seconds to wait for a quiet machine first, rest: th
 T0=$SECONDS
 run throughput 0 python -m benchmarks.generation_throughput --batches=1,8,32 --runs=3 --new_tokens=100
 run sweep 120 python -m benchmarks.sweep_grid --new_tokens=32 --runs=2
+run engine 120 python -m benchmarks.sweep_engine --runs=3
 run breakdown 60 python -m benchmarks.decode_breakdown --batches=1,8,32 --runs=3
 run compile 0 python -m benchmarks.compile_depth --layers=4,32 --runs=3
 run conversion 0 python -m benchmarks.conversion_memory --sizes=0.5,1,2,4
@@ -70,7 +71,7 @@ run roofline 0 python -m benchmarks.roofline
   echo "- XLA: CPU client, default threads (all cores); torch: \`torch.set_num_threads(<cores>)\`"
   echo "- 1/5/15-min load average at the start: $LOAD_START (the machine may be shared; each table gives the load around it, which counts the benchmark's own threads: about 1-2 while it runs on 2 cores)"
   echo
-  for name in throughput sweep compile conversion breakdown; do
+  for name in throughput sweep engine compile conversion breakdown; do
     [ "$name" = conversion ] && echo "### 4. Conversion peak RSS against checkpoint size" && echo
     cat "$WORK/$name.section"
   done

@@ -1,5 +1,7 @@
 """A whole sweep grid on SmolLM2-135M float32: compilations and wall time, jax_introspect's
 `run_sweep` against a loop of HF `generate` calls with forward-hook injection doing the same trials.
+`run_sweep` runs plain batches (`engine='plain'`) here; benchmarks/sweep_engine.py measures the
+sweep engine, the default, against both.
 
     python -m benchmarks.sweep_grid [--new_tokens=32] [--batch=32] [--runs=2]
 
@@ -41,7 +43,8 @@ def grid_config(new_tokens: int, batch: int):
     from jax_introspect.experiment.sweep_config import SweepConfig
     return SweepConfig(protocols=("lindsey_injected_thought",), words=SweepConfig().words[:WORDS], layers=LAYERS,
                        strengths=STRENGTHS, trials_per_cell=1, cell_per_word=True, control_trials=CONTROLS,
-                       max_new_tokens=new_tokens, batch_size=batch, temperature=1.0, top_p=1.0, grader="heuristic")
+                       max_new_tokens=new_tokens, batch_size=batch, temperature=1.0, top_p=1.0, grader="heuristic",
+                       engine="plain")  # plain batches: what this table has measured since before the engine
 
 
 def run_ours(lm, config) -> dict:

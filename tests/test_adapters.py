@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import jax_introspect
-from jax_introspect import adapters, inject
+from jax_introspect import adapters, engine, inject
 from jax_introspect import generate as generate_lib
 from jax_introspect import model as model_lib
 from jax_introspect.config import Quantization
@@ -343,6 +343,7 @@ def test_adapters_of_one_shape_share_the_compiled_programs(tiny):
     prompts = [_tokens(1, n, seed=n)[0].tolist() for n in (5, 9, 12)]
     gen_before = generate_lib.generate_tokens._cache_size()
     prefill_before = jax_introspect.lm._prefill._cache_size()
+    engine_before = engine.run._cache_size()
     texts = []
     for seed in range(3):
         adapted = lm.with_adapter(_random_adapter(spec, cfg, seed=20 + seed, scale=0.3))
@@ -350,10 +351,14 @@ def test_adapters_of_one_shape_share_the_compiled_programs(tiny):
                                 np.random.RandomState(seed).normal(0, 1, (3, cfg.d_model)), norm_match=seed % 3)
         texts.append([g.token_ids for g in adapted.generate(prompts, max_new_tokens=4, injection=injection)])
         adapted.logits(prompts, injection=injection)
+        # the sweep engine (a sweep's default) runs the adapter too: the same texts, one program
+        shared = adapted.generate_shared(prompts, max_new_tokens=4, injection=injection, slots=2, trials=4)
+        assert [g.token_ids for g in shared] == texts[-1]
     generated = generate_lib.generate_tokens._cache_size() - gen_before
     prefilled = jax_introspect.lm._prefill._cache_size() - prefill_before
-    print(f"\n3 adapters x 3 injections: {generated} generate and {prefilled} prefill compiles")
-    assert generated <= 1 and prefilled <= 1
+    engine_programs = engine.run._cache_size() - engine_before
+    print(f"\n3 adapters x 3 injections: {generated} generate, {prefilled} prefill, {engine_programs} engine compiles")
+    assert generated <= 1 and prefilled <= 1 and engine_programs <= 1
     assert texts[0] != texts[1]  # the adapters do change what is generated
 
 
