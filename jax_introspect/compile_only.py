@@ -256,6 +256,35 @@ def compile_generation(params, cfg: ModelConfig, layout, batch: int, prompt_len:
     return lowered.compile()
 
 
+def engine_inputs(cfg: ModelConfig, layout, slots: int, trials: int, prefix_len: int, suffix_len: int,
+                  n_eos: int = 2) -> tuple:
+    """The arguments of `engine.run` after (params, cfg), as `LanguageModel.generate_shared` places
+    them: the cells (room for one per trial, whole blocks of `slots`) split over the data axis, the
+    rest replicated."""
+    cells = -(-trials // slots) * slots
+    rep = layout.replicated
+    scalar = abstract((), jnp.int32, rep)
+    sample = generate_lib.sampling(trials, keys=np.zeros((trials, 2), np.uint32))
+    return (abstract((1, prefix_len), jnp.int32, rep),
+            abstract((cells, suffix_len), jnp.int32, layout.of("tokens")),
+            abstract((cells, suffix_len), jnp.bool_, layout.of("tokens")),
+            like(inject_lib.none(cells, cfg.d_model), layout.injection()),
+            abstract((cells,), jnp.int32, rep), scalar, abstract((trials,), jnp.int32, rep),
+            like(sample, jax.tree.map(lambda _: rep, sample)), scalar, abstract((n_eos,), jnp.int32, rep), scalar)
+
+
+def compile_engine(params, cfg: ModelConfig, layout, slots: int, trials: int, prefix_len: int, suffix_len: int,
+                   max_new_tokens: int, refill_min: Optional[int] = None, adapter=None):
+    """The sweep engine's program (`engine.run`: `slots` rows decoding, `trials` per call, a shared
+    prefix of `prefix_len` tokens, cell suffixes of `suffix_len`) compiled for `layout`'s devices."""
+    from jax_introspect import engine
+    lowered = engine.run.lower(params, cfg, *engine_inputs(cfg, layout, slots, trials, prefix_len, suffix_len),
+                               max_new_tokens=max_new_tokens, slots=slots,
+                               refill_min=max(1, slots // 8) if refill_min is None else refill_min, layout=layout,
+                               adapter=adapter)
+    return lowered.compile()
+
+
 def compile_prefill(params, cfg: ModelConfig, layout, batch: int, prompt_len: int, return_residuals: bool = True,
                     adapter=None):
     """The prefill program of `LanguageModel.residuals` (vector extraction) / `.logits`."""
