@@ -395,7 +395,7 @@ def test_every_grader_records_its_strict_definition():
 
         def generate(self, prompts, max_new_tokens=64, temperature=0.0):
             return [FakeGeneration("YES") for _ in prompts]
-    paper = llm_judge.SelfHostedJudge(lm=YesLM(), name="llm:fake").grade([request])[0]
+    paper = llm_judge.SelfHostedJudge(lm=YesLM(), name="llm:fake", engine=False).grade([request])[0]
     assert paper["strict_definition"] == "lindsey" and paper["strict"] is True
     replication = self_hosted(ScriptedLM({"t": [reply()]})).grade([request])[0]
     assert replication["strict_definition"] == "replication" and replication["strict"] is True
