@@ -187,9 +187,11 @@ def _run(params: model_lib.Params, cfg: ModelConfig, prefix, cell_tokens, cell_v
     cache = layout.constrain_cache(cache)
     none = jnp.int32(trials)  # a slot's trial index when it holds none
 
-    def slot_sampling(slot_trial):
+    def of_trials(slot_trial):
+        """Per slot: its trial's sampling settings and its cell's index (a slot without a trial reads
+        the last trial's: what it computes is never recorded)."""
         index = jnp.minimum(slot_trial, trials - 1)
-        return jax.tree.map(lambda x: x[index], trial_sampling)
+        return jax.tree.map(lambda x: x[index], trial_sampling), trial_cell[index]
 
     def refill(state):
         """Free slots take the next pending trials: their cell's suffix cache, valid columns, RoPE
@@ -199,7 +201,7 @@ def _run(params: model_lib.Params, cfg: ModelConfig, prefix, cell_tokens, cell_v
         candidate = next_trial + jnp.cumsum(free.astype(jnp.int32)) - 1
         take = free & (candidate < n_trials)
         slot_trial = jnp.where(take, candidate, jnp.where(running, slot_trial, none))
-        cell = trial_cell[jnp.minimum(candidate, trials - 1)]
+        cell = of_trials(candidate)[1]
         rows = take[None, :, None, None, None]
         k = jnp.where(rows, store_k[:, cell], cache.k[..., prefix_len:gen_start])
         v = jnp.where(rows, store_v[:, cell], cache.v[:, :, :, prefix_len:gen_start])
@@ -210,7 +212,7 @@ def _run(params: model_lib.Params, cfg: ModelConfig, prefix, cell_tokens, cell_v
             v=jax.lax.dynamic_update_slice_in_dim(cache.v, v, prefix_len, 3),
             valid=jnp.concatenate([cache.valid[:, :prefix_len], valid_suffix, valid_gen], axis=1),
             length=cache.length)
-        first = generate_lib.next_tokens(store_logits[cell], slot_sampling(slot_trial), jnp.int32(0))
+        first = generate_lib.next_tokens(store_logits[cell], of_trials(slot_trial)[0], jnp.int32(0))
         token = jnp.where(take, first, token)
         step = jnp.where(take, 0, step)
         position = jnp.where(take, cell_length[cell], position)
@@ -234,11 +236,11 @@ def _run(params: model_lib.Params, cfg: ModelConfig, prefix, cell_tokens, cell_v
         running = running & ~jnp.isin(token, eos_ids) & (step + 1 < max_new_tokens)
         # One decode step for every slot; a slot that is not running feeds a masked pad column.
         cache = dataclasses.replace(cache, length=gen_start + step)
+        sampling, cell = of_trials(slot_trial)
         logits, cache, _ = model_lib.forward(params, cfg, token[:, None], position[:, None], running[:, None], cache,
-                                             injection=jax.tree.map(lambda x: x[trial_cell[jnp.minimum(
-                                                 slot_trial, trials - 1)]], cell_injection),
+                                             injection=jax.tree.map(lambda x: x[cell], cell_injection),
                                              layout=layout, adapter=adapter)
-        following = generate_lib.next_tokens(logits[:, 0], slot_sampling(slot_trial), step + 1)
+        following = generate_lib.next_tokens(logits[:, 0], sampling, step + 1)
         token = jnp.where(running, following, token)
         step = jnp.where(running, step + 1, step)
         position = jnp.where(running, position + 1, position)
