@@ -90,8 +90,8 @@ def run_arm(lm, config, vectors_file: str) -> dict:
                 finished=[r.finished for r in records])
 
 
-def run_hf(model, lm, config, plan, concept) -> dict:
-    """One HF `generate` per (layer, strength) on its trials, one for the controls."""
+def run_hf(model, lm, config, plan, concept, device: str = "cpu") -> dict:
+    """One HF `generate` per (layer, strength) on its trials, one for the controls (on torch `device`)."""
     import torch
 
     from launch.gpu_reference import Injection
@@ -99,7 +99,7 @@ def run_hf(model, lm, config, plan, concept) -> dict:
     eos = list(lm.tokenizer.eos_ids)
     kw = dict(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0,
               max_new_tokens=config.max_new_tokens, eos_token_id=eos, pad_token_id=lm.tokenizer.pad_id)
-    prompt = torch.tensor([info.ids], dtype=torch.long)
+    prompt = torch.tensor([info.ids], dtype=torch.long, device=device)
     cells = {}
     for t in plan.trials:
         cells.setdefault((t.layer, t.strength) if t.word else None, []).append(t)
@@ -115,6 +115,8 @@ def run_hf(model, lm, config, plan, concept) -> dict:
                 with Injection(model, key[0], vecs, key[1], start=info.start, norm_match=info.norm_match):
                     model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
             calls += 1
+    if device != "cpu":
+        torch.cuda.synchronize()
     return dict(wall=time.perf_counter() - t0, calls=calls, trials=len(plan.trials))
 
 
@@ -192,7 +194,8 @@ def markdown(results: list, replication_note: str) -> str:
                          "-" if name == "HF loop" else ("yes" if res["same_texts"][name] else "**no**")])
         lines += [common.table(["arm", "trials/s, generation", "trials/s, whole", "vs HF loop", "texts = plain's"],
                                rows, "lrrrl"), ""]
-    lines += [f"Answer lengths of the public 405B replication's responses: {replication_note}.", ""]
+    if replication_note:
+        lines += [f"Answer lengths of the public 405B replication's responses: {replication_note}.", ""]
     return "\n".join(lines)
 
 
