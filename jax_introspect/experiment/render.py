@@ -225,8 +225,10 @@ def inspect_lines(inspect: Optional[dict]) -> list:
                   "token, seed, trial id, n_tokens, finished):", ""]
         lines += [f"- [`{p}`]({p})" for p in inspect["logs"]]
         lines += ["", f"Static viewer, opens from disk with no server: [`{inspect['viewer']}`]({inspect['viewer']}) "
-                  "(Firefox as is; Chromium/Chrome started with `--allow-file-access-from-files`; or serve the folder: "
-                  "`python -m http.server`). With inspect-ai installed: `inspect view --log-dir "
+                  "(the logs are embedded in it; Chromium/Chrome need `--allow-file-access-from-files` to run a page's "
+                  "modules from disk, e.g. `chromium --allow-file-access-from-files "
+                  f"{inspect['viewer']}`; or serve the folder: `python -m http.server`). With inspect-ai installed: "
+                  "`inspect view --log-dir "
                   f"{os.path.dirname(inspect['logs'][0])}`.", ""]
     else:
         lines += [f"No Inspect logs written: {inspect.get('reason')}.", ""]
