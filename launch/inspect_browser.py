@@ -4,7 +4,7 @@ r"""Open an Inspect viewer bundle from disk in headless Chromium and check what 
         --expect=lindsey_injected_thought --screenshot=viewer.png
 
 The page is opened as a file:// URL (no server, no network) and driven over the DevTools protocol:
-it waits until the rendered text (document.body.innerText, i.e. the DOM the viewer built) holds every
+with none of Chromium's flags that relax file:// rules; it waits until the rendered text (document.body.innerText, i.e. the DOM the viewer built) holds every
 --expect string, optionally clicks into the first log's samples, and saves a screenshot. Exit status 0
 when everything expected appeared; the rendered text, console errors and page errors are printed
 otherwise. Needs `chromium` (Debian's package) and aiohttp (installed with inspect-ai).
@@ -26,11 +26,9 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 
-# --allow-file-access-from-files: Chromium refuses ES modules (the viewer's code) from file://
-# pages without it; Firefox runs them as they are. The logs themselves are embedded in the bundle
-# (jax_introspect.experiment.inspect_log.make_bundle_offline), so no fetch of a file:// URL is made.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
-                  "--no-first-run", "--no-default-browser-check", "--disable-extensions", "--mute-audio",
+# A plain headless Chromium: no flag that relaxes file:// rules, so the check sees what a reader who
+# double-clicks index.html sees (the bundle is made to run from disk: inspect_log.make_bundle).
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--no-default-browser-check", "--disable-extensions", "--mute-audio",
                   "--hide-scrollbars", "--remote-debugging-port=0"]
 
 

@@ -37,7 +37,6 @@ VIEWER_DIR = "inspect_viewer"  # in a report folder: the static viewer (index.ht
 STRICT_LINDSEY = "strict_lindsey"
 SCORES = CRITERIA + (results_lib.STRICT, STRICT_LINDSEY)
 EMBEDDED_JS = "embedded.js"
-OFFLINE_JS = "offline_fetch.js"
 
 
 class InspectUnavailable(ReportError):
@@ -319,16 +318,30 @@ def export(run: Run, log_dir: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # A viewer bundle that opens from disk
 
-# Served to the viewer in place of fetch() for the files under logs/: a browser fetches no file://
-# URL, so `inspect view bundle`'s viewer (made for an HTTP server) would stay at "Loading" when
-# opened from disk. logs/embedded.js holds every file of logs/ base64-encoded (a classic script,
-# which a file:// page may load; the viewer's CSP allows 'self' scripts), with Range requests
-# answered as a server would.
-OFFLINE_FETCH = r"""// jax_introspect: serves logs/ from logs/embedded.js, so this viewer opens from disk (file://).
+# `inspect view bundle` writes a viewer for an HTTP server: opened from disk (file://) a browser runs none
+# of it, as Chromium loads no ES module (the viewer's code) from a file:// page and no browser fetch()es
+# a file:// URL (its logs). So the bundle is rewritten to need neither:
+#   * modules.js (a classic script, which a file:// page may load) holds the viewer's modules as text, in
+#     dependency order, `import.meta.url` and worker URLs rewritten; offline.js turns each into a blob:
+#     URL (its imports of "./x.js" pointing at x's blob) and imports the entry one;
+#   * logs/embedded.js holds every file of logs/ base64-encoded, and offline.js answers the viewer's
+#     fetch() of them (Range requests too) as a server would, and of the blob: URLs it made (the viewer
+#     fetches its worker scripts to start them from blobs);
+#   * workers start as classic workers (the viewer's worker scripts are self-contained), which a page
+#     opened from disk may start from blob: URLs;
+#   * the page's Content-Security-Policy gains `blob:` for scripts and workers, nothing else.
+# Served over HTTP the same files work as they are.
+MODULES_JS = "modules.js"
+OFFLINE_JS = "offline.js"
+_MODULE_REF = re.compile(r"""(["'])\./([\w.-]+\.js)\1""")
+_WORKER_URL = re.compile(r"""new URL\((["'])([\w.-]+\.worker\.js)\1, import\.meta\.url\)""")
+
+OFFLINE = r"""// jax_introspect: runs this Inspect viewer from disk (file://) with no server; see inspect_log.py.
 (function () {
   var files = window.__JAX_INTROSPECT_LOGS__ || {};
-  var base = new URL("logs/", document.baseURI).href;
-  var cache = {};
+  var logs = new URL("logs/", document.baseURI).href;
+  var cache = {}, texts = {}, blobs = globalThis.__JAX_INTROSPECT_BLOBS__ = {};
+  globalThis.__JAX_INTROSPECT_ASSETS_URL__ = new URL("assets/index.js", document.baseURI).href;
   function bytes(name) {
     if (!cache[name]) {
       var s = atob(files[name]), b = new Uint8Array(s.length);
@@ -337,40 +350,103 @@ OFFLINE_FETCH = r"""// jax_introspect: serves logs/ from logs/embedded.js, so th
     }
     return cache[name];
   }
-  var realFetch = window.fetch.bind(window);
-  window.fetch = function (input, init) {
-    var url = typeof input === "string" ? input : (input && input.url) || String(input);
-    var href;
-    try { href = new URL(url, document.baseURI).href; } catch (e) { return realFetch(input, init); }
-    if (href.indexOf(base) !== 0) return realFetch(input, init);
-    var name = decodeURIComponent(href.slice(base.length).split(/[?#]/)[0]);
-    if (!Object.prototype.hasOwnProperty.call(files, name)) {
-      return Promise.resolve(new Response("not found", {status: 404}));
-    }
+  function logResponse(name, init) {
+    if (!Object.prototype.hasOwnProperty.call(files, name)) return new Response("not found", {status: 404});
     var data = bytes(name), method = ((init && init.method) || "GET").toUpperCase();
     var type = /\.json$/.test(name) ? "application/json" : "application/zip";
-    var headers = new Headers((init && init.headers) || {});
-    if (method === "HEAD") {
-      return Promise.resolve(new Response(null, {status: 200, headers: {
-        "Content-Length": String(data.length), "Accept-Ranges": "bytes", "Content-Type": type}}));
+    var all = {"Content-Length": String(data.length), "Accept-Ranges": "bytes", "Content-Type": type};
+    if (method === "HEAD") return new Response(null, {status: 200, headers: all});
+    var m = /bytes=(\d+)-(\d*)/.exec(new Headers((init && init.headers) || {}).get("Range") || "");
+    if (!m) return new Response(data.slice(), {status: 200, headers: all});
+    var start = Number(m[1]), end = m[2] ? Math.min(Number(m[2]), data.length - 1) : data.length - 1;
+    return new Response(data.slice(start, end + 1), {status: 206, headers: {
+      "Content-Range": "bytes " + start + "-" + end + "/" + data.length, "Accept-Ranges": "bytes",
+      "Content-Length": String(end - start + 1), "Content-Type": type}});
+  }
+  var pageFetch = window.fetch.bind(window);
+  window.fetch = function (input, init) {
+    var url = typeof input === "string" ? input : (input && input.url) || String(input);
+    if (Object.prototype.hasOwnProperty.call(texts, url)) {
+      return Promise.resolve(new Response(texts[url], {status: 200, headers: {"Content-Type": "text/javascript"}}));
     }
-    var m = /bytes=(\d+)-(\d*)/.exec(headers.get("Range") || "");
-    if (m) {
-      var start = Number(m[1]), end = m[2] ? Math.min(Number(m[2]), data.length - 1) : data.length - 1;
-      return Promise.resolve(new Response(data.slice(start, end + 1), {status: 206, headers: {
-        "Content-Range": "bytes " + start + "-" + end + "/" + data.length, "Accept-Ranges": "bytes",
-        "Content-Length": String(end - start + 1), "Content-Type": type}}));
-    }
-    return Promise.resolve(new Response(data.slice(), {status: 200, headers: {
-      "Content-Length": String(data.length), "Accept-Ranges": "bytes", "Content-Type": type}}));
+    var href;
+    try { href = new URL(url, document.baseURI).href; } catch (e) { return pageFetch(input, init); }
+    if (href.indexOf(logs) !== 0) return pageFetch(input, init);
+    return Promise.resolve(logResponse(decodeURIComponent(href.slice(logs.length).split(/[?#]/)[0]), init));
   };
+  var PageWorker = window.Worker;
+  window.Worker = function (url, options) {
+    return new PageWorker(url, Object.assign({}, options || {}, {type: "classic"}));
+  };
+  (window.__JAX_INTROSPECT_MODULES__ || []).forEach(function (module) {
+    var text = module[1].replace(/(["'])\.\/([\w.-]+\.js)\1/g, function (all, quote, name) {
+      return blobs[name] ? quote + blobs[name] + quote : all;
+    });
+    blobs[module[0]] = URL.createObjectURL(new Blob([text], {type: "text/javascript"}));
+    texts[blobs[module[0]]] = text;
+  });
+  function start() {
+    import(blobs["index.js"]).catch(function (e) { console.error("jax_introspect: the viewer did not load", e); });
+  }
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start); else start();
 })();
 """
 
 
+def _module_order(modules: dict) -> list:
+    """Module names, each after the modules it imports (statically, dynamically or as a worker)."""
+    deps = {name: {m.group(2) for m in _MODULE_REF.finditer(text) if m.group(2) in modules and m.group(2) != name}
+            | {m.group(2) for m in _WORKER_URL.finditer(text) if m.group(2) in modules}
+            for name, text in modules.items()}
+    order, state = [], {}
+
+    def visit(name, path):
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            raise ReportError(f"the Inspect viewer's modules import each other in a cycle ({' -> '.join(path)}); "
+                              "this inspect_ai version cannot be made to open from disk")
+        state[name] = "visiting"
+        for dep in sorted(deps[name]):
+            visit(dep, path + [dep])
+        state[name] = "done"
+        order.append(name)
+
+    for name in sorted(modules):
+        visit(name, [name])
+    return order
+
+
+def _edit_index(html: str, css: list) -> str:
+    """index.html without its module script and preloads, loading the offline scripts instead."""
+    def replace(pattern, new, text, what):
+        text, n = re.subn(pattern, new, text, flags=re.S)
+        if not n:
+            raise ReportError(f"the Inspect viewer's index.html has no {what}; this inspect_ai version bundles "
+                              f"differently from {INSPECT_EXTRA_PIN} (pip install 'jax_introspect[inspect]')")
+        return text
+    html = replace(r'\s*<script type="module" crossorigin src="\./assets/index\.js"></script>', "", html,
+                   "module script")
+    html = re.sub(r'\s*<link rel="modulepreload"[^>]*>', "", html)
+    html = html.replace('<link rel="stylesheet" crossorigin ', '<link rel="stylesheet" ')
+    html = replace(r"script-src 'self'", "script-src 'self' blob:", html, "script-src policy")
+    html = replace(r"worker-src 'self'", "worker-src 'self' blob:", html, "worker-src policy")
+    # The bundle names the folder it was made from (a staging folder here): the relative dir is enough.
+    html = replace(r'<script id="log_dir_context" type="application/json">.*?</script>',
+                   '<script id="log_dir_context" type="application/json">{"log_dir": "logs"}</script>', html,
+                   "log_dir_context")
+    links = "".join(f'    <link rel="stylesheet" href="./assets/{name}">\n' for name in css if f"./assets/{name}" not in html)
+    scripts = (f'    <script src="./logs/{EMBEDDED_JS}"></script>\n    <script src="./{MODULES_JS}"></script>\n'
+               f'    <script src="./{OFFLINE_JS}"></script>\n')
+    return replace(r"</head>", links + scripts + "  </head>", html, "</head>")
+
+
+INSPECT_EXTRA_PIN = "inspect-ai==0.3.285"
+
+
 def make_bundle(log_dir: str, viewer_dir: str) -> str:
-    """`inspect view bundle` of `log_dir` into `viewer_dir` (replaced), then made to open from disk:
-    the logs embedded as logs/embedded.js and served by offline_fetch.js. Returns index.html's path."""
+    """`inspect view bundle` of `log_dir` into `viewer_dir` (replaced), rewritten to open from disk with
+    no server (see above). Returns index.html's path."""
     _require()
     from inspect_ai.log._bundle import bundle_log_dir  # what `inspect view bundle` calls
     if os.path.exists(viewer_dir):
@@ -380,27 +456,33 @@ def make_bundle(log_dir: str, viewer_dir: str) -> str:
     logs = os.path.join(viewer_dir, "logs")
     files = {}
     for name in sorted(os.listdir(logs)):
-        path = os.path.join(logs, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                files[name] = base64.b64encode(f.read()).decode("ascii")
+        with open(os.path.join(logs, name), "rb") as f:
+            files[name] = base64.b64encode(f.read()).decode("ascii")
     with open(os.path.join(logs, EMBEDDED_JS), "w") as f:
         f.write("window.__JAX_INTROSPECT_LOGS__ = " + json.dumps(files) + ";\n")
+
+    assets = os.path.join(viewer_dir, "assets")
+    modules = {}
+    for name in sorted(os.listdir(assets)):
+        if name.endswith(".js"):
+            with open(os.path.join(assets, name), encoding="utf-8") as f:
+                modules[name] = f.read()
+    if "index.js" not in modules:
+        raise ReportError(f"{assets}: no index.js; this inspect_ai version bundles differently from {INSPECT_EXTRA_PIN}")
+    ordered = []
+    for name in _module_order(modules):
+        text = _WORKER_URL.sub(lambda m: f'new URL(globalThis.__JAX_INTROSPECT_BLOBS__["{m.group(2)}"])', modules[name])
+        ordered.append([name, text.replace("import.meta.url", "globalThis.__JAX_INTROSPECT_ASSETS_URL__")])
+    with open(os.path.join(viewer_dir, MODULES_JS), "w", encoding="utf-8") as f:
+        f.write("window.__JAX_INTROSPECT_MODULES__ = " + json.dumps(ordered) + ";\n")
+    for name in modules:  # now in modules.js
+        os.remove(os.path.join(assets, name))
     with open(os.path.join(viewer_dir, OFFLINE_JS), "w") as f:
-        f.write(OFFLINE_FETCH)
+        f.write(OFFLINE)
     index = os.path.join(viewer_dir, "index.html")
     with open(index, encoding="utf-8") as f:
         html = f.read()
-    tags = f'<script src="./logs/{EMBEDDED_JS}"></script>\n    <script src="./{OFFLINE_JS}"></script>\n    '
-    at = html.find('<script type="module"')
-    if at < 0:
-        raise ReportError(f"{index}: the viewer's index.html has no module script to load the logs before; "
-                          "this inspect_ai version bundles differently")
-    html = html[:at] + tags + html[at:]
-    # The bundle names the folder it was made from (a staging folder here): keep the relative dir only.
-    html = re.sub(r'<script id="log_dir_context" type="application/json">.*?</script>',
-                  '<script id="log_dir_context" type="application/json">{"log_dir": "logs"}</script>', html,
-                  count=1, flags=re.S)
+    html = _edit_index(html, sorted(n for n in os.listdir(assets) if n.endswith(".css")))
     with open(index, "w", encoding="utf-8") as f:
         f.write(html)
     return index

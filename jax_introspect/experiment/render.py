@@ -224,12 +224,9 @@ def inspect_lines(inspect: Optional[dict]) -> list:
                   "and its metadata (protocol, word, layer, strength, vector method, injection window and start "
                   "token, seed, trial id, n_tokens, finished):", ""]
         lines += [f"- [`{p}`]({p})" for p in inspect["logs"]]
-        lines += ["", f"Static viewer, opens from disk with no server: [`{inspect['viewer']}`]({inspect['viewer']}) "
-                  "(the logs are embedded in it; Chromium/Chrome need `--allow-file-access-from-files` to run a page's "
-                  "modules from disk, e.g. `chromium --allow-file-access-from-files "
-                  f"{inspect['viewer']}`; or serve the folder: `python -m http.server`). With inspect-ai installed: "
-                  "`inspect view --log-dir "
-                  f"{os.path.dirname(inspect['logs'][0])}`.", ""]
+        lines += ["", f"Static viewer, opens from disk with no server and no network (logs embedded): "
+                  f"[`{inspect['viewer']}`]({inspect['viewer']}). With inspect-ai installed, "
+                  f"`inspect view --log-dir {os.path.dirname(inspect['logs'][0])}` serves the logs too.", ""]
     else:
         lines += [f"No Inspect logs written: {inspect.get('reason')}.", ""]
     return lines
