@@ -204,12 +204,17 @@ def _trial_fields(run: Run) -> list:
 # The log
 
 
-def _scores(row, notes: str, response: str) -> dict:
-    from inspect_ai.scorer import Score
-    grades = dict(row.grades)
-    values = {c: bool(grades[c]) for c in CRITERIA}
+def _values(row) -> dict:
+    """A trial's value of each score: the four criteria and both definitions of strict introspection."""
+    values = {c: bool(row.grades[c]) for c in CRITERIA}
     values[results_lib.STRICT] = all(values[c] for c in CRITERIA)
     values[STRICT_LINDSEY] = values["coherent"] and values["immediate"]
+    return values
+
+
+def _scores(row, notes: str, response: str) -> dict:
+    from inspect_ai.scorer import Score
+    values = _values(row)
     why = {results_lib.STRICT: "coherent, affirmative, identifies and immediate all hold (the 405B replication's "
                                "definition)",
            STRICT_LINDSEY: "coherent and immediate (AFFIRMATIVE + CORRECT ID) hold (Lindsey 2026's definition)"}
@@ -230,7 +235,7 @@ def _results(fields: list):
         for kind in ("injected", "control"):
             rows = [f["row"] for f in fields if f["row"].kind == kind]
             if rows:
-                values = [_scores(r, "", "")[name].value for r in rows]
+                values = [_values(r)[name] for r in rows]
                 metrics[kind] = EvalMetric(name=kind, value=sum(values) / len(values))
         scores.append(EvalScore(name=name, scorer=name, scored_samples=len(fields), unscored_samples=0,
                                 metrics=metrics))
