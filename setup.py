@@ -7,6 +7,9 @@ API_EXTRA = ["anthropic>=2", "openai>=3"]
 # CPU host, compiles for a TPU slice without one (launch.tpu.plan, tests/test_tpu_compile.py).
 JAX_VERSION = "0.10.2"
 TPU_EXTRA = [f"jax[tpu]=={JAX_VERSION}"]
+# Runs as Inspect logs and a static viewer of them (jax_introspect.experiment.inspect_log). Pinned: the
+# viewer bundle is made to open from disk by adapting the page this version's `inspect view bundle` writes.
+INSPECT_EXTRA = ["inspect-ai==0.3.285"]
 
 setup(
     name="jax_introspect",
@@ -33,6 +36,7 @@ setup(
     extras_require={
         "api": API_EXTRA,
         "tpu": TPU_EXTRA,
+        "inspect": INSPECT_EXTRA,
         # torch is pinned to the CPU build that ships on this machine image; an unpinned torch
         # pulls a multi-GB CUDA build. torch + transformers serve parity tests only.
         "test": [
@@ -47,6 +51,7 @@ setup(
             "compressed-tensors",  # tests/test_fp8.py: transformers' own FP8-dynamic path as a second reference
             *API_EXTRA,  # tests/test_grading.py runs the API judges on the SDKs
             *TPU_EXTRA,  # tests/test_tpu_compile.py, tests/test_tpu_plan.py compile for TPU slices
+            *INSPECT_EXTRA,  # tests/test_inspect_log.py, test_inspect_viewer.py: the logs and their viewer
         ],
     },
 )

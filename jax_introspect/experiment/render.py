@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 from jax_introspect.experiment.aggregation import (ALL_WORDS, MEASURES, STRICT, STRICT_LINDSEY, STRICT_MEASURE,
                                                    layer_key, shared_cells, shared_controls)
 from jax_introspect.experiment.runs import FORMAT_405B, Run
+from jax_introspect.experiment import transcripts
 
 # ----------------------------------------------------------------------------------------------
 # Markdown
@@ -212,20 +213,45 @@ def _compare_lines(a_run: Run, a: dict, b_run: Run, b: dict) -> list:
     return lines
 
 
+def inspect_lines(inspect: Optional[dict]) -> list:
+    """report.md's section on the run's Inspect logs and viewer (or why there are none)."""
+    if inspect is None:
+        return []
+    lines = ["## Transcripts in Inspect's log viewer", ""]
+    if inspect.get("logs"):
+        lines += ["Every graded trial is a sample of an Inspect log (`inspect_ai`), with its chat messages, response, "
+                  "a score per criterion and for strict introspection (both definitions, with the grader's notes), "
+                  "and its metadata (protocol, word, layer, strength, vector method, injection window and start "
+                  "token, seed, trial id, n_tokens, finished):", ""]
+        lines += [f"- [`{p}`]({p})" for p in inspect["logs"]]
+        lines += ["", f"Static viewer, opens from disk with no server and no network (logs embedded): "
+                  f"[`{inspect['viewer']}`]({inspect['viewer']}). With inspect-ai installed, "
+                  f"`inspect view --log-dir {os.path.dirname(inspect['logs'][0])}` serves the logs too.", ""]
+    else:
+        lines += [f"No Inspect logs written: {inspect.get('reason')}.", ""]
+    return lines
+
+
 def markdown(run: Run, summary: dict, heatmaps: Sequence[str], compare: Optional[Run] = None,
-             other: Optional[dict] = None, compare_heatmaps: Sequence[str] = ()) -> str:
-    """report.md: the warnings, then one run's tables, or with `compare` (summary `other`) the two
-    side by side followed by each run's tables."""
+             other: Optional[dict] = None, compare_heatmaps: Sequence[str] = (),
+             inspect: Optional[dict] = None) -> str:
+    """report.md: the warnings, then one run's tables and quoted transcripts, or with `compare`
+    (summary `other`) the two side by side followed by each run's tables and transcripts; then the
+    section on the Inspect logs (`inspect`: {"logs", "viewer"} or {"reason"}), if given."""
     lines = [f"# Introspection report: {run.name}" + (f" vs {compare.name}" if compare else ""), ""]
     lines += ["Rates are k/n (rate% [Wilson 95% score interval]). Controls have no injection.", "", STRICT_NOTE, ""]
     warnings = summary["warnings"] + (other["warnings"] if other else [])
     lines += [f"**Warning:** {w}" for w in warnings] + ([""] if warnings else [])
     if compare is None:
         lines += _run_sections(summary, level=2, heatmaps=heatmaps)
+        lines += transcripts.section(run.rows, summary, level=2)
     else:
         lines += _compare_lines(run, summary, compare, other)
         lines += [f"## Run A: `{run.name}`", ""] + _run_sections(summary, 3, heatmaps)
+        lines += transcripts.section(run.rows, summary, level=3)
         lines += [f"## Run B: `{compare.name}`", ""] + _run_sections(other, 3, compare_heatmaps)
+        lines += transcripts.section(compare.rows, other, level=3)
+    lines += inspect_lines(inspect)
     return "\n".join(lines).rstrip() + "\n"
 
 

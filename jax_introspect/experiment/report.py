@@ -67,16 +67,33 @@ def _remove_orphans(out_dir: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _write_files(run: Run, folder: str, compare: Optional[Run]) -> None:
-    """report.md, summary.json, the heatmaps and the marker, into `folder`."""
+def _inspect_files(runs: list, folder: str, inspect: Optional[bool]) -> dict:
+    """The Inspect logs and viewer (`inspect_log.write_logs`) into `folder`, or why not: `inspect`
+    True requires them, None writes them when inspect_ai is importable, False skips them."""
+    from jax_introspect.experiment import inspect_log
+    if inspect is False:
+        return {"reason": "not requested (--noinspect)"}
+    reason = inspect_log.unavailable()
+    if reason:
+        if inspect:
+            raise inspect_log.InspectUnavailable(reason)
+        return {"reason": reason}
+    return inspect_log.write_logs(runs, folder)
+
+
+def _write_files(run: Run, folder: str, compare: Optional[Run], inspect: Optional[bool] = None) -> None:
+    """report.md, summary.json, the heatmaps, the Inspect logs and viewer, and the marker, into `folder`."""
     summary = aggregate(run)
     other = aggregate(compare) if compare is not None else None
     heatmaps = render.heatmaps(summary, folder, prefix="")
     other_heatmaps = render.heatmaps(other, folder, prefix="compare_") if other is not None else []
-    text = render.markdown(run, summary, heatmaps, compare, other, other_heatmaps)
+    inspect_info = _inspect_files([run] + ([compare] if compare is not None else []), folder, inspect)
+    text = render.markdown(run, summary, heatmaps, compare, other, other_heatmaps, inspect=inspect_info)
     if other is not None:
         summary["compare"] = aggregation.comparison(summary, other)
-    summary["files"] = [REPORT_FILE, SUMMARY_FILE] + heatmaps + other_heatmaps
+    summary["inspect"] = inspect_info
+    summary["files"] = [REPORT_FILE, SUMMARY_FILE] + heatmaps + other_heatmaps + inspect_info.get("logs", []) + (
+        [inspect_info["viewer"]] if inspect_info.get("viewer") else [])
     with open(os.path.join(folder, SUMMARY_FILE), "w") as f:
         json.dump(summary, f, indent=1, sort_keys=True)
     with open(os.path.join(folder, REPORT_FILE), "w", encoding="utf-8") as f:
@@ -85,8 +102,10 @@ def _write_files(run: Run, folder: str, compare: Optional[Run]) -> None:
         f.write("written by jax_introspect.experiment.report\n")
 
 
-def write_report(run: Run, out_dir: str, compare: Optional[Run] = None) -> str:
+def write_report(run: Run, out_dir: str, compare: Optional[Run] = None, inspect: Optional[bool] = None) -> str:
     """Write report.md, summary.json and heatmap PNGs into out_dir; return the path of report.md.
+    With inspect_ai importable (or `inspect` True, which requires it; False skips them), also the runs'
+    Inspect logs (inspect_logs/*.eval) and a static viewer of them (inspect_viewer/index.html).
 
     The files are written into a temporary folder beside out_dir and renamed into place only when all
     are written, so a failed report never leaves a complete-looking folder. An existing out_dir is
@@ -103,7 +122,7 @@ def write_report(run: Run, out_dir: str, compare: Optional[Run] = None) -> str:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-{os.getpid()}-", dir=parent)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the report is an ordinary folder
     try:
-        _write_files(run, tmp, compare)
+        _write_files(run, tmp, compare, inspect)
         old = None
         if os.path.exists(out_dir):
             old = f"{out_dir}.old-{uuid.uuid4().hex[:8]}"
