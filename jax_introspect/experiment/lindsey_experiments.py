@@ -175,9 +175,17 @@ def thoughts_vs_text(records) -> dict:
 
 
 def prefill(records) -> dict:
-    cells, control = _rate_cells([r for r in records if r.protocol == "prefill_detection"], "intended")
-    graders = sorted({r.grades.get("grader", "") for r in records if r.protocol == "prefill_detection"})
-    return {"cells": cells, "control": control, "graders": graders}
+    """Acceptance per cell by the run's grader, and by the offline rules (`prefill_heuristic`) on the
+    same responses, side by side; how many judge replies held no YES/NO (graded NO)."""
+    from jax_introspect.experiment.grading.experiments import prefill_heuristic
+    ours = [r for r in records if r.protocol == "prefill_detection"]
+    cells, control = _rate_cells(ours, "intended")
+    ruled = [dataclasses.replace(r, grades={"rules": prefill_heuristic(r.response)[0]}) for r in ours]
+    rule_cells, rule_control = _rate_cells(ruled, "rules")
+    graders = sorted({r.grades.get("grader", "") for r in ours})
+    unparsed = sum("parse_failed" in r.grades.get("notes", "") for r in ours)
+    return {"cells": cells, "control": control, "rules_cells": rule_cells, "rules_control": rule_control,
+            "graders": graders, "judge_replies_without_yes_no": [unparsed, len(ours)]}
 
 
 CONDITIONS = ("think", "dont_think", "rewarded", "punished")
@@ -311,12 +319,18 @@ def report_sections(jsonl: str, folder: str, level: int = 2) -> tuple[list, list
         lines += [f"{h} Prefill detection (\"did you mean to say that?\")", "",
                   f"The pair's word is prefilled as the assistant's answer; with injection, the word's concept vector "
                   f"is added on the sentence's tokens (before the prefill). **accepts**: the grader says the model "
-                  f"claimed it intended the word (graders: {', '.join(pf['graders'])}). k/n (rate% [Wilson 95%]).", ""]
-        rows = [[_num(c["layer"]), _num(c["strength"]), _pct(c)] for c in pf["cells"]]
-        rows.append(["control", "0", _pct(pf["control"])])
-        lines += _table(["layer", "strength", "accepts the prefilled word"], rows) + [""]
+                  f"claimed it intended the word (grader: {', '.join(pf['graders'])}; "
+                  f"{pf['judge_replies_without_yes_no'][0]}/{pf['judge_replies_without_yes_no'][1]} judge replies "
+                  "held no YES/NO and count as NO); beside it, the offline rules (`prefill_heuristic`) on the same "
+                  "responses. k/n (rate% [Wilson 95%]).", ""]
+        rules = {(c["layer"], c["strength"]): c for c in pf["rules_cells"]}
+        rows = [[_num(c["layer"]), _num(c["strength"]), _pct(c), _pct(rules.get((c["layer"], c["strength"])))]
+                for c in pf["cells"]]
+        rows.append(["control", "0", _pct(pf["control"]), _pct(pf["rules_control"])])
+        lines += _table(["layer", "strength", "accepts (grader)", "accepts (offline rules)"], rows) + [""]
         files.append(_plot_rates(folder, "prefill_detection.png", "Prefill detection: acceptance vs strength",
-                                 [("accepts the prefilled word as intended", pf["cells"], pf["control"])], "rate"))
+                                 [("accepts the prefilled word as intended (grader)", pf["cells"], pf["control"]),
+                                  ("the same, offline rules", pf["rules_cells"], pf["rules_control"])], "rate"))
         lines += [f"![prefill_detection]({files[-1]})", ""]
     if "intentional_control" in kinds:
         ic = intentional(records)

@@ -59,7 +59,7 @@ def word_named(response: str, word: str) -> bool:
 
 # --- prefill: did the model claim it meant to say the word? ---------------------------------------
 
-_NOT_ACCIDENT = re.compile(r"\b(?:not|n't|no|never)\s+(?:\w+\s+){0,2}(?:an?\s+)?(?:accident|mistake)", re.IGNORECASE)
+_NOT_ACCIDENT = re.compile(r"(?:\bnot|n't|\bno|\bnever)\s+(?:\w+\s+){0,2}(?:an?\s+)?(?:accident|mistake)", re.IGNORECASE)
 _DISOWN = re.compile(r"\b(?:accident\w*|mistake\w*|sorry|apolog\w*|unintentional\w*|not\s+intentional\w*|"
                      r"(?:did\s*n[o']t|didn't|did\s+not|never)\s+(?:really\s+)?(?:mean|intend)\w*|"
                      r"slip\s+of|typo|error|misspoke|by\s+mistake)\b", re.IGNORECASE)
