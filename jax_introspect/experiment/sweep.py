@@ -318,8 +318,9 @@ def _injection(lm, rows: list[Trial], prompts: dict[str, PromptInfo], concept, c
     return inject.make(
         layer=[t.layer or 0 for t in rows],
         strength=[t.strength if i < clean_after else 0.0 for i, t in enumerate(rows)],
-        vector=np.stack([concept.vector(t.word, t.layer) if t.word and t.layer is not None else np.zeros(d_model, np.float32)
-                         for t in rows]),  # an experiment's control names a word but injects nothing
+        # an experiment's control names a word (layer None) but injects nothing
+        vector=np.stack([concept.vector(t.word, t.layer) if t.word and t.layer is not None
+                         else np.zeros(d_model, np.float32) for t in rows]),
         start=[prompt_of(prompts, t).start for t in rows],
         end=[prompt_of(prompts, t).end for t in rows],
         norm_match=[prompt_of(prompts, t).norm_match for t in rows])
