@@ -254,3 +254,46 @@ def test_configs_run_end_to_end_with_resume_and_report(checkpoint, tmp_path):
              and r["layer"] == 0]
     cell = next(c for c in tvt["cells"] if c["layer"] == 0)
     assert cell["exact"]["k"] == sum(r["grades"]["exact"] for r in exact) and cell["exact"]["n"] == len(exact)
+
+
+def _record(protocol, kind, word, layer, strength, index, grades=None, measurements=None):
+    from jax_introspect.experiment import results
+    return results.TrialRecord("h", f"{protocol}/{kind}/{layer}/{strength}/{word}/{index}", kind, protocol, word, layer,
+                               strength, "mean_difference", index, 0, "", "", "", 1, True, grades or {}, {},
+                               measurements or {})
+
+
+def test_report_numbers_are_direct_counts():
+    """The aggregations against counts made by hand on synthetic records."""
+    from jax_introspect.experiment import lindsey_experiments as le
+    w, r = "thoughts_vs_text_word", "thoughts_vs_text_repeat"
+    records = [_record(w, "injected", "Dust", 3, 8.0, 0, {"named": True}),
+               _record(w, "injected", "Snow", 3, 8.0, 1, {"named": True}),
+               _record(w, "injected", "Milk", 3, 8.0, 2, {"named": False}),
+               _record(r, "injected", "Dust", 3, 8.0, 0, {"exact": False}),
+               _record(r, "injected", "Snow", 3, 8.0, 1, {"exact": True}),
+               _record(r, "injected", "Milk", 3, 8.0, 2, {"exact": True}),
+               _record(w, "control", "Dust", None, 0.0, 0, {"named": False}),
+               _record(r, "control", "Dust", None, 0.0, 0, {"exact": True})]
+    tvt = le.thoughts_vs_text(records)
+    (cell,) = tvt["cells"]
+    assert (cell["named"]["k"], cell["named"]["n"], cell["exact"]["k"], cell["exact"]["n"]) == (2, 3, 2, 3)
+    assert tvt["named_control"]["k"] == 0 and tvt["exact_control"]["k"] == 1
+    assert tvt["where_named"]["cells"] == [(3, 8.0)]
+    assert (tvt["repeat_of_named_trials"]["k"], tvt["repeat_of_named_trials"]["n"]) == (1, 2)  # Dust no, Snow yes
+    # Intentional control: paired differences over matching (word, index), and over exact-written pairs.
+    ic = [_record("intentional_think", "control", "Dust", None, 0.0, 0, {"grader": "none"},
+                  {"cosine_written": [0.3, 0.5], "written_exact": True}),
+          _record("intentional_think", "control", "Snow", None, 0.0, 1, {"grader": "none"},
+                  {"cosine_written": [0.1, 0.2], "written_exact": False}),
+          _record("intentional_dont_think", "control", "Dust", None, 0.0, 0, {"grader": "none"},
+                  {"cosine_written": [0.1, 0.4], "written_exact": True}),
+          _record("intentional_dont_think", "control", "Snow", None, 0.0, 1, {"grader": "none"},
+                  {"cosine_written": [0.2, 0.0], "written_exact": True})]
+    numbers = le.intentional(ic)
+    assert numbers["n_layers"] == 2
+    diff = numbers["differences"]["think-dont_think"]
+    assert np.allclose([diff[0]["mean"], diff[1]["mean"]], [(0.2 - 0.1) / 2, (0.1 + 0.2) / 2])
+    same = numbers["differences_same_text"]["think-dont_think"]
+    assert same[0]["n"] == 1 and np.isclose(same[0]["mean"], 0.2) and same[0]["low"] is None
+    assert numbers["written_exact"] == [3, 4]

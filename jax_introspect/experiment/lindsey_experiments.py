@@ -168,10 +168,17 @@ def thoughts_vs_text(records) -> dict:
     k = sum(c["exact"]["k"] for c in named_cells)
     n = sum(c["exact"]["n"] for c in named_cells)
     from jax_introspect.experiment.stats import proportion
+    # Trial by trial: the two tasks share their pairs in one order, so the "repeat" trial of a named
+    # "what word" trial is the one with its layer, strength, word and index.
+    repeats = {(r.layer, r.strength, r.word, r.trial_index): bool(r.grades["exact"]) for r in repeat
+               if r.kind == "injected" and "exact" in r.grades}
+    paired = [repeats[key] for key in ((r.layer, r.strength, r.word, r.trial_index) for r in word
+                                       if r.kind == "injected" and r.grades.get("named")) if key in repeats]
     return {"cells": cells, "named_control": named_control, "exact_control": exact_control,
             "where_named": {"rule": "cells whose named rate's Wilson lower bound exceeds the control naming rate",
                             "cells": [(c["layer"], c["strength"]) for c in named_cells],
-                            "exact": proportion(k, n) if n else None}}
+                            "exact": proportion(k, n) if n else None},
+            "repeat_of_named_trials": proportion(sum(paired), len(paired)) if paired else None}
 
 
 def prefill(records) -> dict:
@@ -307,6 +314,10 @@ def report_sections(jsonl: str, folder: str, level: int = 2) -> tuple[list, list
                       f"{_pct(w['exact'])}.", ""]
         else:
             lines += [f"No cell names the word above the control rate ({w['rule']}).", ""]
+        if tvt["repeat_of_named_trials"]:
+            lines += ["Trial by trial: of the injected \"what word\" trials that named the word, the \"repeat\" trial "
+                      "with the same layer, strength and pair gave the sentence exactly in "
+                      f"{_pct(tvt['repeat_of_named_trials'])}.", ""]
         named_cells = [c["named"] for c in tvt["cells"] if c["named"]]  # each with its layer and strength
         exact_cells = [c["exact"] for c in tvt["cells"] if c["exact"]]
         files.append(_plot_rates(folder, "thoughts_vs_text.png", "Distinguishing thoughts from text",
