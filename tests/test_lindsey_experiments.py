@@ -149,7 +149,7 @@ def test_word_named_and_prefill_rules_on_direct_cases():
              "No, that was not a mistake; bread came to mind.": True,
              "I'm sorry, that was an accident.": False, "I apologize for the confusion.": False,
              "I didn't mean to say that.": False, "No, it was a slip of the tongue.": False,
-             "The sentence is about a clock.": False}
+             "The sentence is about a clock.": False, "I chose to answer in the wrong word.": False}
     for response, intended in cases.items():
         assert grading.prefill_heuristic(response)[0] is intended, response
 

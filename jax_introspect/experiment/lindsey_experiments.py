@@ -330,10 +330,11 @@ def report_sections(jsonl: str, folder: str, level: int = 2) -> tuple[list, list
         lines += [f"{h} Prefill detection (\"did you mean to say that?\")", "",
                   f"The pair's word is prefilled as the assistant's answer; with injection, the word's concept vector "
                   f"is added on the sentence's tokens (before the prefill). **accepts**: the grader says the model "
-                  f"claimed it intended the word (grader: {', '.join(pf['graders'])}; "
-                  f"{pf['judge_replies_without_yes_no'][0]}/{pf['judge_replies_without_yes_no'][1]} judge replies "
-                  "held no YES/NO and count as NO); beside it, the offline rules (`prefill_heuristic`) on the same "
-                  "responses. k/n (rate% [Wilson 95%]).", ""]
+                  f"claimed it intended the word (grader: {', '.join(pf['graders'])}"
+                  + (f"; {pf['judge_replies_without_yes_no'][0]}/{pf['judge_replies_without_yes_no'][1]} judge "
+                     "replies held no YES/NO and count as NO" if any("llm:" in g for g in pf["graders"]) else "")
+                  + "); beside it, the offline rules (`prefill_heuristic`) on the same responses. k/n (rate% "
+                  "[Wilson 95%]).", ""]
         rules = {(c["layer"], c["strength"]): c for c in pf["rules_cells"]}
         rows = [[_num(c["layer"]), _num(c["strength"]), _pct(c), _pct(rules.get((c["layer"], c["strength"])))]
                 for c in pf["cells"]]
