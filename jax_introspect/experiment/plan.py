@@ -566,7 +566,8 @@ def plan_arms(arms, model: Model, dtype: str, numerics: str, prompt_len: Optiona
         batches = []
         for i in range(0, len(trials), config.batch_size):
             chunk = trials[i:i + config.batch_size]
-            batches.append((config.batch_size, bucket(max(lengths[t.protocol] for t in chunk))))
+            width = max(lengths.get(t.prompt_key) or lengths[t.protocol] for t in chunk)  # experiments: per-pair prompts
+            batches.append((config.batch_size, bucket(width)))
         extraction = extraction_calls(config, words, model.tokenizer, prefix) if model.tokenizer is not None else []
         plans.append(ArmPlan(protocols=lengths, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
                              trials=len(trials), batches=batches, extraction=extraction,
@@ -617,7 +618,7 @@ def judge_calls(kind: str, tokenizer, arm, trials: Sequence, graded: Sequence[st
                              for _, text in llm_judge.judge_prompts(request))
         for chunk in _judge_chunks(arm, trials, set(graded), batch):
             rows = sum(per_trial if t.word is not None else 2 for t in chunk)
-            width = bucket(max(lengths[t.protocol] for t in chunk) + arm.max_new_tokens)
+            width = bucket(max(lengths.get(t.prompt_key) or lengths[t.protocol] for t in chunk) + arm.max_new_tokens)
             calls.append((rows, width, new_tokens))
     else:
         from jax_introspect.experiment.grading import replication_judge as rj
@@ -632,7 +633,7 @@ def judge_calls(kind: str, tokenizer, arm, trials: Sequence, graded: Sequence[st
             text = tokenizer.chat_prompt(messages) + rj._object_prefix({b: False for b in booleans}, "notes") + ' "'
             lengths[p] = len(tokenizer.encode(text))
         for chunk in _judge_chunks(arm, trials, set(graded), batch):
-            width = bucket(max(lengths[t.protocol] for t in chunk) + arm.max_new_tokens)
+            width = bucket(max(lengths.get(t.prompt_key) or lengths[t.protocol] for t in chunk) + arm.max_new_tokens)
             calls += [(len(chunk), width, 1)] * len(booleans) + [(len(chunk), width, rj.NOTES_TOKENS)]
     rows = max(c[0] for c in calls)
     width = max(c[1] for c in calls)

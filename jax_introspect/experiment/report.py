@@ -89,17 +89,31 @@ def _write_files(run: Run, folder: str, compare: Optional[Run], inspect: Optiona
     other_heatmaps = render.heatmaps(other, folder, prefix="compare_") if other is not None else []
     inspect_info = _inspect_files([run] + ([compare] if compare is not None else []), folder, inspect)
     text = render.markdown(run, summary, heatmaps, compare, other, other_heatmaps, inspect=inspect_info)
+    text, extra_files = _with_experiments(run, summary, folder, text)
     if other is not None:
         summary["compare"] = aggregation.comparison(summary, other)
     summary["inspect"] = inspect_info
-    summary["files"] = [REPORT_FILE, SUMMARY_FILE] + heatmaps + other_heatmaps + inspect_info.get("logs", []) + (
-        [inspect_info["viewer"]] if inspect_info.get("viewer") else [])
+    summary["files"] = [REPORT_FILE, SUMMARY_FILE] + heatmaps + other_heatmaps + extra_files + inspect_info.get(
+        "logs", []) + ([inspect_info["viewer"]] if inspect_info.get("viewer") else [])
     with open(os.path.join(folder, SUMMARY_FILE), "w") as f:
         json.dump(summary, f, indent=1, sort_keys=True)
     with open(os.path.join(folder, REPORT_FILE), "w", encoding="utf-8") as f:
         f.write(text)
     with open(os.path.join(folder, MARKER), "w") as f:
         f.write("written by jax_introspect.experiment.report\n")
+
+
+def _with_experiments(run: Run, summary: dict, folder: str, text: str) -> tuple[str, list]:
+    """report.md with the sections of Lindsey's other experiments (lindsey_experiments.py) appended
+    (alone, when the run holds no injected-thought trials); their numbers go into summary.json."""
+    if not run.metadata.get("n_experiment_records"):
+        return text, []
+    from jax_introspect.experiment import lindsey_experiments
+    lines, files, numbers = lindsey_experiments.report_sections(run.metadata["records_file"], folder)
+    summary["lindsey_experiments"] = numbers
+    if not run.rows:
+        text = f"# Introspection report: {run.name}\n\nModel: {run.metadata.get('model')}\n\n"
+    return text.rstrip() + "\n\n" + "\n".join(lines).rstrip() + "\n", files
 
 
 def write_report(run: Run, out_dir: str, compare: Optional[Run] = None, inspect: Optional[bool] = None) -> str:
@@ -110,7 +124,7 @@ def write_report(run: Run, out_dir: str, compare: Optional[Run] = None, inspect:
     The files are written into a temporary folder beside out_dir and renamed into place only when all
     are written, so a failed report never leaves a complete-looking folder. An existing out_dir is
     replaced only if it is empty or an earlier report (it holds the marker file)."""
-    if not run.rows:
+    if not run.rows and not run.metadata.get("n_experiment_records"):
         raise ReportError(f"{run.path}: no graded trials (empty results)")
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not _is_replaceable(out_dir):

@@ -55,6 +55,9 @@ class TrialRecord:
     finished: bool
     grades: dict
     timing: dict
+    # Numbers measured on the trial beyond its text (Lindsey's intentional control: cosines per layer);
+    # optional in files (records written before it have none).
+    measurements: dict = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), ensure_ascii=False, sort_keys=True)
@@ -62,10 +65,13 @@ class TrialRecord:
     @classmethod
     def from_dict(cls, data: dict) -> "TrialRecord":
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(data)
+        missing = names - set(data) - _OPTIONAL_FIELDS
         if missing:
             raise ResultsError(f"trial record lacks fields {sorted(missing)}")
-        return cls(**{k: data[k] for k in names})
+        return cls(**{k: data[k] for k in names if k in data})
+
+
+_OPTIONAL_FIELDS = {"measurements"}  # record fields with a default, absent from older files
 
 
 def strict(grades: dict) -> bool:

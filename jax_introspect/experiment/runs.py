@@ -191,11 +191,16 @@ def _load_ours(jsonl: str, display_path: str) -> Run:
         raise ReportError(f"{jsonl}: no trial records (empty results)")
     rows, seen, duplicates, ungraded = [], set(), 0, 0
     hashes, graders = [], []
+    from jax_introspect.experiment.protocols.experiments import is_experiment
+    n_experiment = 0  # Lindsey's other experiments: reported in their own sections (lindsey_experiments.py)
     for number, r in enumerate(records, 1):
         if r.trial_id in seen:
             duplicates += 1
             continue
         seen.add(r.trial_id)
+        if is_experiment(r.protocol):
+            n_experiment += 1
+            continue
         if r.kind not in ("injected", "control"):
             raise ReportError(f"{jsonl}: record {number} ({r.trial_id}) has kind {r.kind!r}, "
                               f"expected 'injected' or 'control'")
@@ -216,7 +221,7 @@ def _load_ours(jsonl: str, display_path: str) -> Run:
             grades={c: bool(r.grades.get(c)) for c in CRITERIA},
             trial_id=r.trial_id, question=r.question, response=r.response, grader=grader,
             trial_index=r.trial_index, strict_definition=strict_definition_of(r.grades, "lindsey")))
-    if not rows:
+    if not rows and not n_experiment:
         raise ReportError(f"{jsonl}: {len(records)} trial records but none graded (empty results)")
     config, run_hash = _read_run_json(jsonl)
     metadata = {
@@ -234,6 +239,8 @@ def _load_ours(jsonl: str, display_path: str) -> Run:
         "n_records": len(records),
         "n_duplicate_records": duplicates,
         "n_ungraded": ungraded,
+        "n_experiment_records": n_experiment,
+        "records_file": os.path.abspath(jsonl),
     }
     return _add_scope(Run(path=display_path, format=FORMAT_OURS, rows=rows, metadata=metadata))
 

@@ -21,6 +21,7 @@ import numpy as np
 from jax_introspect import config as config_lib
 from jax_introspect import inject
 from jax_introspect.experiment import files, protocols, results, vectors
+from jax_introspect.experiment.protocols import experiments
 from jax_introspect.experiment.sweep_config import (SweepConfig, SweepError, bound_values, grader_specs,
                                                     resolve_layers, strength_label)
 
@@ -38,6 +39,7 @@ class Trial:
     layer: Optional[int]
     strength: float
     index: int
+    prompt_key: Optional[str] = None  # its prompt in a plan's `prompts` when not the protocol's one (experiments.py)
 
 
 def as_config(config) -> SweepConfig:
@@ -50,6 +52,10 @@ def plan_trials(config: SweepConfig, words: list[str], layers: list[int]) -> lis
     trials = []
     rng = random.Random(config.seed)
     for protocol in config.protocols:
+        if experiments.is_experiment(protocol):  # Lindsey's other experiments: a prompt per sentence/word pair
+            trials += experiments.trials(config, protocol, layers, lambda tid, kind, w, l, s, i, p=protocol: Trial(
+                tid, kind, p, w, l, s, i, experiments.prompt_key(p, w)))
+            continue
         for layer in layers:
             for strength in config.strengths:
                 if config.cell_per_word:
@@ -135,6 +141,27 @@ class PromptInfo:
     question: str
     start: int
     norm_match: object  # the protocol's setting as written (False, "mlp_out", "residual"): inject.make reads it
+    end: Optional[int] = None  # the window's exclusive end (None: through the reply); experiments.py's windows
+
+
+def experiment_prompt_infos(tokenizer, name: str, config: SweepConfig, prefix: str = "") -> dict:
+    """{prompt key: PromptInfo} of one of Lindsey's other experiments: one prompt per sentence/word
+    pair of the sweep's words, its window the sentence's tokens (or none: start at the last token)."""
+    out = {}
+    for sentence, word in experiments.pairs_for(config.words):
+        text = prefix + tokenizer.chat_prompt(experiments.messages(name, sentence, word),
+                                              system_header=config.system_header)
+        ids = tokenizer.encode(text)
+        span = experiments.window(tokenizer, name, text, sentence)
+        start, end = span if span is not None else (len(ids) - 1, None)
+        out[experiments.prompt_key(name, word)] = PromptInfo(
+            text=text, ids=ids, question=experiments.question(name, sentence, word), start=start, norm_match=False,
+            end=end)
+    return out
+
+
+def prompt_of(prompts: dict, trial: Trial) -> PromptInfo:
+    return prompts[trial.prompt_key or trial.protocol]
 
 
 def prompt_info(tokenizer, name: str, system_header: bool, prefix: str = "") -> PromptInfo:
@@ -201,7 +228,13 @@ def plan_sweep(config: SweepConfig, model_config, tokenizer, checkpoint: str, dt
     words = list(config.words)
     layers = resolve_layers(config.layers, model_config.n_layers)
     prefix = prompt_prefix(tokenizer, config.double_bos)
-    prompts = {name: prompt_info(tokenizer, name, config.system_header, prefix) for name in config.protocols}
+    prompts = {name: prompt_info(tokenizer, name, config.system_header, prefix) for name in config.protocols
+               if not experiments.is_experiment(name)}
+    for name in filter(experiments.is_experiment, config.protocols):
+        try:
+            prompts.update(experiment_prompt_infos(tokenizer, name, config, prefix))
+        except protocols.ProtocolError as e:
+            raise SweepError(f"protocol {name}: {e}") from e
     for name, info in prompts.items():
         try:
             config_lib.check_context(model_config, len(info.ids), config.max_new_tokens)
@@ -269,7 +302,7 @@ def _arm_bytes(plan: SweepPlan, model_config) -> int:
     cache and the report."""
     per_trial = {name: 2 * len(info.text.encode()) + 16 * plan.config.max_new_tokens + 2048
                  for name, info in plan.prompts.items()}
-    records = sum(per_trial[t.protocol] for t in plan.trials)
+    records = sum(per_trial[t.prompt_key or t.protocol] for t in plan.trials)
     cache = len(plan.words) * model_config.n_layers * model_config.d_model * 4
     return records + cache
 
@@ -285,9 +318,12 @@ def _injection(lm, rows: list[Trial], prompts: dict[str, PromptInfo], concept, c
     return inject.make(
         layer=[t.layer or 0 for t in rows],
         strength=[t.strength if i < clean_after else 0.0 for i, t in enumerate(rows)],
-        vector=np.stack([concept.vector(t.word, t.layer) if t.word else np.zeros(d_model, np.float32) for t in rows]),
-        start=[prompts[t.protocol].start for t in rows],
-        norm_match=[prompts[t.protocol].norm_match for t in rows])
+        # an experiment's control names a word (layer None) but injects nothing
+        vector=np.stack([concept.vector(t.word, t.layer) if t.word and t.layer is not None
+                         else np.zeros(d_model, np.float32) for t in rows]),
+        start=[prompt_of(prompts, t).start for t in rows],
+        end=[prompt_of(prompts, t).end for t in rows],
+        norm_match=[prompt_of(prompts, t).norm_match for t in rows])
 
 
 def _records(batch: list[Trial], generations, config: SweepConfig, prompts: dict[str, PromptInfo], cfg_hash: str,
@@ -296,7 +332,7 @@ def _records(batch: list[Trial], generations, config: SweepConfig, prompts: dict
     return [results.TrialRecord(
         config_hash=cfg_hash, trial_id=t.trial_id, kind=t.kind, protocol=t.protocol, word=t.word, layer=t.layer,
         strength=t.strength, vector_method=config.vector_method, trial_index=t.index, seed=config.seed,
-        prompt=prompts[t.protocol].text, question=prompts[t.protocol].question, response=g.text,
+        prompt=prompt_of(prompts, t).text, question=prompt_of(prompts, t).question, response=g.text,
         n_tokens=len(g.token_ids), finished=g.finished, grades={}, timing=timing)
         for t, g in zip(batch, generations)]
 
@@ -306,11 +342,12 @@ def generate_batch(lm, batch: list[Trial], config: SweepConfig, prompts: dict[st
     batch is padded with clean rows to `batch_size` so every batch has the same shape."""
     rows = batch + [batch[-1]] * (config.batch_size - len(batch))
     began = time.time()
-    generations = lm.generate([prompts[t.protocol].ids for t in rows], max_new_tokens=config.max_new_tokens,
+    generations = lm.generate([prompt_of(prompts, t).ids for t in rows], max_new_tokens=config.max_new_tokens,
                               injection=_injection(lm, rows, prompts, concept, len(batch)),
                               temperature=config.temperature, top_p=config.top_p,
                               seed=config.seed, trial_ids=[t.trial_id for t in rows])[:len(batch)]
-    return _records(batch, generations, config, prompts, cfg_hash, began)
+    return _measured(lm, batch, generations, _records(batch, generations, config, prompts, cfg_hash, began), prompts,
+                     concept, config)
 
 
 def generate_call(lm, trials: list[Trial], config: SweepConfig, prompts: dict[str, PromptInfo], concept,
@@ -319,12 +356,22 @@ def generate_call(lm, trials: list[Trial], config: SweepConfig, prompts: dict[st
     `generate_batch`, with the shared prefix and each cell prefilled once and finished slots
     refilled. Calls are padded to `call_size(config)` trials, so they share one compiled program."""
     began = time.time()
-    generations = lm.generate_shared([prompts[t.protocol].ids for t in trials], max_new_tokens=config.max_new_tokens,
+    generations = lm.generate_shared([prompt_of(prompts, t).ids for t in trials], max_new_tokens=config.max_new_tokens,
                                      injection=_injection(lm, trials, prompts, concept, len(trials)),
                                      temperature=config.temperature, top_p=config.top_p, seed=config.seed,
                                      trial_ids=[t.trial_id for t in trials], slots=config.batch_size,
                                      trials=call_size(config))
-    return _records(trials, generations, config, prompts, cfg_hash, began)
+    return _measured(lm, trials, generations, _records(trials, generations, config, prompts, cfg_hash, began), prompts,
+                     concept, config)
+
+
+def _measured(lm, trials: list[Trial], generations, records: list, prompts: dict, concept, config) -> list:
+    """Records with the measurements their protocols ask for (intentional control: the cosine of the
+    written tokens' residuals with the word's concept vector at every layer; `lindsey_experiments`)."""
+    if not any(experiments.is_experiment(t.protocol) for t in trials):
+        return records
+    from jax_introspect.experiment import lindsey_experiments
+    return lindsey_experiments.measure(lm, trials, generations, records, prompts, concept, config)
 
 
 def call_size(config: SweepConfig) -> int:
@@ -348,9 +395,14 @@ def make_graders(config: SweepConfig, writer: bool) -> dict:
     process like generation (None: that protocol is graded by the writer alone)."""
     from jax_introspect.experiment import grading
     specs = grader_specs(config)
-    built = {spec: grading.make_grader(spec) for spec in dict.fromkeys(specs.values())
+    ordinary = {p: s for p, s in specs.items() if not experiments.is_experiment(p)}
+    built = {spec: grading.make_grader(spec) for spec in dict.fromkeys(ordinary.values())
              if writer or grading.is_self_hosted(spec)}
-    return {protocol: built.get(spec) for protocol, spec in specs.items()}
+    graders = {protocol: built.get(spec) for protocol, spec in ordinary.items()}
+    if len(ordinary) < len(specs):  # Lindsey's other experiments: their own questions, the spec names the judge
+        from jax_introspect.experiment.grading import experiments as experiment_grading
+        graders.update(experiment_grading.make_graders({p: s for p, s in specs.items() if p not in ordinary}, writer))
+    return graders
 
 
 def _grade_into(grades: dict, records: list, graders: dict) -> None:

@@ -273,6 +273,20 @@ def validate(config: SweepConfig) -> None:
         if not isinstance(getattr(config, field), bool):
             raise SweepError(f"{field} must be True or False, got {getattr(config, field)!r}")
     grader_specs(config)
+    _check_experiments(config)
+
+
+def _check_experiments(config: SweepConfig) -> None:
+    """Lindsey's other experiments (protocols/experiments.py): every word needs its sentence."""
+    from jax_introspect.experiment.protocols import ProtocolError, experiments
+    from jax_introspect.experiment.grading import experiments as experiment_grading
+    try:
+        experiments.check_config(config)
+        for name, spec in grader_specs(config).items():
+            if experiments.is_experiment(name):
+                experiment_grading.check_spec(name, spec)
+    except (ProtocolError, ValueError) as e:
+        raise SweepError(str(e)) from e
 
 
 def _check_vector_files(config: SweepConfig) -> None:

@@ -28,7 +28,9 @@ def baseline_words() -> list[str]:
 
 
 def protocol(name: str) -> dict:
-    protocols = _read("prompts.json")["protocols"]
+    """A protocol's data: prompts.json's, or one of Lindsey's other experiments (`experiments.py`,
+    data/lindsey_experiments.json: per-sentence prompts, marked by an "experiment" key)."""
+    protocols = dict(_read("prompts.json")["protocols"], **_read("lindsey_experiments.json")["protocols"])
     if name not in protocols:
         raise ValueError(f"unknown protocol {name!r}; known: {sorted(protocols)}")
     return protocols[name]
