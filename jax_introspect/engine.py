@@ -67,16 +67,30 @@ def _cell_key(ids: Sequence[int], injection: inject_lib.Injection, row: int) -> 
     return (tuple(ids),) + fields
 
 
-def shared_prefix_length(prompt_ids: Sequence[Sequence[int]], injection: inject_lib.Injection) -> int:
-    """Tokens every prompt shares from its start, before any row's injection starts (a strength-0
-    row's start counts too: the sweep gives controls their protocol's start, so the prefix of a
-    protocol does not depend on which trials a call holds); at least one token of each prompt is
-    left for its cell's prefill (the first answer token's logits come from it)."""
+def shared_prefix_length(prompt_ids: Sequence[Sequence[int]], starts) -> int:
+    """Tokens every prompt shares from its start, before any row's injection starts (`starts`: each
+    row's `Injection.start`; a strength-0 row's start counts too: the sweep gives controls their
+    protocol's start, so the prefix of a protocol does not depend on which trials a call holds); at
+    least one token of each prompt is left for its cell's prefill (the first answer token's logits
+    come from it)."""
     shortest = min(len(p) for p in prompt_ids)
     common = 0
     while common < shortest and all(p[common] == prompt_ids[0][common] for p in prompt_ids):
         common += 1
-    return max(0, min(common, int(np.min(np.asarray(injection.start))), shortest - 1))
+    return max(0, min(common, int(np.min(np.asarray(starts))), shortest - 1))
+
+
+def suffix_width(suffix_lengths: Sequence[int]) -> int:
+    """The cells' suffix width: their longest, rounded up to SUFFIX_BUCKET (one program per bucket)."""
+    return -(-max(suffix_lengths) // SUFFIX_BUCKET) * SUFFIX_BUCKET
+
+
+def call_shape(prompt_ids: Sequence[Sequence[int]], starts) -> tuple[int, int]:
+    """(prefix length, suffix width) of an engine call on these prompts, with the rows' injection
+    starts: the shapes `plan_work` gives and the compiled program has, without the injection's
+    vectors (a TPU plan, `experiment/plan.py`, compiles the program from them)."""
+    prefix_len = shared_prefix_length(prompt_ids, starts)
+    return prefix_len, suffix_width([len(p) - prefix_len for p in prompt_ids])
 
 
 def plan_work(prompt_ids: Sequence[Sequence[int]], injection: inject_lib.Injection, pad_id: int, *,
@@ -89,7 +103,7 @@ def plan_work(prompt_ids: Sequence[Sequence[int]], injection: inject_lib.Injecti
     trials = n if trials is None else trials
     if trials < n:
         raise ValueError(f"{n} trials do not fit a call of {trials}")
-    prefix_len = shared_prefix_length(prompt_ids, injection) if share_prefix else 0
+    prefix_len = shared_prefix_length(prompt_ids, injection.start) if share_prefix else 0
     keys, cell_of, first_row = {}, [], []
     for i, ids in enumerate(prompt_ids):
         key = _cell_key(ids, injection, i) if share_cells else i
@@ -102,7 +116,7 @@ def plan_work(prompt_ids: Sequence[Sequence[int]], injection: inject_lib.Injecti
     # cells are never computed), in whole blocks of `slots`.
     cells = -(-trials // slots) * slots
     suffixes = [list(prompt_ids[i][prefix_len:]) for i in first_row]
-    width = -(-max(len(s) for s in suffixes) // SUFFIX_BUCKET) * SUFFIX_BUCKET
+    width = suffix_width([len(s) for s in suffixes])
     tokens = np.full((cells, width), pad_id, np.int32)
     valid = np.zeros((cells, width), bool)
     valid[n_cells:, -1] = True  # padding cells: one pad token (never computed; keeps masks non-empty)

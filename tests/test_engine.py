@@ -97,10 +97,12 @@ def test_the_work_is_planned_once_per_prefix_and_cell(tiny):
             np.testing.assert_array_equal(work.cell_injection.vector[c], injection.vector[i])
     # The prefix stops at the earliest injection start (never inside a window), and leaves a token.
     early = inject.make(0, 1.0, np.ones(tiny.config.d_model, np.float32), start=[12] + [40] * 20)
-    assert engine.shared_prefix_length(prompts, early) == 12
-    assert engine.shared_prefix_length([[1, 2, 3], [1, 2, 3]], inject.none(2, 4)) == 0  # start 0: nothing shared
+    assert engine.shared_prefix_length(prompts, early.start) == 12
+    assert engine.shared_prefix_length([[1, 2, 3], [1, 2, 3]], inject.none(2, 4).start) == 0  # start 0: nothing shared
     clean_late = inject.make(0, 0.0, np.zeros(4, np.float32), start=3, batch=2)
-    assert engine.shared_prefix_length([[1, 2, 3], [1, 2, 3]], clean_late) == 2
+    assert engine.shared_prefix_length([[1, 2, 3], [1, 2, 3]], clean_late.start) == 2
+    # call_shape (what a TPU plan compiles) is the shape plan_work gives.
+    assert engine.call_shape(prompts, injection.start) == (work.prefix.shape[1], work.cell_tokens.shape[1])
 
 
 def test_one_compile_per_call_shape_whatever_the_injections(tiny):

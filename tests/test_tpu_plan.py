@@ -145,9 +145,17 @@ def test_sweep_plan_takes_the_run_from_the_config(tmp_path):
     assert plan.sweep["trials"] == len(expected.trials) == 2 * 2 * 5 + 7
     assert plan.sweep["generate_calls"] == -(-len(expected.trials) // 16)
     names = [p.name for p in plan.programs]
-    assert names == ["generation", "vector extraction", f"judge (llm:{judge})", "train step (sft, lora)"]
-    gen, ext, judged, step = plan.programs
+    assert names == ["generation", "sweep engine", "vector extraction", f"judge (llm:{judge})",
+                     "train step (sft, lora)"]
+    gen, engine_program, ext, judged, step = plan.programs
     assert (gen.batch, gen.prompt_len, gen.max_new_tokens) == (16, 192, 24)
+    # The engine (the sweep's default): one call of 16 x 4 trials; the prefix is every token before
+    # Lindsey's window, the cells' suffix the rest of the prompt, rounded up to 32.
+    start = expected.prompts["lindsey_injected_thought"].start
+    assert plan.sweep["engine_calls"] == 1 and plan.sweep["arms"][0]["engine_shapes"] == [
+        (16, 64, start, -(-(172 - start) // 32) * 32)]
+    assert (engine_program.batch, engine_program.prompt_len, engine_program.max_new_tokens) == (
+        16, start + 32, 24) and engine_program.fits
     # 3 concept words, then 100 baseline words in batches of 16: the largest call has 16 rows
     assert ext.batch == 16 and plan.sweep["arms"][0]["extraction_calls"] == 1 + 7
     # the judge: 8 trials x 4 grader prompts per call, on one chip, 256 new tokens

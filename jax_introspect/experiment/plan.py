@@ -345,6 +345,20 @@ def compile_generation(sl: Slice, batch: int, prompt_len: int, max_new_tokens: i
         note=note)
 
 
+def compile_engine(sl: Slice, slots: int, trials: int, prefix_len: int, suffix_len: int, max_new_tokens: int,
+                   progress=None) -> Program:
+    """The sweep engine's program (`engine.run`) for calls of `trials` on `slots` rows."""
+    rows = sl.rows(slots)
+    return compile_program(
+        "sweep engine", sl,
+        lambda: co.compile_engine(sl.params, sl.run_config, sl.layout, rows, trials, prefix_len, suffix_len,
+                                  max_new_tokens),
+        rows, prefix_len + suffix_len, max_new_tokens, kv_cache=sl.kv_cache(rows, prefix_len + suffix_len + max_new_tokens),
+        progress=progress,
+        note=f"{trials} trials per call, a {prefix_len}-token shared prefix + {suffix_len}-token cell suffixes: the "
+             "program a sweep runs (engine='shared'); XLA temp holds copies of the slots' KV cache")
+
+
 def compile_extraction(sl: Slice, batch: int, prompt_len: int, progress=None, note: str = "") -> Program:
     rows = sl.rows(batch)
     return compile_program("vector extraction", sl,
@@ -504,13 +518,17 @@ class ArmPlan:
     extraction: list  # [(rows, width)] of every lm.residuals call
     vector_method: str
     grader: dict  # protocol -> grader spec
+    # [(slots, trials per call, prefix length, suffix width)] of every engine call (engine='shared',
+    # the sweep's default: these are the programs it runs); empty for engine='plain'.
+    engine_calls: list = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"protocols": self.protocols, "batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens,
                 "trials": self.trials, "generate_calls": len(self.batches),
                 "prompt_buckets": sorted({p for _, p in self.batches}), "extraction_calls": len(self.extraction),
                 "extraction_widths": sorted({w for _, w in self.extraction}), "vector_method": self.vector_method,
-                "grader": self.grader}
+                "grader": self.grader, "engine_calls": len(self.engine_calls),
+                "engine_shapes": sorted(set(self.engine_calls))}
 
 
 def _chat_lengths(tokenizer, texts: Sequence[str], system_header: bool, prefix: str) -> list[int]:
@@ -549,8 +567,8 @@ def plan_arms(arms, model: Model, dtype: str, numerics: str, prompt_len: Optiona
     try:
         if model.tokenizer is not None:
             experiment = sweep.plan_experiment(arms, model.config, model.tokenizer, model.name, dtype, numerics)
-            planned = [(a.config, a.trials, {p: len(i.ids) for p, i in a.prompts.items()}, a.words, a.prefix)
-                       for a in experiment.arms]
+            planned = [(a.config, a.trials, {p: len(i.ids) for p, i in a.prompts.items()}, a.words, a.prefix,
+                        a.prompts) for a in experiment.arms]
         else:
             if prompt_len is None:
                 raise PlanError(f"{model.name} has no tokenizer to measure the protocol prompts with "
@@ -558,11 +576,11 @@ def plan_arms(arms, model: Model, dtype: str, numerics: str, prompt_len: Optiona
             notes.append(f"no tokenizer: every protocol prompt taken as {prompt_len} tokens (--prompt_len) and "
                          "vector extraction not planned")
             planned = [(a, sweep.plan_trials(a, list(a.words), resolve_layers(a.layers, model.config.n_layers)),
-                        {p: prompt_len for p in a.protocols}, list(a.words), "") for a in arms]
+                        {p: prompt_len for p in a.protocols}, list(a.words), "", None) for a in arms]
     except sweep.SweepError as e:
         raise PlanError(f"--config: {e}") from e
     plans = []
-    for config, trials, lengths, words, prefix in planned:
+    for config, trials, lengths, words, prefix, prompts in planned:
         batches = []
         for i in range(0, len(trials), config.batch_size):
             chunk = trials[i:i + config.batch_size]
@@ -571,8 +589,31 @@ def plan_arms(arms, model: Model, dtype: str, numerics: str, prompt_len: Optiona
         extraction = extraction_calls(config, words, model.tokenizer, prefix) if model.tokenizer is not None else []
         plans.append(ArmPlan(protocols=lengths, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
                              trials=len(trials), batches=batches, extraction=extraction,
-                             vector_method=config.vector_method, grader=grader_specs(config)))
+                             vector_method=config.vector_method, grader=grader_specs(config),
+                             engine_calls=engine_calls(config, trials, prompts, lengths)))
+    if any(config.engine == "shared" for config, *_ in planned) and model.tokenizer is None:
+        notes.append("no tokenizer: the sweep engine's calls planned without a shared prefix (every prompt token "
+                     "in the cells' suffixes), its largest case")
     return plans, notes
+
+
+def engine_calls(config, trials: Sequence, prompts: Optional[dict], lengths: dict) -> list:
+    """[(slots, trials per call, prefix length, suffix width)] of the sweep engine's calls, as
+    `sweep.run_sweep` makes them (`sweep._calls`) and `engine.plan_work` shapes them; without the
+    prompts' tokens (no tokenizer) no prefix is shared."""
+    from jax_introspect import engine
+    from jax_introspect.experiment import sweep
+    if config.engine != "shared":
+        return []
+    calls = []
+    for call in sweep._calls(list(trials), config):
+        if prompts is None:
+            shape = (0, engine.suffix_width([lengths[t.protocol] for t in call]))
+        else:
+            infos = [sweep.prompt_of(prompts, t) for t in call]
+            shape = engine.call_shape([i.ids for i in infos], [i.start for i in infos])
+        calls.append((config.batch_size, sweep.call_size(config), *shape))
+    return calls
 
 
 # --- a self-hosted judge -----------------------------------------------------------------------
@@ -873,6 +914,11 @@ def make_plan(model: str, topology: str, mesh: str = "1x-1", batch: int = 32, pr
         shapes = sorted({(rows, width, a.max_new_tokens) for a in arm_plans for rows, width in a.batches})
     for b, p, n in shapes:
         programs.append(compile_generation(sl, b, p, n, progress=progress))
+    # The sweep engine's programs (engine='shared', the default): what a sweep compiles and runs; the
+    # plain generation programs above give the projections and the largest batch.
+    engine_shapes = sorted({(*call, a.max_new_tokens) for a in arm_plans for call in a.engine_calls})
+    for slots, trials, prefix_len, suffix_len, n in engine_shapes:
+        programs.append(compile_engine(sl, slots, trials, prefix_len, suffix_len, n, progress=progress))
     # Vector extraction.
     if extraction:
         if sweep is None:
@@ -947,6 +993,7 @@ def make_plan(model: str, topology: str, mesh: str = "1x-1", batch: int = 32, pr
         sweep_summary = {"config": sweep_path, "arms": [a.to_dict() for a in arm_plans],
                          "trials": sum(a.trials for a in arm_plans),
                          "generate_calls": sum(len(a.batches) for a in arm_plans),
+                         "engine_calls": sum(len(a.engine_calls) for a in arm_plans),
                          "generation_s": generation_s, "extraction_s": extraction_s, "judge_s": judge_s,
                          "total_s": generation_s + extraction_s + judge_s}
     if the_model.tokenizer is not None and sweep is not None:
