@@ -20,7 +20,7 @@ import numpy as np
 
 from jax_introspect import config as config_lib
 from jax_introspect import inject
-from jax_introspect.experiment import files, protocols, results, vectors
+from jax_introspect.experiment import files, protocols, readout, results, vectors
 from jax_introspect.experiment.sweep_config import (SweepConfig, SweepError, bound_values, grader_specs,
                                                     resolve_layers, strength_label)
 
@@ -208,6 +208,11 @@ def plan_sweep(config: SweepConfig, model_config, tokenizer, checkpoint: str, dt
         except config_lib.ContextTooLongError as e:
             raise SweepError(f"protocol {name}: {e} (--config.max_new_tokens)") from e
     file_vectors = read_vector_files(config, words, layers, model_config) if config.vector_files else None
+    if config.readout:  # its token sets, before the model loads
+        try:
+            readout.answer_token_sets(tokenizer)
+        except readout.ReadoutError as e:
+            raise SweepError(f"readout: {e}") from e
     return SweepPlan(config=config, words=words, layers=layers, trials=plan_trials(config, words, layers),
                      prompts=prompts,
                      binding=binding(config, layers, model_config.name, checkpoint, dtype, numerics, adapter),
@@ -467,13 +472,16 @@ def _run(lm, plan: SweepPlan, out: str, store: Optional[results.ResultsStore], p
             store.clear_ungraded()
     calls = _calls(pending, config)
     generate = generate_batch if config.engine == "plain" else generate_call
+    reader = readout.record_readout(lm, config, out if store else None) if calls else None
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(pending), desc="trials", unit="trial")
     for number, call in enumerate(calls):
-        left_ungraded += grade_and_store(generate(lm, call, config, plan.prompts, concept, config_hash),
-                                         graders, store)
+        records = generate(lm, call, config, plan.prompts, concept, config_hash)
+        if reader is not None:
+            records = reader.attach(records, call, plan.prompts, concept, plan.layers)
+        left_ungraded += grade_and_store(records, graders, store)
         if bar is not None:
             bar.update(len(call))
         if on_batch:

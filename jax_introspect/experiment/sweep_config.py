@@ -86,6 +86,12 @@ class SweepConfig:
                               help="a second BOS before every prompt, trials and vector extraction alike: what "
                                    "vLLM's generate does to an already templated Llama-3 string (the 405B "
                                    "replication's 173 prompt tokens where one BOS gives 172)")
+    # Readouts at the first answer token (experiment/readout.py): they change no text, so bind nothing.
+    readout: bool = _field(True, binds=False,
+                           help="record p_yes / p_no (probability of yes-like / no-like first answer tokens) and "
+                                "the logit lens of the injected layer in every trial record: one extra batched "
+                                "forward per distinct (prompt, injection) of a call (readout.py)")
+    readout_top_k: int = _field(10, binds=False, help="tokens kept of the logit lens (its top-k)")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # lists become tuples: the config stays hashable and frozen
@@ -263,7 +269,7 @@ def validate(config: SweepConfig) -> None:
     _check_strengths(config.strengths)
     if config.engine not in ENGINES:
         raise SweepError(f"engine {config.engine!r}: choose one of {ENGINES}")
-    for field in ("trials_per_cell", "batch_size", "max_new_tokens", "batches_per_call"):
+    for field in ("trials_per_cell", "batch_size", "max_new_tokens", "batches_per_call", "readout_top_k"):
         _check_number(config, field, 1, integer=True)
     _check_number(config, "control_trials", 0, integer=True)
     _check_number(config, "seed", 0, integer=True)
