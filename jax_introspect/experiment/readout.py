@@ -16,8 +16,10 @@ distinct (prompt, injection) of a generation call gives, for every trial of it:
   layer; a control's at each layer of the sweep (its own with `controls_per_layer`), so the report
   can ask whether a word's token is in the top-k without the injection.
 
-The forward is one compiled program per (rows, prompt bucket): rows are padded to a fixed count
-with inert rows, prompts left-padded to a multiple of 32 tokens, as generation pads them.
+The forward runs the rows' shared prefix (the prompt before any injection) once and each row's
+suffix from its cache, as the sweep engine prefills its cells (`engine.plan_work`); it is one
+compiled program per (rows, prefix, suffix bucket): rows are padded to a fixed count
+(`batch_size`) with strength-0 rows.
 """
 from __future__ import annotations
 
@@ -37,7 +39,6 @@ from jax_introspect import sharding as sharding_lib
 YES_FORMS = ("Yes", "yes", "YES")
 NO_FORMS = ("No", "no", "NO")
 LEADS = ("", " ")  # each form bare and after a space: a chat answer's first token is either
-PROMPT_BUCKET = 32  # as `lm.generate` pads prompts
 READOUT_FILE = "readout.json"  # the token sets and settings, beside trials.jsonl
 
 
@@ -84,15 +85,29 @@ WORD_FORMS = 4  # word_token_ids gives at most this many
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layout", "top_k"))
-def _readout(params, cfg, tokens, valid, injection, lens_layer, word_ids, yes_mask, no_mask, adapter, *, layout,
-             top_k):
+def _readout(params, cfg, prefix, tokens, valid, injection, lens_layer, word_ids, yes_mask, no_mask, adapter, *,
+             layout, top_k):
     """Per row: p_yes, p_no [B]; the lens at layer lens_layer[b]: top-k (probs, ids) [B, k], the best
-    probability among word_ids[b] [B], its token [B] and its rank [B] (1 = top)."""
-    batch, width = tokens.shape
-    cache = layout.constrain_cache(model_lib.init_cache(cfg, batch, width, params.embed.dtype))
-    logits, _, residuals = model_lib.forward(params, cfg, tokens, model_lib.prompt_positions(valid), valid, cache,
-                                             layout=layout, return_residuals=True, injection=injection,
-                                             last_only=True, adapter=adapter)
+    probability among word_ids[b] [B], its token [B] and its rank [B] (1 = top). The rows' shared
+    prefix [1, Lp] (before any injection) is run once and its cache broadcast, as the sweep engine
+    prefills cells (`engine._prefill_cells`); `tokens` [B, Ls] are the rows' suffixes, left-padded."""
+    batch, suffix_len = tokens.shape
+    prefix_len = prefix.shape[1]
+    dtype = params.embed.dtype
+    cache = model_lib.init_cache(cfg, 1, prefix_len, dtype)
+    if prefix_len:
+        _, cache, _ = model_lib.forward(params, cfg, prefix, jnp.arange(prefix_len)[None],
+                                        jnp.ones((1, prefix_len), bool), cache, layout=layout, last_only=True,
+                                        adapter=adapter)
+    L, K, hd = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+    cache = model_lib.KVCache(k=jnp.broadcast_to(cache.k, (L, batch, K, hd, prefix_len)),
+                              v=jnp.broadcast_to(cache.v, (L, batch, K, prefix_len, hd)),
+                              valid=jnp.ones((batch, prefix_len), bool), length=jnp.int32(prefix_len))
+    cache = layout.constrain_cache(model_lib.extend_cache(cache, suffix_len))
+    positions = prefix_len + model_lib.prompt_positions(valid)
+    logits, _, residuals = model_lib.forward(params, cfg, tokens, positions, valid, cache, layout=layout,
+                                             return_residuals=True, injection=injection, last_only=True,
+                                             adapter=adapter)
     probs = jax.nn.softmax(logits[:, -1].astype(jnp.float32), axis=-1)
     p_yes = jnp.sum(probs * yes_mask, axis=-1)
     p_no = jnp.sum(probs * no_mask, axis=-1)
@@ -163,11 +178,11 @@ class Readout:
         return out
 
     def _forward(self, rows: list) -> list:
-        from jax_introspect import inject
+        from jax_introspect import engine, inject
         lm, n = self.lm, len(rows)
         padded = rows + [rows[-1]] * (self.rows - n)
-        tokens, valid = lm._batch([list(r.ids) for r in padded], bucket=PROMPT_BUCKET)
-        lm.check_context(tokens.shape[1])
+        ids = [list(r.ids) for r in padded]
+        lm.check_context(max(map(len, ids)))
         d_model = lm.config.d_model
         vectors = np.stack([self._vectors[r.vector_key] if r.vector_key else np.zeros(d_model, np.float32)
                             for r in padded])
@@ -176,16 +191,19 @@ class Readout:
                                 vector=vectors, start=[r.start for r in padded],
                                 norm_match=[r.norm_match for r in padded])
         inject.validate(injection, lm.config, len(padded))
+        # The engine's split: the prefix every row shares before any injection, each row's suffix.
+        work = engine.plan_work(ids, injection, lm._pad_id(), slots=self.rows, trials=self.rows, share_cells=False)
+        if work.cell_tokens.max() >= lm.config.vocab_size or work.cell_tokens.min() < 0:
+            raise ValueError(f"token ids must lie in [0, {lm.config.vocab_size})")
         words = np.array([(list(r.word_ids) + [r.word_ids[0] if r.word_ids else 0] * WORD_FORMS)[:WORD_FORMS]
                           for r in padded], np.int32)
+        lens_layer = np.array([r.lens_layer for r in padded], np.int32)
         lay = lm.layout
-        tokens, valid, injection = lm._on_mesh(tokens, valid, injection)
-        extra = np.asarray(tokens.shape[0] - len(padded))
-        lens_layer = np.array([r.lens_layer for r in padded] + [0] * int(extra), np.int32)
-        words = np.concatenate([words, np.zeros((int(extra), WORD_FORMS), np.int32)])
-        lens_layer, words, yes_mask, no_mask = lay.put((lens_layer, words, self.yes_mask, self.no_mask),
-                                                       lay.replicated)
-        outputs = _readout(lm.params, lm.run_config, tokens, valid, injection, lens_layer, words, yes_mask,
+        tokens, valid, injection = lay.put((work.cell_tokens, work.cell_valid, work.cell_injection),
+                                           (lay.of("tokens"), lay.of("tokens"), lay.injection()))
+        prefix, lens_layer, words, yes_mask, no_mask = lay.put(
+            (work.prefix, lens_layer, words, self.yes_mask, self.no_mask), lay.replicated)
+        outputs = _readout(lm.params, lm.run_config, prefix, tokens, valid, injection, lens_layer, words, yes_mask,
                            no_mask, lm.adapter, layout=lay, top_k=self.top_k)
         p_yes, p_no, top_probs, top_ids, word_prob, word_token, word_rank = (
             np.asarray(sharding_lib.to_host(x))[:n] for x in outputs)

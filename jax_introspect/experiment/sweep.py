@@ -213,8 +213,10 @@ def plan_sweep(config: SweepConfig, model_config, tokenizer, checkpoint: str, dt
             readout.answer_token_sets(tokenizer)
         except readout.ReadoutError as e:
             raise SweepError(f"readout: {e}") from e
-    return SweepPlan(config=config, words=words, layers=layers, trials=plan_trials(config, words, layers),
-                     prompts=prompts,
+    trials = plan_trials(config, words, layers)
+    if config.edge_search:  # its injected trials are planned step by step (edge.py)
+        trials = [t for t in trials if t.kind == "control"]
+    return SweepPlan(config=config, words=words, layers=layers, trials=trials, prompts=prompts,
                      binding=binding(config, layers, model_config.name, checkpoint, dtype, numerics, adapter),
                      prefix=prefix, file_vectors=file_vectors)
 
@@ -442,16 +444,19 @@ def run_sweep(lm, config, out: str, *, progress: bool = True, is_writer: bool = 
 
 def _run_arms(lm, plan: ExperimentPlan, out: str, store: Optional[results.ResultsStore], progress: bool,
               on_batch: Optional[Callable[[int], None]]) -> dict:
-    summaries = [_run(lm, arm, out, store, progress, on_batch, vectors_path=os.path.join(out, plan.vectors_file(i)),
-                      config_hash=results.config_hash(plan.binding))
-                 for i, arm in enumerate(plan.arms)]
+    from jax_introspect.experiment import edge
+    summaries = [(edge.run_edge if arm.config.edge_search else _run)(
+        lm, arm, out, store, progress, on_batch, vectors_path=os.path.join(out, plan.vectors_file(i)),
+        config_hash=results.config_hash(plan.binding)) for i, arm in enumerate(plan.arms)]
     total = {k: sum(s[k] for s in summaries) for k in ("trials", "resumed_from", "ran", "ungraded")}
+    edges = [s["edge"] for s in summaries if "edge" in s]
     return dict(total, results=os.path.join(out, results.RESULTS_FILE),
-                layers=sorted({layer for s in summaries for layer in s["layers"]}))
+                layers=sorted({layer for s in summaries for layer in s["layers"]}), **({"edge": edges} if edges else {}))
 
 
 def _run(lm, plan: SweepPlan, out: str, store: Optional[results.ResultsStore], progress: bool,
-         on_batch: Optional[Callable[[int], None]], vectors_path: str, config_hash: str) -> dict:
+         on_batch: Optional[Callable[[int], None]], vectors_path: str, config_hash: str, graders=None) -> dict:
+    """Run (or resume) `plan.trials` into `store`; `graders`: from `make_graders` (made here when None)."""
     from jax_introspect import distributed
     config = plan.config
     # Only process 0's disk has the results folder: its view of what is done decides for all, or
@@ -464,7 +469,7 @@ def _run(lm, plan: SweepPlan, out: str, store: Optional[results.ResultsStore], p
     # Cached vectors are reused single-process only: on a pod every process extracts them together.
     concept = extract_vectors(lm, plan, vectors_path if store else None,
                               progress, use_cache=jax.process_count() == 1) if pending else None
-    graders = make_graders(config, writer=store is not None)
+    graders = graders if graders is not None else make_graders(config, writer=store is not None)
     left_ungraded = 0
     if ungraded:  # responses of an earlier run left ungraded: grade them, don't regenerate
         left_ungraded = grade_and_store(ungraded, graders, store)
