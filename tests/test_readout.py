@@ -157,3 +157,42 @@ def test_older_records_without_readout_still_read(tmp_path):
     assert "readout" not in json.loads(line)  # written as before
     back = results.TrialRecord.from_dict(json.loads(line))
     assert back.readout is None and back == record
+
+
+def test_report_section_counts_and_intervals(tmp_path):
+    """summarize against direct counts and scipy's t interval over the words' means; the report
+    writes the section and its plot."""
+    from scipy import stats
+    from jax_introspect.experiment import readout_report, report
+    from jax_introspect.experiment.runs import Row, Run
+    grades = {"coherent": True, "affirmative": False, "identifies": False, "immediate": False}
+
+    def lens(layer, top, word_ids=None, rank=None):
+        entry = {"layer": layer, "top_ids": top, "top_tokens": [str(t) for t in top], "top_probs": [0.1] * len(top)}
+        if word_ids is not None:
+            entry.update(word_token_ids=word_ids, word_token=word_ids[0], word_prob=0.01, word_rank=rank)
+        return entry
+    rows = []
+    # (word, p_yes, word ids, rank): Dust twice (one value), Snow, Milk; top-3 lens
+    for i, (word, p, ids, rank) in enumerate([("Dust", 0.2, [5], 2), ("Dust", 0.2, [5], 2), ("Snow", 0.5, [7], 9),
+                                              ("Milk", 0.3, [9], 1)]):
+        rows.append(Row(kind="injected", protocol="p", word=word, layer=3, strength=4.0, grades=grades,
+                        trial_id=f"t{i}", readout={"p_yes": p, "p_no": 1 - p, "lens": [lens(3, [9, 1, 2], ids, rank)]}))
+    for i in range(2):
+        rows.append(Row(kind="control", protocol="p", word=None, layer=None, strength=0.0, grades=grades,
+                        trial_id=f"c{i}", readout={"p_yes": 0.1, "p_no": 0.8, "lens": [lens(3, [7, 1, 2]), lens(5, [0, 1, 2])]}))
+    section = readout_report.summarize(rows)
+    cell = section["cells"][0]
+    assert cell["p_yes"]["mean"] == pytest.approx((0.2 + 0.2 + 0.5 + 0.3) / 4)
+    low, high = stats.t.interval(0.95, 2, loc=np.mean([0.2, 0.5, 0.3]), scale=stats.sem([0.2, 0.5, 0.3]))
+    assert (cell["p_yes"]["low"], cell["p_yes"]["high"]) == pytest.approx((max(0, low), high))
+    assert cell["p_yes"]["n_words"] == 3 and cell["p_yes"]["n_trials"] == 4
+    assert cell["word_in_top_k"]["k"] == 3  # ranks 2, 2, 1 are within the top 3; 9 is not
+    assert cell["control_word_in_top_k"]["k"] == 1  # only Snow's token 7 is in the controls' top 3 at layer 3
+    assert section["controls"][0]["p_yes"]["mean"] == pytest.approx(0.1)
+    run = Run(path=str(tmp_path / "r"), format="jax_introspect", rows=rows,
+              metadata={"name": "r", "protocols": ["p"], "layers": [3], "strengths": [4.0], "words": []})
+    path = report.write_report(run, str(tmp_path / "report"))
+    text = open(path).read()
+    assert "Detection probability and logit lens" in text and "readout_p.png" in text
+    assert os.path.exists(tmp_path / "report" / "readout_p.png")

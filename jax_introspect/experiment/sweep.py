@@ -277,6 +277,8 @@ def _arm_bytes(plan: SweepPlan, model_config) -> int:
     per_trial = {name: 2 * len(info.text.encode()) + 16 * plan.config.max_new_tokens + 2048
                  for name, info in plan.prompts.items()}
     records = sum(per_trial[t.protocol] for t in plan.trials)
+    if plan.config.edge_search:  # its injected trials are planned as it goes: at most the budget per layer
+        records += sum(per_trial.values()) * plan.config.edge_budget * len(plan.layers)
     cache = len(plan.words) * model_config.n_layers * model_config.d_model * 4
     return records + cache
 
