@@ -3,8 +3,8 @@
 A fake grader makes trial i of a cell at strength s coherent iff its stratum ((5 i) mod 8 + 0.5) / 8
 is below f(s) = 1 / (1 + exp(K (s - s0))): the first 8m trials of any cell hold exactly m per
 stratum, so the measured coherent rate is #{j in 0..7: (j + 0.5) / 8 < f(s)} / 8, monotone in s,
-and it is >= 0.5 exactly when f(s) > 3.5 / 8: the measured crossing is s0 + ln(4.5 / 3.5) / K (a
-closed form, independent of the search). The search must bracket it within the tolerance."""
+and it stays above 0.5 exactly while f(s) > 4.5 / 8: the measured rate falls to 0.5 at
+s0 + ln(3.5 / 4.5) / K (a closed form, independent of the search). The search must bracket it within the tolerance."""
 import json
 import math
 import os
@@ -24,8 +24,8 @@ def coherent(layer: int, strength: float, index: int) -> bool:
 
 
 def measured_crossing(layer: int) -> float:
-    """Where the measured rate (probes of a multiple of 8 trials) drops below 0.5: f(s) = 3.5 / 8."""
-    return S0[layer] + math.log((1 - 3.5 / STRATA) / (3.5 / STRATA)) / K
+    """Where the measured rate (probes of a multiple of 8 trials) falls to 0.5: f(s) = 4.5 / 8."""
+    return S0[layer] + math.log((1 - 4.5 / STRATA) / (4.5 / STRATA)) / K
 
 
 def _config(**changes):

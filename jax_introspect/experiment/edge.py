@@ -6,11 +6,11 @@ coherent; the 405B replication hand-tuned a dense grid around that edge. With
 one generation call over all layers):
 
 1. probes the ends of the bracket [min(strengths), max(strengths)] with `edge_probe_trials`
-   injected trials each, graded: a layer whose low end is already below the target (or whose high
-   end is still at or above it) is reported as such and searched no further;
-2. bisects: probes the bracket's midpoint, keeps the half where the coherent rate crosses the
-   target (rate >= target: the crossing is above), until the bracket is at most `edge_tolerance`
-   wide;
+   injected trials each, graded: a layer whose low end is already at or below the target (or whose
+   high end is still above it) is reported as such and searched no further;
+2. bisects: probes the bracket's midpoint, keeps the half where the coherent rate falls to the
+   target (rate > target: the crossing is above; rate <= target: it is at or below), until the
+   bracket is at most `edge_tolerance` wide;
 3. spends the rest of the layer's `edge_budget` injected trials evenly over `edge_dense_strengths`
    strengths spread over [low - tolerance, high + tolerance] around the final bracket (trials
    already run at one of them count).
@@ -57,13 +57,14 @@ class LayerEdge:
         return sum(self.trials.values())
 
     def estimate(self, target: float) -> Optional[float]:
-        """The strength where the pooled coherent rate crosses `target`, linearly interpolated between the
-        adjacent measured strengths that straddle it, the pair closest to the bracket's middle."""
+        """The strength where the pooled coherent rate falls to `target`, linearly interpolated between the
+        adjacent measured strengths whose rates straddle it (above, then at or below), the pair closest
+        to the bracket's middle."""
         points = sorted((s, self.rate(s)) for s in self.counts if self.rate(s) is not None)
         middle = (self.low + self.high) / 2
         found = []
         for (s0, r0), (s1, r1) in zip(points, points[1:]):
-            if r0 >= target > r1:
+            if r0 > target >= r1:
                 found.append(s0 + (s1 - s0) * (r0 - target) / (r0 - r1))
         return min(found, key=lambda s: abs(s - middle)) if found else None
 
@@ -107,9 +108,9 @@ def search(config: SweepConfig, layers: list, measure: Measure) -> list:
     for e in edges:
         if e.rate(low) is None or e.rate(high) is None:
             e.status = "ungraded"
-        elif e.rate(low) < config.edge_target:
+        elif e.rate(low) <= config.edge_target:
             e.status = "below_range"
-        elif e.rate(high) >= config.edge_target:
+        elif e.rate(high) > config.edge_target:
             e.status = "above_range"
         elif e.high - e.low <= config.edge_tolerance:
             e.status = "dense"
@@ -123,7 +124,7 @@ def search(config: SweepConfig, layers: list, measure: Measure) -> list:
             if rate is None:
                 e.status = "ungraded"
                 continue
-            if rate >= config.edge_target:
+            if rate > config.edge_target:
                 e.low = mid
             else:
                 e.high = mid
