@@ -245,9 +245,10 @@ class Readout:
         for record, row_keys in zip(records, keys):
             first = values[distinct[row_keys[0]]]
             readout = {"p_yes": first["p_yes"], "p_no": first["p_no"],
-                       "lens": [values[distinct[k]]["lens"] for k in row_keys],
-                       "call_seconds": seconds, "forwards": -(-len(distinct) // self.rows)}
-            out.append(dataclasses.replace(record, readout=readout))
+                       "lens": [values[distinct[k]]["lens"] for k in row_keys]}
+            # the cost beside the generation's (timing varies run to run; the readout does not)
+            timing = dict(record.timing, readout_seconds=seconds, readout_forwards=-(-len(distinct) // self.rows))
+            out.append(dataclasses.replace(record, readout=readout, timing=timing))
         return out
 
 

@@ -13,8 +13,8 @@ Record fields (all JSON):
     n_tokens, finished, grades ({criterion: bool, ..., "grader": name, "notes": str}), timing
     ({"batch_seconds", "batch_size", "unix_time"}); optional (absent in older files, None when not
     recorded): readout ({"p_yes", "p_no", "lens": [{"layer", "top_ids", "top_tokens", "top_probs"[,
-    "word_token_ids", "word_token", "word_prob", "word_rank"]}], "call_seconds", "forwards"}; see
-    `readout.py` and docs/report.md).
+    "word_token_ids", "word_token", "word_prob", "word_rank"]}]}, its cost in timing's "readout_seconds"
+    and "readout_forwards"; see `readout.py` and docs/readouts.md).
 """
 from __future__ import annotations
 
