@@ -118,12 +118,13 @@ def markdown_lines(section: Optional[dict], h: str) -> list:
              "token among its top tokens, against the same words in the controls' lens at that layer "
              "(no injection).", ""]
     if section["controls"]:
-        lines += _table(["protocol", "control trials", "p_yes", "p_no"],
-                        [[c["protocol"], c["n_trials"], _mean(c["p_yes"]), _mean(c["p_no"])]
+        # (tables of this section lead with another column than the protocol: the run's tables key on it)
+        lines += _table(["controls", "protocol", "trials", "p_yes", "p_no"],
+                        [["controls", c["protocol"], c["n_trials"], _mean(c["p_yes"]), _mean(c["p_no"])]
                          for c in section["controls"]]) + [""]
-    lines += _table(["protocol", "layer", "strength", "n (words)", "p_yes", "p_no", f"word in top-{k}",
+    lines += _table(["layer", "strength", "protocol", "n (words)", "p_yes", "p_no", f"word in top-{k}",
                      f"word in controls' top-{k}", "word prob (lens)", "median word rank"],
-                    [[c["protocol"], _num(c["layer"]), _num(c["strength"]),
+                    [[_num(c["layer"]), _num(c["strength"]), c["protocol"],
                       f"{c['p_yes']['n_trials']} ({c['p_yes']['n_words']})", _mean(c["p_yes"]), _mean(c["p_no"]),
                       _prop(c["word_in_top_k"]),
                       _prop(c["control_word_in_top_k"]) if "control_word_in_top_k" in c else "—",
