@@ -154,6 +154,7 @@ class Readout:
         self.no_mask = np.zeros(vocab, np.float32)
         self.no_mask[self.sets["no"]["ids"]] = 1.0
         self._word_ids = {}
+        self._vectors = {}  # (word, layer) -> concept vector of the rows being read (`attach` fills it)
 
     def metadata(self) -> dict:
         """What readout.json states: the token sets (ids and the texts they encode), k, the word forms."""
@@ -224,7 +225,7 @@ class Readout:
         (prompt, injection, lens layer). A control's lens runs at every layer of `layers` (its own
         with per-layer controls)."""
         began = time.time()
-        self._vectors = {}
+        self._vectors.clear()
         keys, distinct = [], {}
         for t in trials:
             info = prompts[t.protocol]
