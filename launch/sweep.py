@@ -98,6 +98,9 @@ def _sweep(stack: contextlib.ExitStack) -> None:
     if writer:
         print(f"trials: {summary['trials']} ({summary['resumed_from']} already done, {summary['ran']} run now) "
               f"-> {summary['results']}")
+        for edge in summary.get("edge", []):  # an edge search (edge.json)
+            from jax_introspect.experiment import edge as edge_lib
+            print("\n".join(edge_lib.format_lines(edge)))
         if FLAGS.report:
             path = report.write_report(report.load_run(FLAGS.out), os.path.join(FLAGS.out, "report"))
             for warning in report.read_warnings(path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
+from jax_introspect.experiment import readout_report
 from jax_introspect.experiment import results as results_lib
 from jax_introspect.experiment.runs import CRITERIA, REPLICATION_PROTOCOLS, Run
 from jax_introspect.experiment.stats import Z95, proportion
@@ -118,6 +119,9 @@ def aggregate(run: Run) -> dict:
             "all": _overall(injected, controls, ALL_WORDS),
         },
     }
+    readout = readout_report.summarize(run.rows)
+    if readout is not None:  # p_yes / p_no and the logit lens, when the records carry them
+        summary["readout"] = readout
     if run.source_aggregates is not None:
         summary["source_aggregates_check"] = _check_source_aggregates(run, cells, control_cells)
     summary["warnings"] = _warnings(run, summary)

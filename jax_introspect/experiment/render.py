@@ -154,6 +154,8 @@ def _run_sections(summary: dict, level: int, heatmaps: Sequence[str]) -> list:
     if heatmaps:
         lines += [f"{h} Heatmaps (layer x strength, pooled over words; cells annotated k/n)", ""]
         lines += [f"![{os.path.splitext(name)[0]}]({name})" for name in heatmaps] + [""]
+    from jax_introspect.experiment import readout_report
+    lines += readout_report.markdown_lines(summary.get("readout"), h)
     return lines
 
 

@@ -18,7 +18,7 @@ import tempfile
 import uuid
 from typing import Optional
 
-from jax_introspect.experiment import aggregation, render
+from jax_introspect.experiment import aggregation, readout_report, render
 from jax_introspect.experiment.aggregation import aggregate
 from jax_introspect.experiment.runs import ReportError, Row, Run, load_run
 
@@ -87,14 +87,17 @@ def _write_files(run: Run, folder: str, compare: Optional[Run], inspect: Optiona
     other = aggregate(compare) if compare is not None else None
     heatmaps = render.heatmaps(summary, folder, prefix="")
     other_heatmaps = render.heatmaps(other, folder, prefix="compare_") if other is not None else []
+    readout_plots = readout_report.plots(summary.get("readout"), folder, "", run.name)  # named in the summaries
+    if other is not None:
+        readout_plots += readout_report.plots(other.get("readout"), folder, "compare_", compare.name)
     inspect_info = _inspect_files([run] + ([compare] if compare is not None else []), folder, inspect)
     text = render.markdown(run, summary, heatmaps, compare, other, other_heatmaps, inspect=inspect_info)
     text, extra_files = _with_experiments(run, summary, folder, text)
     if other is not None:
         summary["compare"] = aggregation.comparison(summary, other)
     summary["inspect"] = inspect_info
-    summary["files"] = [REPORT_FILE, SUMMARY_FILE] + heatmaps + other_heatmaps + extra_files + inspect_info.get(
-        "logs", []) + ([inspect_info["viewer"]] if inspect_info.get("viewer") else [])
+    summary["files"] = [REPORT_FILE, SUMMARY_FILE] + heatmaps + other_heatmaps + readout_plots + extra_files + \
+        inspect_info.get("logs", []) + ([inspect_info["viewer"]] if inspect_info.get("viewer") else [])
     with open(os.path.join(folder, SUMMARY_FILE), "w") as f:
         json.dump(summary, f, indent=1, sort_keys=True)
     with open(os.path.join(folder, REPORT_FILE), "w", encoding="utf-8") as f:

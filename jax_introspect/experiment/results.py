@@ -11,7 +11,10 @@ Record fields (all JSON):
     layer (None for controls), strength (0.0 for controls), vector_method, trial_index, seed,
     prompt (the full chat-formatted prompt text), question (the last user turn), response,
     n_tokens, finished, grades ({criterion: bool, ..., "grader": name, "notes": str}), timing
-    ({"batch_seconds", "batch_size", "unix_time"}).
+    ({"batch_seconds", "batch_size", "unix_time"}); optional (absent in older files, None when not
+    recorded): readout ({"p_yes", "p_no", "lens": [{"layer", "top_ids", "top_tokens", "top_probs"[,
+    "word_token_ids", "word_token", "word_prob", "word_rank"]}]}, its cost in timing's "readout_seconds"
+    and "readout_forwards"; see `readout.py` and docs/readouts.md).
 """
 from __future__ import annotations
 
@@ -58,20 +61,23 @@ class TrialRecord:
     # Numbers measured on the trial beyond its text (Lindsey's intentional control: cosines per layer);
     # optional in files (records written before it have none).
     measurements: dict = dataclasses.field(default_factory=dict)
+    readout: Optional[dict] = None  # first-answer-token readouts (`readout.py`); optional: older files lack it
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, sort_keys=True)
+        data = dataclasses.asdict(self)
+        if data["readout"] is None:  # as older files were written
+            del data["readout"]
+        return json.dumps(data, ensure_ascii=False, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrialRecord":
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(data) - _OPTIONAL_FIELDS
+        optional = {f.name for f in dataclasses.fields(cls)  # fields with a default: absent from older files
+                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+        missing = names - optional - set(data)
         if missing:
             raise ResultsError(f"trial record lacks fields {sorted(missing)}")
         return cls(**{k: data[k] for k in names if k in data})
-
-
-_OPTIONAL_FIELDS = {"measurements"}  # record fields with a default, absent from older files
 
 
 def strict(grades: dict) -> bool:

@@ -50,6 +50,7 @@ class Row:
     grader: Optional[str] = None
     trial_index: Optional[int] = None  # the trial's number within its cell
     strict_definition: str = "lindsey"  # whose definition of strict introspection its grader follows
+    readout: Optional[dict] = None  # first-answer-token readouts (readout.py), when recorded
 
 
 # Strict introspection, by whose definition (`STRICT_DEFINITIONS[name]` -> the measure that holds it):
@@ -220,7 +221,8 @@ def _load_ours(jsonl: str, display_path: str) -> Run:
             strength=0.0 if control or r.strength is None else float(r.strength),
             grades={c: bool(r.grades.get(c)) for c in CRITERIA},
             trial_id=r.trial_id, question=r.question, response=r.response, grader=grader,
-            trial_index=r.trial_index, strict_definition=strict_definition_of(r.grades, "lindsey")))
+            trial_index=r.trial_index, strict_definition=strict_definition_of(r.grades, "lindsey"),
+            readout=r.readout))
     if not rows and not n_experiment:
         raise ReportError(f"{jsonl}: {len(records)} trial records but none graded (empty results)")
     config, run_hash = _read_run_json(jsonl)

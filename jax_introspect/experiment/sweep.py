@@ -20,7 +20,7 @@ import numpy as np
 
 from jax_introspect import config as config_lib
 from jax_introspect import inject
-from jax_introspect.experiment import files, protocols, results, vectors
+from jax_introspect.experiment import files, protocols, readout, results, vectors
 from jax_introspect.experiment.protocols import experiments
 from jax_introspect.experiment.sweep_config import (SweepConfig, SweepError, bound_values, grader_specs,
                                                     resolve_layers, strength_label)
@@ -241,8 +241,15 @@ def plan_sweep(config: SweepConfig, model_config, tokenizer, checkpoint: str, dt
         except config_lib.ContextTooLongError as e:
             raise SweepError(f"protocol {name}: {e} (--config.max_new_tokens)") from e
     file_vectors = read_vector_files(config, words, layers, model_config) if config.vector_files else None
-    return SweepPlan(config=config, words=words, layers=layers, trials=plan_trials(config, words, layers),
-                     prompts=prompts,
+    if config.readout:  # its token sets, before the model loads
+        try:
+            readout.answer_token_sets(tokenizer)
+        except readout.ReadoutError as e:
+            raise SweepError(f"readout: {e}") from e
+    trials = plan_trials(config, words, layers)
+    if config.edge_search:  # its injected trials are planned step by step (edge.py)
+        trials = [t for t in trials if t.kind == "control"]
+    return SweepPlan(config=config, words=words, layers=layers, trials=trials, prompts=prompts,
                      binding=binding(config, layers, model_config.name, checkpoint, dtype, numerics, adapter),
                      prefix=prefix, file_vectors=file_vectors)
 
@@ -303,6 +310,8 @@ def _arm_bytes(plan: SweepPlan, model_config) -> int:
     per_trial = {name: 2 * len(info.text.encode()) + 16 * plan.config.max_new_tokens + 2048
                  for name, info in plan.prompts.items()}
     records = sum(per_trial[t.prompt_key or t.protocol] for t in plan.trials)
+    if plan.config.edge_search:  # its injected trials are planned as it goes: at most the budget per layer
+        records += sum(per_trial.values()) * plan.config.edge_budget * len(plan.layers)
     cache = len(plan.words) * model_config.n_layers * model_config.d_model * 4
     return records + cache
 
@@ -489,16 +498,19 @@ def run_sweep(lm, config, out: str, *, progress: bool = True, is_writer: bool = 
 
 def _run_arms(lm, plan: ExperimentPlan, out: str, store: Optional[results.ResultsStore], progress: bool,
               on_batch: Optional[Callable[[int], None]]) -> dict:
-    summaries = [_run(lm, arm, out, store, progress, on_batch, vectors_path=os.path.join(out, plan.vectors_file(i)),
-                      config_hash=results.config_hash(plan.binding))
-                 for i, arm in enumerate(plan.arms)]
+    from jax_introspect.experiment import edge
+    summaries = [(edge.run_edge if arm.config.edge_search else _run)(
+        lm, arm, out, store, progress, on_batch, vectors_path=os.path.join(out, plan.vectors_file(i)),
+        config_hash=results.config_hash(plan.binding)) for i, arm in enumerate(plan.arms)]
     total = {k: sum(s[k] for s in summaries) for k in ("trials", "resumed_from", "ran", "ungraded")}
+    edges = [s["edge"] for s in summaries if "edge" in s]
     return dict(total, results=os.path.join(out, results.RESULTS_FILE),
-                layers=sorted({layer for s in summaries for layer in s["layers"]}))
+                layers=sorted({layer for s in summaries for layer in s["layers"]}), **({"edge": edges} if edges else {}))
 
 
 def _run(lm, plan: SweepPlan, out: str, store: Optional[results.ResultsStore], progress: bool,
-         on_batch: Optional[Callable[[int], None]], vectors_path: str, config_hash: str) -> dict:
+         on_batch: Optional[Callable[[int], None]], vectors_path: str, config_hash: str, graders=None) -> dict:
+    """Run (or resume) `plan.trials` into `store`; `graders`: from `make_graders` (made here when None)."""
     from jax_introspect import distributed
     config = plan.config
     # Only process 0's disk has the results folder: its view of what is done decides for all, or
@@ -511,7 +523,7 @@ def _run(lm, plan: SweepPlan, out: str, store: Optional[results.ResultsStore], p
     # Cached vectors are reused single-process only: on a pod every process extracts them together.
     concept = extract_vectors(lm, plan, vectors_path if store else None,
                               progress, use_cache=jax.process_count() == 1) if pending else None
-    graders = make_graders(config, writer=store is not None)
+    graders = graders if graders is not None else make_graders(config, writer=store is not None)
     left_ungraded = 0
     if ungraded:  # responses of an earlier run left ungraded: grade them, don't regenerate
         left_ungraded = grade_and_store(ungraded, graders, store)
@@ -519,13 +531,16 @@ def _run(lm, plan: SweepPlan, out: str, store: Optional[results.ResultsStore], p
             store.clear_ungraded()
     calls = _calls(pending, config)
     generate = generate_batch if config.engine == "plain" else generate_call
+    reader = readout.record_readout(lm, config, out if store else None) if calls else None
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(pending), desc="trials", unit="trial")
     for number, call in enumerate(calls):
-        left_ungraded += grade_and_store(generate(lm, call, config, plan.prompts, concept, config_hash),
-                                         graders, store)
+        records = generate(lm, call, config, plan.prompts, concept, config_hash)
+        if reader is not None:
+            records = reader.attach(records, call, plan.prompts, concept, plan.layers)
+        left_ungraded += grade_and_store(records, graders, store)
         if bar is not None:
             bar.update(len(call))
         if on_batch:

@@ -86,6 +86,26 @@ class SweepConfig:
                               help="a second BOS before every prompt, trials and vector extraction alike: what "
                                    "vLLM's generate does to an already templated Llama-3 string (the 405B "
                                    "replication's 173 prompt tokens where one BOS gives 172)")
+    # Readouts at the first answer token (experiment/readout.py): they change no text, so bind nothing.
+    readout: bool = _field(True, binds=False,
+                           help="record p_yes / p_no (probability of yes-like / no-like first answer tokens) and "
+                                "the logit lens of the injected layer in every trial record: one extra batched "
+                                "forward per distinct (prompt, injection) of a call (readout.py)")
+    readout_top_k: int = _field(10, binds=False, help="tokens kept of the logit lens (its top-k)")
+    # Edge search (experiment/edge.py): which trials run depends on the grades, so it binds when set.
+    edge_search: bool = _field(False, bound_when_set=True,
+                               help="instead of the strengths grid: per layer, bisect [min(strengths), "
+                                    "max(strengths)] for the strength where the coherent rate falls to edge_target, "
+                                    "then spend the rest of edge_budget densely around it (edge.json)")
+    edge_target: float = _field(0.5, bound_when_set=True, help="edge search: the coherent rate to find")
+    edge_tolerance: float = _field(1.0, bound_when_set=True,
+                                   help="edge search: bisect until the bracket is this narrow (strength units)")
+    edge_probe_trials: int = _field(8, bound_when_set=True, help="edge search: injected trials per bisection probe")
+    edge_budget: int = _field(96, bound_when_set=True,
+                              help="edge search: injected trials per layer, probes and dense phase together")
+    edge_dense_strengths: int = _field(5, bound_when_set=True,
+                                       help="edge search: strengths of the dense phase, over the final bracket "
+                                            "widened by edge_tolerance on each side")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # lists become tuples: the config stays hashable and frozen
@@ -263,7 +283,7 @@ def validate(config: SweepConfig) -> None:
     _check_strengths(config.strengths)
     if config.engine not in ENGINES:
         raise SweepError(f"engine {config.engine!r}: choose one of {ENGINES}")
-    for field in ("trials_per_cell", "batch_size", "max_new_tokens", "batches_per_call"):
+    for field in ("trials_per_cell", "batch_size", "max_new_tokens", "batches_per_call", "readout_top_k"):
         _check_number(config, field, 1, integer=True)
     _check_number(config, "control_trials", 0, integer=True)
     _check_number(config, "seed", 0, integer=True)
@@ -272,6 +292,8 @@ def validate(config: SweepConfig) -> None:
     for field in (n for n in FIELDS if _TYPES[n] == "bool"):
         if not isinstance(getattr(config, field), bool):
             raise SweepError(f"{field} must be True or False, got {getattr(config, field)!r}")
+    if config.edge_search:
+        _check_edge(config)
     grader_specs(config)
     _check_experiments(config)
 
@@ -287,6 +309,21 @@ def _check_experiments(config: SweepConfig) -> None:
                 experiment_grading.check_spec(name, spec)
     except (ProtocolError, ValueError) as e:
         raise SweepError(str(e)) from e
+
+
+def _check_edge(config: SweepConfig) -> None:
+    for field in ("edge_probe_trials", "edge_budget", "edge_dense_strengths"):
+        _check_number(config, field, 1, integer=True)
+    _check_number(config, "edge_target", 0.0, 1.0, low_inclusive=False)
+    _check_number(config, "edge_tolerance", 1e-3)
+    if config.cell_per_word:
+        raise SweepError("edge_search counts trials per strength: set cell_per_word=False (words cycle)")
+    if len(config.strengths) < 2 or max(config.strengths) - min(config.strengths) <= config.edge_tolerance:
+        raise SweepError(f"edge_search brackets [min(strengths), max(strengths)] = {list(config.strengths)}: give two "
+                         f"strengths further apart than edge_tolerance={config.edge_tolerance}, e.g. "
+                         "--config.strengths=1,32")
+    if min(config.strengths) < 0:
+        raise SweepError("edge_search: strengths must be >= 0")
 
 
 def _check_vector_files(config: SweepConfig) -> None:

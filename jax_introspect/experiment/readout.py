@@ -1,0 +1,274 @@
+"""Readouts below the threshold of words, at the first answer token of every trial.
+
+A trial's first answer token is chosen from the logits at the last prompt position: they depend
+only on the trial's prompt and injection, not on its sampling key. So one extra batched forward per
+distinct (prompt, injection) of a generation call gives, for every trial of it:
+
+- `p_yes` / `p_no`: the total softmax probability (float32) of the tokenizer's yes-like / no-like
+  first tokens (`answer_token_sets`: the single-token encodings of "Yes", " Yes", "yes", " yes",
+  "YES", " YES" and the same for "No"), a continuous measure of detection that moves even when
+  every sampled answer is a denial;
+- the logit lens at a layer: the raw residual stream after that decoder layer (injection
+  included) at the last prompt position, through the final RMSNorm and the unembedding, softmaxed:
+  its top-k tokens (ids, text, probabilities) and, for an injected trial, the best probability and
+  its rank (1 = top) among the first tokens of the injected word's forms (`word_token_ids`: the
+  first token of "Word", " Word", "word", " word"). An injected trial's lens is at its injected
+  layer; a control's at each layer of the sweep (its own with `controls_per_layer`), so the report
+  can ask whether a word's token is in the top-k without the injection.
+
+The forward runs the rows' shared prefix (the prompt before any injection) once and each row's
+suffix from its cache, as the sweep engine prefills its cells (`engine.plan_work`); it is one
+compiled program per (rows, prefix, suffix bucket): rows are padded to a fixed count
+(`batch_size`) with strength-0 rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_introspect import model as model_lib
+from jax_introspect import sharding as sharding_lib
+
+YES_FORMS = ("Yes", "yes", "YES")
+NO_FORMS = ("No", "no", "NO")
+LEADS = ("", " ")  # each form bare and after a space: a chat answer's first token is either
+READOUT_FILE = "readout.json"  # the token sets and settings, beside trials.jsonl
+
+
+class ReadoutError(ValueError):
+    pass
+
+
+def single_tokens(tokenizer, forms: Sequence[str]) -> dict:
+    """{"forms": texts that are one token, "ids": their ids} (each form with each lead), in order, without repeats."""
+    ids, texts = [], []
+    for form in forms:
+        for lead in LEADS:
+            encoded = tokenizer.encode(lead + form)
+            if len(encoded) == 1 and encoded[0] not in ids:
+                ids.append(int(encoded[0]))
+                texts.append(lead + form)
+    return {"forms": texts, "ids": ids}
+
+
+def answer_token_sets(tokenizer) -> dict:
+    """{"yes": {"forms", "ids"}, "no": {...}}: the yes-like and no-like first tokens of this tokenizer.
+    Raises ReadoutError when a set is empty (the tokenizer splits every form), or they overlap."""
+    sets = {"yes": single_tokens(tokenizer, YES_FORMS), "no": single_tokens(tokenizer, NO_FORMS)}
+    for name, forms in (("yes", YES_FORMS), ("no", NO_FORMS)):
+        if not sets[name]["ids"]:
+            raise ReadoutError(f"the tokenizer encodes none of {[l + f for f in forms for l in LEADS]} as one token: "
+                               f"no {name}-like first token to read p_{name} from; run with --config.readout=False")
+    if set(sets["yes"]["ids"]) & set(sets["no"]["ids"]):
+        raise ReadoutError(f"yes-like and no-like token sets overlap: {sets}")
+    return sets
+
+
+def word_token_ids(tokenizer, word: str) -> list:
+    """The first token of each form of `word` ("Word", " Word", "word", " word"), without repeats."""
+    ids = []
+    for form in (word, " " + word, word.lower(), " " + word.lower()):
+        encoded = tokenizer.encode(form)
+        if encoded and int(encoded[0]) not in ids:
+            ids.append(int(encoded[0]))
+    return ids
+
+
+WORD_FORMS = 4  # word_token_ids gives at most this many
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layout", "top_k"))
+def _readout(params, cfg, prefix, tokens, valid, injection, lens_layer, word_ids, yes_mask, no_mask, adapter, *,
+             layout, top_k):
+    """Per row: p_yes, p_no [B]; the lens at layer lens_layer[b]: top-k (probs, ids) [B, k], the best
+    probability among word_ids[b] [B], its token [B] and its rank [B] (1 = top). The rows' shared
+    prefix [1, Lp] (before any injection) is run once and its cache broadcast, as the sweep engine
+    prefills cells (`engine._prefill_cells`); `tokens` [B, Ls] are the rows' suffixes, left-padded."""
+    batch, suffix_len = tokens.shape
+    prefix_len = prefix.shape[1]
+    dtype = params.embed.dtype
+    cache = model_lib.init_cache(cfg, 1, prefix_len, dtype)
+    if prefix_len:
+        _, cache, _ = model_lib.forward(params, cfg, prefix, jnp.arange(prefix_len)[None],
+                                        jnp.ones((1, prefix_len), bool), cache, layout=layout, last_only=True,
+                                        adapter=adapter)
+    L, K, hd = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+    cache = model_lib.KVCache(k=jnp.broadcast_to(cache.k, (L, batch, K, hd, prefix_len)),
+                              v=jnp.broadcast_to(cache.v, (L, batch, K, prefix_len, hd)),
+                              valid=jnp.ones((batch, prefix_len), bool), length=jnp.int32(prefix_len))
+    cache = layout.constrain_cache(model_lib.extend_cache(cache, suffix_len))
+    positions = prefix_len + model_lib.prompt_positions(valid)
+    logits, _, residuals = model_lib.forward(params, cfg, tokens, positions, valid, cache, layout=layout,
+                                             return_residuals=True, injection=injection, last_only=True,
+                                             adapter=adapter)
+    probs = jax.nn.softmax(logits[:, -1].astype(jnp.float32), axis=-1)
+    p_yes = jnp.sum(probs * yes_mask, axis=-1)
+    p_no = jnp.sum(probs * no_mask, axis=-1)
+    h = residuals[lens_layer, jnp.arange(batch), -1]  # [B, D]: after the chosen layer, at the last position
+    h = model_lib.rms_norm(h[:, None], params.final_norm, cfg.rms_norm_eps)
+    head = params.embed.T if params.lm_head is None else params.lm_head
+    lens = model_lib.linear("btd,dv->btv", h, head, params.lm_head_scale, model_lib._precision(h.dtype))
+    lens_probs = jax.nn.softmax(lens[:, 0].astype(jnp.float32), axis=-1)
+    top_probs, top_ids = jax.lax.top_k(lens_probs, top_k)
+    word_probs = jnp.take_along_axis(lens_probs, word_ids, axis=1)  # [B, WORD_FORMS]
+    best = jnp.argmax(word_probs, axis=-1)
+    word_prob = jnp.take_along_axis(word_probs, best[:, None], axis=1)[:, 0]
+    word_token = jnp.take_along_axis(word_ids, best[:, None], axis=1)[:, 0]
+    word_rank = 1 + jnp.sum(lens_probs > word_prob[:, None], axis=-1)
+    return p_yes, p_no, top_probs, top_ids, word_prob, word_token, word_rank
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadoutRow:
+    """One distinct forward: a prompt, its injection (as `inject.make`'s per-row arguments), the lens
+    layer and the injected word's tokens (empty for a control)."""
+    ids: tuple
+    layer: int
+    strength: float
+    vector_key: tuple  # (word, layer) of the concept vector, or None
+    start: int
+    norm_match: object
+    lens_layer: int
+    word_ids: tuple
+
+
+class Readout:
+    """The readout of a sweep: the tokenizer's token sets, one padded row count, top_k."""
+
+    def __init__(self, lm, rows_per_forward: int, top_k: int):
+        self.lm = lm
+        self.sets = answer_token_sets(lm.tokenizer)
+        self.top_k = int(top_k)
+        data = lm.layout.data_size
+        self.rows = -(-int(rows_per_forward) // data) * data
+        vocab = lm.config.vocab_size
+        self.yes_mask = np.zeros(vocab, np.float32)
+        self.yes_mask[self.sets["yes"]["ids"]] = 1.0
+        self.no_mask = np.zeros(vocab, np.float32)
+        self.no_mask[self.sets["no"]["ids"]] = 1.0
+        self._word_ids = {}
+        self._vectors = {}  # (word, layer) -> concept vector of the rows being read (`attach` fills it)
+
+    def metadata(self) -> dict:
+        """What readout.json states: the token sets (ids and the texts they encode), k, the word forms."""
+        tok = self.lm.tokenizer
+        return {"p_yes_tokens": self.sets["yes"], "p_no_tokens": self.sets["no"], "top_k": self.top_k,
+                "yes_forms": list(YES_FORMS), "no_forms": list(NO_FORMS), "leads": list(LEADS),
+                "word_forms": ["Word", " Word", "word", " word"],
+                "decoded": {str(i): tok.decode([i]) for s in self.sets.values() for i in s["ids"]},
+                "position": "last prompt position (the first answer token's logits)",
+                "lens": "residual after the layer (injection included), final RMSNorm, unembedding, softmax"}
+
+    def word_ids(self, word: str) -> tuple:
+        if word not in self._word_ids:
+            self._word_ids[word] = tuple(word_token_ids(self.lm.tokenizer, word))
+        return self._word_ids[word]
+
+    def run(self, rows: list) -> list:
+        """One result dict per ReadoutRow (rows beyond `self.rows` run in further forwards)."""
+        out = []
+        for i in range(0, len(rows), self.rows):
+            out += self._forward(rows[i:i + self.rows])
+        return out
+
+    def _forward(self, rows: list) -> list:
+        from jax_introspect import engine, inject
+        lm, n = self.lm, len(rows)
+        padded = rows + [rows[-1]] * (self.rows - n)
+        ids = [list(r.ids) for r in padded]
+        lm.check_context(max(map(len, ids)))
+        d_model = lm.config.d_model
+        vectors = np.stack([self._vectors[r.vector_key] if r.vector_key else np.zeros(d_model, np.float32)
+                            for r in padded])
+        injection = inject.make(layer=[r.layer for r in padded],
+                                strength=[r.strength if i < n else 0.0 for i, r in enumerate(padded)],
+                                vector=vectors, start=[r.start for r in padded],
+                                norm_match=[r.norm_match for r in padded])
+        inject.validate(injection, lm.config, len(padded))
+        # The engine's split: the prefix every row shares before any injection, each row's suffix.
+        work = engine.plan_work(ids, injection, lm._pad_id(), slots=self.rows, trials=self.rows, share_cells=False)
+        if work.cell_tokens.max() >= lm.config.vocab_size or work.cell_tokens.min() < 0:
+            raise ValueError(f"token ids must lie in [0, {lm.config.vocab_size})")
+        words = np.array([(list(r.word_ids) + [r.word_ids[0] if r.word_ids else 0] * WORD_FORMS)[:WORD_FORMS]
+                          for r in padded], np.int32)
+        lens_layer = np.array([r.lens_layer for r in padded], np.int32)
+        lay = lm.layout
+        tokens, valid, injection = lay.put((work.cell_tokens, work.cell_valid, work.cell_injection),
+                                           (lay.of("tokens"), lay.of("tokens"), lay.injection()))
+        prefix, lens_layer, words, yes_mask, no_mask = lay.put(
+            (work.prefix, lens_layer, words, self.yes_mask, self.no_mask), lay.replicated)
+        outputs = _readout(lm.params, lm.run_config, prefix, tokens, valid, injection, lens_layer, words, yes_mask,
+                           no_mask, lm.adapter, layout=lay, top_k=self.top_k)
+        p_yes, p_no, top_probs, top_ids, word_prob, word_token, word_rank = (
+            np.asarray(sharding_lib.to_host(x))[:n] for x in outputs)
+        tok = lm.tokenizer
+        results = []
+        for i, r in enumerate(rows):
+            lens = {"layer": int(r.lens_layer), "top_ids": top_ids[i].tolist(),
+                    "top_tokens": [tok.decode([int(t)]) for t in top_ids[i]],
+                    "top_probs": [float(p) for p in top_probs[i]]}
+            if r.word_ids:
+                lens.update(word_token_ids=list(r.word_ids), word_token=int(word_token[i]),
+                            word_prob=float(word_prob[i]), word_rank=int(word_rank[i]))
+            results.append({"p_yes": float(p_yes[i]), "p_no": float(p_no[i]), "lens": lens})
+        return results
+
+    def attach(self, records: list, trials: list, prompts: dict, concept, layers: Sequence[int]) -> list:
+        """`records` (of `trials`, in order) with their `readout` filled: one forward row per distinct
+        (prompt, injection, lens layer). A control's lens runs at every layer of `layers` (its own
+        with per-layer controls)."""
+        began = time.time()
+        # Lindsey's other experiments (per-pair prompts, windows with an end: protocols/experiments.py)
+        # ask no yes/no question: their records keep no readout.
+        readable = [i for i, t in enumerate(trials) if t.prompt_key is None]
+        if len(readable) < len(trials):
+            done = self.attach([records[i] for i in readable], [trials[i] for i in readable], prompts, concept,
+                               layers) if readable else []
+            out = list(records)
+            for i, record in zip(readable, done):
+                out[i] = record
+            return out
+        self._vectors.clear()
+        keys, distinct = [], {}
+        for t in trials:
+            info = prompts[t.protocol]
+            if t.kind == "injected":
+                self._vectors[(t.word, t.layer)] = concept.vector(t.word, t.layer)
+                row_keys = [ReadoutRow(tuple(info.ids), t.layer, float(t.strength), (t.word, t.layer), info.start,
+                                       info.norm_match, t.layer, self.word_ids(t.word))]
+            else:
+                lens_layers = [t.layer] if t.layer is not None else list(layers)
+                row_keys = [ReadoutRow(tuple(info.ids), 0, 0.0, None, info.start, info.norm_match, layer, ())
+                            for layer in lens_layers]
+            for key in row_keys:
+                distinct.setdefault(key, len(distinct))
+            keys.append(row_keys)
+        values = self.run(list(distinct))
+        seconds = round(time.time() - began, 3)
+        out = []
+        for record, row_keys in zip(records, keys):
+            first = values[distinct[row_keys[0]]]
+            readout = {"p_yes": first["p_yes"], "p_no": first["p_no"],
+                       "lens": [values[distinct[k]]["lens"] for k in row_keys]}
+            # the cost beside the generation's (timing varies run to run; the readout does not)
+            timing = dict(record.timing, readout_seconds=seconds, readout_forwards=-(-len(distinct) // self.rows))
+            out.append(dataclasses.replace(record, readout=readout, timing=timing))
+        return out
+
+
+def record_readout(lm, config, folder: Optional[str]):
+    """The sweep's Readout (None when `config.readout` is off); its metadata written to readout.json."""
+    if not config.readout:
+        return None
+    readout = Readout(lm, config.batch_size, config.readout_top_k)
+    if folder:
+        from jax_introspect.experiment.files import atomic_write_json
+        atomic_write_json(os.path.join(folder, READOUT_FILE), readout.metadata(), indent=1, sort_keys=True)
+    return readout
