@@ -32,6 +32,9 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run
                   "--hide-scrollbars", "--remote-debugging-port=0"]
 
 
+RELOAD_AFTER_S = 20.0  # a log still "Loading log..." this long after the click is reloaded once
+
+
 class BrowserError(RuntimeError):
     pass
 
@@ -106,8 +109,17 @@ async def _render(url: str, expect: list, timeout: float, screenshot: Optional[s
                 deadline = time.time() + timeout
                 body = ""
                 clicked = click_text is None
+                clicked_at, reloaded = None, False
                 while time.time() < deadline:
                     body = await text()
+                    if (clicked_at is not None and not reloaded and "Loading log" in body
+                            and time.time() - clicked_at > RELOAD_AFTER_S):
+                        # Once (seen in CI, on a loaded machine): a log opened before the viewer was
+                        # ready stays "Loading log..."; the route is in the URL, so a reload opens it.
+                        await call("Runtime.evaluate", expression="location.reload()")
+                        reloaded = True
+                        await asyncio.sleep(1.0)
+                        continue
                     if not clicked and click_text in body.split("\n"):
                         # Into the log: click the element whose own text is click_text (a task name).
                         await call("Runtime.evaluate", returnByValue=True, expression=(
@@ -115,7 +127,7 @@ async def _render(url: str, expect: list, timeout: float, screenshot: Optional[s
                             f" const want = {json.dumps(click_text)};"
                             " while (w.nextNode()) { if (w.currentNode.textContent.trim() === want) {"
                             " w.currentNode.parentElement.click(); return true; } } return false; })()"))
-                        clicked = True
+                        clicked, clicked_at = True, time.time()
                         await asyncio.sleep(1.0)
                         continue
                     if clicked and all(e in body for e in expect):

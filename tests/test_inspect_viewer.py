@@ -31,10 +31,10 @@ def test_bundle_opens_from_disk_and_shows_samples_and_scores(viewer, tmp_path):
     bundle, ours, theirs = viewer
     # The list of logs: both runs with their models.
     _check(inspect_browser.render(str(bundle), expect=[ours.name, theirs.name, "jax_introspect/", "replication_405b/"],
-                                  timeout=60))
+                                  timeout=120))
     # Into each run: its samples (ids and responses, as many as the list renders) and a column per score.
     for run, shot in ((ours, tmp_path / "ours.png"), (theirs, None)):
-        result = inspect_browser.render(str(bundle), click_text=run.name, screenshot=shot and str(shot), timeout=60,
+        result = inspect_browser.render(str(bundle), click_text=run.name, screenshot=shot and str(shot), timeout=120,
                                         expect=[f"{len(run.rows)} Samples", "COHERENT", "AFFIRMATIVE", "IDENTIFIES",
                                                 "STRICT_INTROSPECTION"])
         _check(result)
