@@ -183,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         load[g].append(common.load_average()[0])
         arms["vLLM + vllm-lens 1.1.0"] = [run["seconds"] for run in vllm["grids"][g]]
         n = len(plan.trials)
-        hf_rate = n / common.median(arms["HF loop"])
+        hf_rate = common.median([n / s for s in arms["HF loop"]])
         lengths = vllm["grids"][g][0]["n_tokens"]
         for name, seconds in arms.items():
             rate = [n / s for s in seconds]
