@@ -93,18 +93,13 @@ def build_models(shape: str, tokenizer_model: Optional[str], device: str, dtype:
     return lm, model
 
 
-def case_config(grid: str, protocol: str):
-    # The sweep's grids, in bfloat16 (the checkpoint's dtype here); the same batch sizes as the CPU run.
-    return sweep_engine.grid_config(grid, protocol)
-
-
 def run_case(lm, model, grid: str, protocol: str, runs: int, device: str) -> dict:
     """The grid's arms; without an HF `model` only the JAX arms (engine vs plain texts)."""
     import shutil
     import tempfile
 
     from jax_introspect.experiment import sweep
-    config = case_config(grid, protocol)
+    config = sweep_engine.grid_config(grid, protocol)  # the CPU run's grids and batch sizes
     plan = sweep.plan_sweep(config, lm.config, lm.tokenizer, lm.path, str(lm.dtype))
     scratch = tempfile.mkdtemp(prefix="bench_engine_gpu_")
     vectors_file = os.path.join(scratch, sweep.VECTORS_FILE)

@@ -16,14 +16,12 @@ from jax_introspect.experiment.grading import experiments as grading
 from jax_introspect.experiment.protocols import experiments
 from tests import hf_reference as ref
 
-NOTES = next((p for p in (os.path.join(ref.REPO, "..", "shared", "research", "lindsey_protocol.md"),
-                          "/work/shared/research/lindsey_protocol.md") if os.path.exists(p)), None)
+NOTES = os.path.join(ref.REPO, "..", "shared", "research", "lindsey_protocol.md")
 
 
 def section_6():
-    if NOTES is None:
-        pytest.skip("the research notes (shared/research/lindsey_protocol.md) are not beside this checkout; the "
-                    "data file's own copies are still checked by test_messages_are_the_notes_text_in_chat_form")
+    if not os.path.exists(NOTES):  # the reference text: CI clones the repo beside ../shared
+        pytest.fail(f"the research notes are not at {os.path.abspath(NOTES)}: check this repo out beside shared/")
     with open(NOTES, encoding="utf-8") as f:
         text = f.read()
     return text[text.index("## 6. The paper's other experiments"):]
