@@ -225,19 +225,14 @@ class Readout:
         (prompt, injection, lens layer). A control's lens runs at every layer of `layers` (its own
         with per-layer controls)."""
         began = time.time()
-        # Lindsey's other experiments (per-pair prompts, windows with an end: protocols/experiments.py)
-        # ask no yes/no question: their records keep no readout.
-        readable = [i for i, t in enumerate(trials) if t.prompt_key is None]
-        if len(readable) < len(trials):
-            done = self.attach([records[i] for i in readable], [trials[i] for i in readable], prompts, concept,
-                               layers) if readable else []
-            out = list(records)
-            for i, record in zip(readable, done):
-                out[i] = record
-            return out
         self._vectors.clear()
         keys, distinct = [], {}
         for t in trials:
+            if t.prompt_key is not None:
+                # Lindsey's other experiments (per-pair prompts, windows with an end:
+                # protocols/experiments.py) ask no yes/no question: their records keep no readout.
+                keys.append(None)
+                continue
             info = prompts[t.protocol]
             if t.kind == "injected":
                 self._vectors[(t.word, t.layer)] = concept.vector(t.word, t.layer)
@@ -250,10 +245,15 @@ class Readout:
             for key in row_keys:
                 distinct.setdefault(key, len(distinct))
             keys.append(row_keys)
+        if not distinct:
+            return list(records)
         values = self.run(list(distinct))
         seconds = round(time.time() - began, 3)
         out = []
         for record, row_keys in zip(records, keys):
+            if row_keys is None:
+                out.append(record)
+                continue
             first = values[distinct[row_keys[0]]]
             readout = {"p_yes": first["p_yes"], "p_no": first["p_no"],
                        "lens": [values[distinct[k]]["lens"] for k in row_keys]}
