@@ -289,7 +289,10 @@ class ChatTokenizer:
 
 
 class ScriptedLM:
-    """Answers each trial (found by its trial id) with the next of that trial's scripted replies."""
+    """Answers each trial (found by its trial id) with the next of that trial's scripted replies,
+    through `generate` or the sweep engine's `generate_shared` (the judge's default)."""
+
+    layout = type("Layout", (), {"data_size": 2})()
 
     def __init__(self, scripts):
         self.scripts = {t: list(replies) for t, replies in scripts.items()}
@@ -297,8 +300,16 @@ class ScriptedLM:
         self.calls = []
 
     def generate(self, prompts, max_new_tokens=64, temperature=0.0, seed=0, trial_ids=None):
-        self.calls.append({"prompts": list(prompts), "max_new_tokens": max_new_tokens, "temperature": temperature,
-                           "seed": seed, "trial_ids": list(trial_ids)})
+        return self._reply("generate", prompts, max_new_tokens, temperature, seed, trial_ids)
+
+    def generate_shared(self, prompts, max_new_tokens=64, temperature=0.0, seed=0, trial_ids=None, *, slots, trials):
+        assert len(prompts) <= trials and slots >= trials and slots % self.layout.data_size == 0
+        return self._reply("generate_shared", prompts, max_new_tokens, temperature, seed, trial_ids,
+                           slots=slots, trials=trials)
+
+    def _reply(self, method, prompts, max_new_tokens, temperature, seed, trial_ids, **engine):
+        self.calls.append({"method": method, "prompts": list(prompts), "max_new_tokens": max_new_tokens,
+                           "temperature": temperature, "seed": seed, "trial_ids": list(trial_ids), **engine})
         return [FakeGeneration(self.scripts[t].pop(0)) for t in trial_ids]
 
 
@@ -333,12 +344,21 @@ def test_self_hosted_replication_judge_retries_sampled_then_leaves_ungraded(case
                                                   ["trial-0"]]
     assert [c["temperature"] for c in lm.calls] == [0.0, 0.7, 0.7]  # greedy, then sampled
     assert [c["seed"] for c in lm.calls] == [0, 1, 2]
+    # through the sweep engine (the default): each call padded to the batch, on its slots
+    assert all(c["method"] == "generate_shared" and (c["slots"], c["trials"]) == (8, 8) for c in lm.calls)
 
 
 def test_self_hosted_replication_judge_batches_and_checks_its_settings():
     lm = ScriptedLM({f"trial-{i}": [reply()] for i in range(5)})
     grades = self_hosted(lm, batch_size=2).grade([trial(i) for i in range(5)], progress=True)
     assert [len(c["prompts"]) for c in lm.calls] == [2, 2, 1] and all(g["strict"] for g in grades)
+    assert {(c["slots"], c["trials"]) for c in lm.calls} == {(2, 2)}  # slots: the batch, on the data axis
+    lm = ScriptedLM({f"trial-{i}": [reply()] for i in range(3)})
+    assert self_hosted(lm, batch_size=3).grade([trial(i) for i in range(3)]) == grades[:3]
+    assert [(c["slots"], c["trials"]) for c in lm.calls] == [(4, 3)]  # 3 rounded up to the data axis (2)
+    lm = ScriptedLM({f"trial-{i}": [reply()] for i in range(5)})
+    assert self_hosted(lm, batch_size=2, engine=False).grade([trial(i) for i in range(5)]) == grades
+    assert [c["method"] for c in lm.calls] == ["generate"] * 3 and "slots" not in lm.calls[0]
     for bad in ({"schema_retries": -1}, {"retry_temperature": 0.0}, {"batch_size": 0}):
         with pytest.raises(ValueError):
             self_hosted(lm, **bad)
@@ -440,3 +460,39 @@ def test_constrained_self_hosted_judge_always_fits_the_schema(tiny_judge_lm):
         assert grade["identifies"] == (values["identifies"] and not control)
         assert grade["immediate"] == (values["immediate"] and not control)
         assert isinstance(grade["notes"], str)
+
+
+@pytest.mark.parametrize("decoding", ["free", "constrained"])
+def test_self_hosted_judge_engine_gives_the_texts_of_generate(tiny_judge_lm, decoding, monkeypatch):
+    """The judge's replies (free decoding's greedy replies and sampled retries; constrained
+    decoding's notes) through the sweep engine (the default: the replication's system prompt
+    prefilled once per call) are `lm.generate`'s (engine=False), call by call, and so are the
+    grades; the constrained booleans' next-token logits come from `lm.generate` either way (the
+    engine returns no logits)."""
+    lm, calls = tiny_judge_lm, []
+    for method in ("generate", "generate_shared"):
+        def recording(prompts, _real=getattr(lm, method), _method=method, **kw):
+            outs = _real(prompts, **kw)
+            calls.append((_method, kw.get("temperature", 0.0), kw.get("seed", 0), kw["trial_ids"],
+                          [out.text for out in outs]))
+            return outs
+        monkeypatch.setattr(lm, method, recording)
+    judge = make_grader("replication:llm:tiny", lm=lm, decoding=decoding, batch_size=2, max_new_tokens=8,
+                        schema_retries=1)
+    assert judge.engine
+    requests = [trial(0), GradeRequest("c", LINDSEY_QUESTION, "No.", None, 0.0, "")]  # injected, control
+    grades = judge.grade(requests)
+    engine_calls, calls[:] = list(calls), []
+    judge.engine = False
+    assert judge.grade(requests) == grades
+    assert [c[1:] for c in calls] == [c[1:] for c in engine_calls]  # the same texts, call by call
+    assert [c[0] for c in calls] == ["generate"] * len(calls)
+    if decoding == "free":
+        # a random model cannot write the schema's object (nor 8 tokens hold it): every greedy reply
+        # fails it and is asked again, sampled (seed 1), then left ungraded
+        assert grades == [None, None]
+        assert engine_calls[0][:4] == ("generate_shared", 0.0, 0, ["trial-0", "c"])
+        assert engine_calls[1][:4] == ("generate_shared", 1.0, 1, ["trial-0", "c"]) and len(engine_calls) == 2
+    else:  # four booleans' logits, then the notes through the engine
+        assert [c[0] for c in engine_calls] == ["generate"] * 4 + ["generate_shared"]
+        assert all(g["strict_definition"] == "replication" and isinstance(g["notes"], str) for g in grades)

@@ -163,8 +163,9 @@ def make_grader(spec: str, **kwargs) -> Grader:
     """A grader from its spec (GRADER_SPECS).
 
     kwargs go to the grader: heuristic (related_terms, params), llm (max_new_tokens, batch_size,
-    dtype, lm), api (base_url, timeout_s, max_retries, max_tokens, workers); replication:api (those of
-    api, plus schema_retries); replication:llm (those of llm, plus schema_retries, retry_temperature)."""
+    dtype, lm, engine), api (base_url, timeout_s, max_retries, max_tokens, workers); replication:api
+    (those of api, plus schema_retries); replication:llm (those of llm, plus decoding, schema_retries,
+    retry_temperature)."""
     kind, args = parse_spec(spec)
     if kind == "heuristic":
         from jax_introspect.experiment.grading.heuristic import HeuristicGrader

@@ -135,6 +135,13 @@ def check_generation_sizes(max_new_tokens: int, batch_size: int) -> None:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
 
 
+def engine_slots(lm, batch_size: int) -> int:
+    """A judge's rows decoding together in `lm.generate_shared`: its batch, rounded up to the
+    mesh's data axis."""
+    data = lm.layout.data_size
+    return -(-batch_size // data) * data
+
+
 class PromptJudge(Grader):
     """A judge that answers the paper's grader prompts; subclasses supply the model."""
 
@@ -196,12 +203,8 @@ class SelfHostedJudge(PromptJudge):
         for criterion in dict.fromkeys(c for c, _ in jobs):  # one call per criterion: one shared grader text
             rows = [i for i, (c, _) in enumerate(jobs) if c == criterion]
             outs = self.lm.generate_shared([jobs[i][1] for i in rows], max_new_tokens=self.max_new_tokens,
-                                           temperature=0.0, slots=self._slots(), trials=self.batch_size)
+                                           temperature=0.0, slots=engine_slots(self.lm, self.batch_size),
+                                           trials=self.batch_size)
             for i, out in zip(rows, outs):
                 replies[i] = out
         return replies
-
-    def _slots(self) -> int:
-        """Rows decoding together: the batch, rounded up to the mesh's data axis."""
-        data = self.lm.layout.data_size
-        return -(-self.batch_size // data) * data

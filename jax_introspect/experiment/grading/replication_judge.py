@@ -25,8 +25,8 @@ from typing import Optional, Sequence
 
 from jax_introspect.experiment.grading import CRITERIA, GradeRequest, Grader, GradingError, make_grade, progress_bar
 from jax_introspect.experiment.grading.api_judge import SdkJudge, UnusableReply, anthropic_text, openai_text
-from jax_introspect.experiment.grading.llm_judge import (check_generation_sizes, checkpoint_label, load_judge_model,
-                                                         tail)
+from jax_introspect.experiment.grading.llm_judge import (check_generation_sizes, checkpoint_label, engine_slots,
+                                                         load_judge_model, tail)
 
 DATA_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "protocols", "data",
                          "replication_405b_judge.json")
@@ -237,11 +237,19 @@ class SelfHostedReplicationJudge(Grader):
     greedily and closed. Every reply fits the schema: nothing to retry, nothing guessed.
     decoding="free": the reply is generated freely (`max_new_tokens`, default the replication's 400)
     and parsed strictly; greedy first, the replies that fail the schema asked again sampled at
-    `retry_temperature` (greedy would repeat itself), up to `schema_retries` times, then None."""
+    `retry_temperature` (greedy would repeat itself), up to `schema_retries` times, then None.
+
+    Generation (the free replies, greedy and sampled; the constrained notes) goes through the sweep
+    engine, `lm.generate_shared` (`engine`, default): the prompts' common opening (the system
+    prompt, the user message's first lines) is prefilled once per call and finished replies' slots
+    are refilled; the texts are `lm.generate`'s, which `engine=False` uses. The constrained
+    booleans' next-token logits come from `lm.generate` (one token, `return_logits`) either way:
+    the engine returns no logits."""
 
     def __init__(self, path: Optional[str] = None, max_new_tokens: Optional[int] = None, batch_size: int = 8,
                  dtype=None, lm=None, system_header: bool = True, schema_retries: int = 2,
-                 retry_temperature: float = 1.0, name: Optional[str] = None, decoding: str = "constrained"):
+                 retry_temperature: float = 1.0, name: Optional[str] = None, decoding: str = "constrained",
+                 engine: bool = True):
         max_new_tokens = max_new_tokens or judge()["max_tokens"]
         check_generation_sizes(max_new_tokens, batch_size)
         if retry_temperature <= 0:
@@ -252,6 +260,7 @@ class SelfHostedReplicationJudge(Grader):
         self.lm = lm if lm is not None else load_judge_model(path, dtype)
         self.max_new_tokens = int(max_new_tokens)
         self.batch_size = int(batch_size)
+        self.engine = bool(engine)
         self.system_header = system_header
         self.schema_retries = check_schema_retries(schema_retries)
         self.retry_temperature = float(retry_temperature)
@@ -261,6 +270,16 @@ class SelfHostedReplicationJudge(Grader):
         messages = [{"role": "system", "content": judge()["system"]},
                     {"role": "user", "content": self_hosted_prompt(request)}]
         return self.lm.tokenizer.chat_prompt(messages, system_header=self.system_header)
+
+    def _generate(self, texts: Sequence[str], trial_ids: Sequence[str], max_new_tokens: int,
+                  temperature: float = 0.0, seed: int = 0) -> list:
+        """The judge's replies to `texts` (row i sampled with the key of (`seed`, `trial_ids[i]`)):
+        through the sweep engine, or (`engine=False`) one `lm.generate`; the same texts."""
+        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, trial_ids=list(trial_ids))
+        if not self.engine:
+            return self.lm.generate(list(texts), **kw)
+        return self.lm.generate_shared(list(texts), slots=engine_slots(self.lm, self.batch_size),
+                                       trials=self.batch_size, **kw)
 
     def _next_token_logits(self, texts: Sequence[str], trial_ids: Sequence[str]):
         """[len(texts), vocab] float32: the judge's logits for the token after each text."""
@@ -289,7 +308,7 @@ class SelfHostedReplicationJudge(Grader):
             for v, logits in zip(values, self._next_token_logits(prefixes, ids)):
                 v[name] = bool(logits[true_id] > logits[false_id])
         notes_prefixes = [chat + _object_prefix(v, "notes") + ' "' for chat, v in zip(chats, values)]
-        outs = self.lm.generate(notes_prefixes, max_new_tokens=NOTES_TOKENS, trial_ids=ids)
+        outs = self._generate(notes_prefixes, ids, NOTES_TOKENS)
         for v, out in zip(values, outs):
             v["notes"] = out.text.split('"', 1)[0].strip()
         # the object as written, read back through the strict parser: constrained decoding fits the schema
@@ -305,9 +324,9 @@ class SelfHostedReplicationJudge(Grader):
         for attempt in range(self.schema_retries + 1):
             if not pending:
                 break
-            outputs = self.lm.generate([texts[i] for i in pending], max_new_tokens=self.max_new_tokens,
-                                       temperature=0.0 if attempt == 0 else self.retry_temperature, seed=attempt,
-                                       trial_ids=[batch[i].trial_id for i in pending])
+            outputs = self._generate([texts[i] for i in pending], [batch[i].trial_id for i in pending],
+                                     self.max_new_tokens, temperature=0.0 if attempt == 0 else self.retry_temperature,
+                                     seed=attempt)
             failed = []
             for i, out in zip(pending, outputs):
                 try:
