@@ -1,5 +1,6 @@
-"""Whole sweeps with the sweep engine against plain batches and an HF-generate-with-hooks loop,
-side by side in one run (SmolLM2-135M float32, 2 CPU cores), and what each part of the engine saves.
+"""Whole sweeps with the sweep engine against plain batches, an HF-generate-with-hooks loop and the
+same loop in nnsight, side by side in one run (SmolLM2-135M float32, 2 CPU cores), and what each
+part of the engine saves.
 
     python -m benchmarks.sweep_engine [--runs=3] [--grids=quickstart,grid] [--protocols=lindsey,replication] \
         [--ablations=quickstart]
@@ -26,8 +27,8 @@ holding the sweep's vectors (extracted once beforehand, so no arm pays for extra
   same HF model): one `with model.generate(...)` per cell whose intervention (`nnsight_inject`)
   edits the decoder layer's output at every step (`tracer.all()`), as the hooks do; tests/
   test_nnsight_arm.py checks it against `launch/gpu_reference.Injection`.
-Throughput = trials / seconds: "generation" sums the calls' own time (records' timing; the HF
-loop's calls), "whole" is run_sweep's wall time (grading and files included). Medians of the runs.
+Throughput = trials / seconds: "generation" sums the calls' own time (records' timing; the HF and
+nnsight loops' calls), "whole" is run_sweep's wall time (grading and files included). Medians of the runs.
 """
 from __future__ import annotations
 
