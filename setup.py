@@ -49,6 +49,7 @@ setup(
             "pillow",
             "peft==0.21.2",  # tests/test_adapters.py: the LoRA reference
             "compressed-tensors",  # tests/test_fp8.py: transformers' own FP8-dynamic path as a second reference
+            "nnsight==0.8.1",  # benchmarks/sweep_engine.py's nnsight arm and its check, tests/test_nnsight_arm.py
             *API_EXTRA,  # tests/test_grading.py runs the API judges on the SDKs
             *TPU_EXTRA,  # tests/test_tpu_compile.py, tests/test_tpu_plan.py compile for TPU slices
             *INSPECT_EXTRA,  # tests/test_inspect_log.py, test_inspect_viewer.py: the logs and their viewer

@@ -1,5 +1,6 @@
-"""Whole sweeps with the sweep engine against plain batches and an HF-generate-with-hooks loop,
-side by side in one run (SmolLM2-135M float32, 2 CPU cores), and what each part of the engine saves.
+"""Whole sweeps with the sweep engine against plain batches, an HF-generate-with-hooks loop and the
+same loop in nnsight, side by side in one run (SmolLM2-135M float32, 2 CPU cores), and what each
+part of the engine saves.
 
     python -m benchmarks.sweep_engine [--runs=3] [--grids=quickstart,grid] [--protocols=lindsey,replication] \
         [--ablations=quickstart]
@@ -22,8 +23,12 @@ holding the sweep's vectors (extracted once beforehand, so no arm pays for extra
 - HF loop: what an HF-hooks user writes: one `generate` per (layer, strength) cell on its trials
   (per-row vectors, `launch/gpu_reference.Injection`), one call for the controls; same prompt ids,
   window start, norm_match, vectors, sampling settings and EOS ids; no grading or files.
-Throughput = trials / seconds: "generation" sums the calls' own time (records' timing; the HF
-loop's calls), "whole" is run_sweep's wall time (grading and files included). Medians of the runs.
+- nnsight loop: the same calls written for nnsight (`nnsight.TransformersModel` around a copy of the
+  same HF model): one `with model.generate(...)` per cell whose intervention (`nnsight_inject`)
+  edits the decoder layer's output at every step (`tracer.all()`), as the hooks do; tests/
+  test_nnsight_arm.py checks it against `launch/gpu_reference.Injection`.
+Throughput = trials / seconds: "generation" sums the calls' own time (records' timing; the HF and
+nnsight loops' calls), "whole" is run_sweep's wall time (grading and files included). Medians of the runs.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ import numpy as np
 from benchmarks import common
 
 GRIDS = ("quickstart", "grid")
+LOOPS = ("HF loop", "nnsight loop")  # arms outside run_sweep: no grading, files or texts to compare
 PROTOCOLS = {"lindsey": "lindsey_injected_thought", "replication": "replication_405b_injected_thought"}
 ENGINE_ARMS = {  # name -> (config engine, generate_shared keyword overrides)
     "engine": ("shared", {}),
@@ -90,15 +96,19 @@ def run_arm(lm, config, vectors_file: str) -> dict:
                 finished=[r.finished for r in records])
 
 
-def run_hf(model, lm, config, plan, concept, device: str = "cpu") -> dict:
-    """One HF `generate` per (layer, strength) on its trials, one for the controls (on torch `device`)."""
-    import torch
+def _generate_kwargs(lm, config) -> dict:
+    """HF `generate` keywords of the sweep's sampling (the HF and nnsight loops)."""
+    return dict(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0,
+                max_new_tokens=config.max_new_tokens, eos_token_id=list(lm.tokenizer.eos_ids),
+                pad_token_id=lm.tokenizer.pad_id)
 
-    from launch.gpu_reference import Injection
+
+def _run_cells(generate_cell, config, plan, concept, device: str = "cpu") -> dict:
+    """One `generate_cell(ids, injection)` per (layer, strength) on its trials (injection: the
+    keywords of `launch/gpu_reference.Injection` after the model: layer, vector [B, 1, D], strength,
+    start, norm_match), one for the controls (injection None); timed."""
+    import torch
     info = plan.prompts[config.protocols[0]]
-    eos = list(lm.tokenizer.eos_ids)
-    kw = dict(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0,
-              max_new_tokens=config.max_new_tokens, eos_token_id=eos, pad_token_id=lm.tokenizer.pad_id)
     prompt = torch.tensor([info.ids], dtype=torch.long, device=device)
     cells = {}
     for t in plan.trials:
@@ -107,20 +117,108 @@ def run_hf(model, lm, config, plan, concept, device: str = "cpu") -> dict:
     t0 = time.perf_counter()
     with torch.no_grad():
         for key, trials in cells.items():
-            ids = prompt.repeat(len(trials), 1)
-            if key is None:
-                model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
-            else:
-                vecs = np.stack([concept.vector(t.word, t.layer) for t in trials])[:, None, :]
-                with Injection(model, key[0], vecs, key[1], start=info.start, norm_match=info.norm_match):
-                    model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+            injection = None if key is None else dict(
+                layer=key[0], vector=np.stack([concept.vector(t.word, t.layer) for t in trials])[:, None, :],
+                strength=key[1], start=info.start, norm_match=info.norm_match)
+            generate_cell(prompt.repeat(len(trials), 1), injection)
             calls += 1
     if device != "cpu":
         torch.cuda.synchronize()
     return dict(wall=time.perf_counter() - t0, calls=calls, trials=len(plan.trials))
 
 
-def run_grid(lm, model, grid: str, protocol: str, runs: int, ablations: bool = True) -> dict:
+def run_hf(model, lm, config, plan, concept, device: str = "cpu") -> dict:
+    """One HF `generate` per (layer, strength) on its trials, one for the controls (on torch `device`)."""
+    import contextlib
+
+    import torch
+
+    from launch.gpu_reference import Injection
+    kw = _generate_kwargs(lm, config)
+
+    def generate_cell(ids, injection):
+        with (contextlib.nullcontext() if injection is None else Injection(model, **injection)):
+            model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+    return _run_cells(generate_cell, config, plan, concept, device)
+
+
+def wrap_nnsight(model, tokenizer):
+    """nnsight's model (`TransformersModel`, 0.8.1's name for `LanguageModel`, which it deprecates)
+    around a copy of the HF model: wrapping installs nnsight's controller as every module's
+    `forward` for good (inert outside a trace, but a Python layer per module call), so the HF loop
+    keeps the unwrapped original. The weights are the same values."""
+    import nnsight
+    return nnsight.TransformersModel(copy.deepcopy(model), tokenizer=tokenizer, task="text-generation")
+
+
+def nnsight_inject(nn_model, tracer, layer: int, vector, strength: float, start: int, norm_match) -> None:
+    """`launch/gpu_reference.Injection` written as nnsight interventions, inside an invoke of
+    `with nn_model.generate(...) as tracer`: at every forward of the generation (`tracer.all()`:
+    the prompt, then one per new token) decoder layer `layer`'s output gets, at the positions
+    >= `start` (read from the layer's position_ids: the prompt step's tail, every new token),
+    strength * vector ("raw"), or the vector scaled to the norm of the layer's MLP output
+    ("mlp_out") or of the layer output itself ("residual") per position: vector * |target| /
+    (|vector| + 1e-6) * strength. `vector` is [D] or one per row, [B, 1, D]. The loop is open, so
+    it ends only when the generation does: nothing after this call in the same invoke runs."""
+    import torch
+
+    from launch.gpu_reference import NORM_EPS, norm_mode_name
+    mode = norm_mode_name(norm_match)
+    vector = torch.as_tensor(np.asarray(vector, np.float32))
+    block = nn_model.model.layers[layer]
+    for _ in tracer.all():
+        positions = block.inputs[1]["position_ids"]  # read in the order the model runs: inputs, MLP, output
+        target = block.mlp.output if mode == "mlp_out" else None
+        hidden = block.output
+        if not isinstance(hidden, torch.Tensor):
+            raise TypeError(f"decoder layer {layer} returned {type(hidden).__name__}, not the hidden states "
+                            "tensor (transformers >= 5): nnsight_inject does not support this version")
+        vector = vector.to(hidden.device)
+        if mode == "raw":
+            delta = strength * vector
+        else:
+            norm = (hidden if mode == "residual" else target).float().norm(dim=-1, keepdim=True)
+            delta = vector * (norm / (vector.norm(dim=-1, keepdim=True) + NORM_EPS)) * strength
+        inside = (positions >= start)[..., None]
+        block.output = hidden + torch.where(inside, delta, 0.0).to(hidden.dtype)
+
+
+def nnsight_generate(nn_model, ids, injection: Optional[dict] = None, **kw):
+    """One nnsight `generate` on the prompt rows `ids` ([B, T]), with `nnsight_inject(**injection)`
+    at every step (None: no intervention); `kw` go to HF's generate. Returns its output
+    (`tracer.result`: token ids, or the GenerateOutput with return_dict_in_generate)."""
+    import warnings
+
+    import torch
+    with warnings.catch_warnings():
+        # An open tracer.all() loop ends at a step the generation never makes; nnsight warns, by design.
+        warnings.filterwarnings("ignore", message=".*was never reached.*")
+        with nn_model.generate(**kw) as tracer:
+            with tracer.invoke(ids, attention_mask=torch.ones_like(ids)):
+                if injection is not None:
+                    nnsight_inject(nn_model, tracer, **injection)
+            with tracer.invoke():  # after the open loop, so in an invoke of its own
+                result = tracer.result.save()
+    return result
+
+
+def warm_nnsight(nn_model) -> None:
+    """One short injected nnsight generation, so the first timed call pays no first-trace costs."""
+    import torch
+    nnsight_generate(nn_model, torch.ones(1, 4, dtype=torch.long), dict(
+        layer=0, vector=np.ones(nn_model.config.hidden_size, np.float32), strength=1.0, start=0,
+        norm_match="mlp_out"), max_new_tokens=2, do_sample=False)
+
+
+def run_nnsight(nn_model, lm, config, plan, concept) -> dict:
+    """The HF loop's calls through nnsight (`wrap_nnsight`'s model): one `generate` per cell with
+    the injection as nnsight interventions (`nnsight_inject`), one for the controls."""
+    kw = _generate_kwargs(lm, config)
+    return _run_cells(lambda ids, injection: nnsight_generate(nn_model, ids, injection, **kw),
+                      config, plan, concept)
+
+
+def run_grid(lm, model, nn_model, grid: str, protocol: str, runs: int, ablations: bool = True) -> dict:
     from jax_introspect.experiment import sweep, vectors
     config = grid_config(grid, protocol)
     plan = sweep.plan_sweep(config, lm.config, lm.tokenizer, lm.path, str(lm.dtype))
@@ -128,7 +226,7 @@ def run_grid(lm, model, grid: str, protocol: str, runs: int, ablations: bool = T
     vectors_file = os.path.join(scratch, sweep.VECTORS_FILE)
     concept = sweep.extract_vectors(lm, plan, vectors_file, progress=False)
     engine_arms = {n: a for n, a in ENGINE_ARMS.items() if ablations or not n.startswith("engine, ")}
-    arms = {name: [] for name in list(engine_arms) + ["HF loop"]}
+    arms = {name: [] for name in list(engine_arms) + ["HF loop", "nnsight loop"]}
     load_before = common.load_average()[0]
     for r in range(runs + 1):  # run 0 compiles every program: not counted
         for name, (engine, overrides) in engine_arms.items():
@@ -137,11 +235,13 @@ def run_grid(lm, model, grid: str, protocol: str, runs: int, ablations: bool = T
                 arms[name].append(result)
         if r:
             arms["HF loop"].append(run_hf(model, lm, config, plan, concept))
+            arms["nnsight loop"].append(run_nnsight(nn_model, lm, config, plan, concept))
         common.log(f"{grid}/{protocol} run {r}: " + ", ".join(
             f"{n} {a[-1]['wall']:.1f}s" for n, a in arms.items() if a) + f"; load {common.load_text()}")
     shutil.rmtree(scratch, ignore_errors=True)
     reference = arms["plain batches"][0]["texts"]
-    same = {name: all(a["texts"] == reference for a in results) for name, results in arms.items() if name != "HF loop"}
+    same = {name: all(a["texts"] == reference for a in results) for name, results in arms.items()
+            if name not in LOOPS}
     return dict(grid=grid, protocol=protocol, config=config, arms=arms, same_texts=same, trials=len(plan.trials),
                 prompt_tokens=len(plan.prompts[config.protocols[0]].ids),
                 window_start=plan.prompts[config.protocols[0]].start,
@@ -170,12 +270,12 @@ def replication_lengths(path: str) -> str:
             f"early (under {0.95 * cap:.0f} tokens), mean {n.mean():.0f} tokens = {n.mean() / cap:.0%} of the cap")
 
 
-def markdown(results: list, replication_note: str) -> str:
+def markdown(results: list, replication_note: str, nnsight_version: str) -> str:
     med = common.median
-    lines = ["### Sweep engine: whole sweeps, engine vs plain batches vs HF generate + hooks", "",
+    lines = ["### Sweep engine: whole sweeps, engine vs plain batches vs HF generate + hooks vs nnsight", "",
              "Trials/s (median of the runs; in brackets the range); generation = the calls' own seconds, "
-             "whole = run_sweep's wall time with grading and files (the HF loop has neither). Ratio = the arm's "
-             "trials/s over the HF loop's, generation only.", ""]
+             "whole = run_sweep's wall time with grading and files (the HF and nnsight loops have neither). Ratio = "
+             f"the arm's trials/s over the HF loop's, generation only. nnsight {nnsight_version}.", ""]
     for res in results:
         cfg, arms = res["config"], res["arms"]
         hf = med([a["wall"] for a in arms["HF loop"]])
@@ -189,9 +289,9 @@ def markdown(results: list, replication_note: str) -> str:
             gen = [res["trials"] / a.get("generation", a["wall"]) for a in rs]
             whole = [res["trials"] / a["wall"] for a in rs]
             rows.append([name, f"{med(gen):.2f} ({min(gen):.2f}-{max(gen):.2f})",
-                         "-" if name == "HF loop" else f"{med(whole):.2f}",
+                         "-" if name in LOOPS else f"{med(whole):.2f}",
                          f"{(res['trials'] / med([a.get('generation', a['wall']) for a in rs])) / (res['trials'] / hf):.2f}x",
-                         "-" if name == "HF loop" else ("yes" if res["same_texts"][name] else "**no**")])
+                         "-" if name in LOOPS else ("yes" if res["same_texts"][name] else "**no**")])
         lines += [common.table(["arm", "trials/s, generation", "trials/s, whole", "vs HF loop", "texts = plain's"],
                                rows, "lrrrl"), ""]
     if replication_note:
@@ -211,12 +311,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     common.set_torch_threads()
     import jax_introspect
     lm = jax_introspect.load(common.ensure_smollm2_checkpoint(args.checkpoint or common.SMOLLM2_CHECKPOINT))
-    model, _ = common.load_hf_smollm2()
-    results = [run_grid(lm, model, grid, protocol, args.runs, ablations=grid in args.ablations.split(","))
+    import nnsight
+    model, hf_tokenizer = common.load_hf_smollm2()
+    nn_model = wrap_nnsight(model, hf_tokenizer)
+    warm_nnsight(nn_model)
+    results = [run_grid(lm, model, nn_model, grid, protocol, args.runs, ablations=grid in args.ablations.split(","))
                for grid in args.grids.split(",") for protocol in args.protocols.split(",")]
     note = replication_lengths(os.path.join(common.REPO, "..", "shared", "data",
                                             "replication_405b_layer84_canonical.judged.json"))
-    print(markdown(results, note))
+    print(markdown(results, note, nnsight.__version__))
 
 
 if __name__ == "__main__":
