@@ -219,7 +219,7 @@ def run_nnsight(nn_model, lm, config, plan, concept) -> dict:
 
 
 def run_grid(lm, model, nn_model, grid: str, protocol: str, runs: int, ablations: bool = True) -> dict:
-    from jax_introspect.experiment import sweep, vectors
+    from jax_introspect.experiment import sweep
     config = grid_config(grid, protocol)
     plan = sweep.plan_sweep(config, lm.config, lm.tokenizer, lm.path, str(lm.dtype))
     scratch = tempfile.mkdtemp(prefix="bench_engine_vectors_")
