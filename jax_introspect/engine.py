@@ -5,8 +5,8 @@ for every row:
 
 - **The shared prefix.** Every trial of a protocol reads the same prompt, and its injection starts
   late in it (Lindsey: at the token before "Trial 1"): every token before the earliest injection
-  start is the same computation for every row. It is prefilled once (batch 1) and its KV cache is
-  copied into every slot.
+  start is the same computation for every row. It is prefilled once (batch 1) and every slot's
+  attention reads that one KV cache (`model.forward(prefix=)`): no per-slot copies of it.
 - **One prefill per cell.** Trials with the same prompt and the same injection (the trials of one
   cell: same word, layer, strength, window; every control) have the same prefill. Each distinct
   (prompt, injection), a *cell*, is prefilled once, from the shared prefix, into a store of cell
@@ -21,7 +21,8 @@ for every row:
 Texts do not change: a trial's token t is drawn with `fold_in(trial_key, t)` from logits that
 differ from the plain path's only by float round-off (other matmul shapes, other cache columns);
 tests/test_engine.py compares the two trial by trial. The KV cache of a slot is laid out
-[prefix | suffix (left-padded) | generated]; pad columns are masked out of attention.
+[suffix (left-padded) | generated], after the shared prefix's; pad columns are masked out of
+attention.
 """
 from __future__ import annotations
 
@@ -139,20 +140,18 @@ def _rows(tree, start, size):
 
 
 def _prefill_cells(params, cfg, prefix, cell_tokens, cell_valid, cell_injection, n_cells, *, block, layout, adapter):
-    """The shared prefix once, then every real cell's suffix from it, `block` cells at a time (a
+    """The shared prefix once, then every real cell's suffix after it, `block` cells at a time (a
     loop over ceil(n_cells / block) blocks: padding cells cost nothing). Returns the prefix cache
-    [.., 1, .., Lp], the cells' suffix caches (k [L, C, K, hd, Ls], v [L, C, K, Ls, hd]) and their
-    first-answer-token logits [C, V]."""
+    [.., 1, .., Lp] (None when Lp is 0), the cells' suffix caches (k and v [L, C, K, Ls, hd]) and
+    their first-answer-token logits [C, V]."""
     prefix_len = prefix.shape[1]
     cells, suffix_len = cell_tokens.shape
     dtype = params.embed.dtype
-    prefix_cache = model_lib.init_cache(cfg, 1, prefix_len, dtype)
-    if prefix_len:
-        _, prefix_cache, _ = model_lib.forward(
-            params, cfg, prefix, jnp.arange(prefix_len)[None], jnp.ones((1, prefix_len), bool), prefix_cache,
-            layout=layout, last_only=True, adapter=adapter)
+    prefix_cache = model_lib.prefill_prefix(params, cfg, prefix, layout=layout, adapter=adapter)
     L, K, hd = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
-    store_k = jnp.zeros((L, cells, K, hd, suffix_len), dtype)
+    # Keys stored [.., Ls, hd] like the values: a [.., hd, Ls] store pads its 32-wide minor axis to the
+    # TPU's 128 lanes (4x its size) when XLA lays it out for the refill's gather.
+    store_k = jnp.zeros((L, cells, K, suffix_len, hd), dtype)
     store_v = jnp.zeros((L, cells, K, suffix_len, hd), dtype)
     store_logits = jnp.zeros((cells, cfg.vocab_size), jnp.float32)
 
@@ -160,17 +159,13 @@ def _prefill_cells(params, cfg, prefix, cell_tokens, cell_valid, cell_injection,
         store_k, store_v, store_logits = store
         first = i * block
         tokens, valid = _rows(cell_tokens, first, block), _rows(cell_valid, first, block)
-        cache = model_lib.KVCache(
-            k=jnp.broadcast_to(prefix_cache.k, (L, block, K, hd, prefix_len)),
-            v=jnp.broadcast_to(prefix_cache.v, (L, block, K, prefix_len, hd)),
-            valid=jnp.ones((block, prefix_len), bool), length=jnp.int32(prefix_len))
-        cache = layout.constrain_cache(model_lib.extend_cache(cache, suffix_len))
+        cache = layout.constrain_cache(model_lib.init_cache(cfg, block, suffix_len, dtype))
         positions = prefix_len + model_lib.prompt_positions(valid)
         logits, cache, _ = model_lib.forward(params, cfg, tokens, positions, valid, cache,
                                              injection=_rows(cell_injection, first, block), layout=layout,
-                                             last_only=True, adapter=adapter)
-        store_k = jax.lax.dynamic_update_slice_in_dim(store_k, cache.k[..., prefix_len:], first, 1)
-        store_v = jax.lax.dynamic_update_slice_in_dim(store_v, cache.v[:, :, :, prefix_len:], first, 1)
+                                             last_only=True, adapter=adapter, prefix=prefix_cache)
+        store_k = jax.lax.dynamic_update_slice_in_dim(store_k, cache.k.swapaxes(3, 4), first, 1)
+        store_v = jax.lax.dynamic_update_slice_in_dim(store_v, cache.v, first, 1)
         store_logits = jax.lax.dynamic_update_slice_in_dim(store_logits, logits[:, -1], first, 0)
         return store_k, store_v, store_logits
 
@@ -184,21 +179,15 @@ def _run(params: model_lib.Params, cfg: ModelConfig, prefix, cell_tokens, cell_v
          max_new_tokens: int, slots: int, refill_min: int, layout, adapter=None):
     """Generate every trial; returns (tokens [N, max_new_tokens], lengths [N]) as `generate_tokens`
     does for its rows (a row stops after its first EOS, which it keeps; the rest is pad_id)."""
-    prefix_len = prefix.shape[1]
     suffix_len = cell_tokens.shape[1]
     trials = trial_cell.shape[0]
-    L, K, hd, B = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, slots
+    B = slots
     prefix_cache, (store_k, store_v, store_logits) = _prefill_cells(
         params, cfg, prefix, cell_tokens, cell_valid, cell_injection, n_cells, block=B, layout=layout,
         adapter=adapter)
-    # Each slot: [prefix | its cell's suffix | generated]. The prefix columns never change.
-    gen_start = prefix_len + suffix_len
-    width = gen_start + max_new_tokens
-    cache = model_lib.extend_cache(model_lib.KVCache(
-        k=jnp.broadcast_to(prefix_cache.k, (L, B, K, hd, prefix_len)),
-        v=jnp.broadcast_to(prefix_cache.v, (L, B, K, prefix_len, hd)),
-        valid=jnp.ones((B, prefix_len), bool), length=jnp.int32(prefix_len)), suffix_len + max_new_tokens)
-    cache = layout.constrain_cache(cache)
+    # Each slot: [its cell's suffix | generated], after the shared prefix's columns (`prefix_cache`).
+    gen_start = suffix_len
+    cache = layout.constrain_cache(model_lib.init_cache(cfg, B, suffix_len + max_new_tokens, params.embed.dtype))
     none = jnp.int32(trials)  # a slot's trial index when it holds none
 
     def of_trials(slot_trial):
@@ -216,16 +205,15 @@ def _run(params: model_lib.Params, cfg: ModelConfig, prefix, cell_tokens, cell_v
         take = free & (candidate < n_trials)
         slot_trial = jnp.where(take, candidate, jnp.where(running, slot_trial, none))
         cell = of_trials(candidate)[1]
-        rows = take[None, :, None, None, None]
-        k = jnp.where(rows, store_k[:, cell], cache.k[..., prefix_len:gen_start])
-        v = jnp.where(rows, store_v[:, cell], cache.v[:, :, :, prefix_len:gen_start])
-        valid_suffix = jnp.where(take[:, None], cell_valid[cell], cache.valid[:, prefix_len:gen_start])
-        valid_gen = cache.valid[:, gen_start:] & ~take[:, None]
+        # A scatter of the taken slots' rows (the others write nowhere): the cache is updated in place
+        # in the decode loop's own layout, with no pass over the untouched slots (on TPU a whole-cache
+        # select made XLA copy the slots' cache into another layout and back at every refill).
+        target = jnp.where(take, jnp.arange(take.shape[0]), take.shape[0])
+        fresh_valid = jnp.concatenate([cell_valid[cell], jnp.zeros((take.shape[0], max_new_tokens), bool)], axis=1)
         cache = model_lib.KVCache(
-            k=jax.lax.dynamic_update_slice_in_dim(cache.k, k, prefix_len, 4),
-            v=jax.lax.dynamic_update_slice_in_dim(cache.v, v, prefix_len, 3),
-            valid=jnp.concatenate([cache.valid[:, :prefix_len], valid_suffix, valid_gen], axis=1),
-            length=cache.length)
+            k=cache.k.at[:, target, :, :, :gen_start].set(store_k[:, cell].swapaxes(3, 4), mode="drop"),
+            v=cache.v.at[:, target, :, :gen_start, :].set(store_v[:, cell], mode="drop"),
+            valid=cache.valid.at[target].set(fresh_valid, mode="drop"), length=cache.length)
         first = generate_lib.next_tokens(store_logits[cell], of_trials(slot_trial)[0], jnp.int32(0))
         token = jnp.where(take, first, token)
         step = jnp.where(take, 0, step)
@@ -253,12 +241,12 @@ def _run(params: model_lib.Params, cfg: ModelConfig, prefix, cell_tokens, cell_v
         sampling, cell = of_trials(slot_trial)
         logits, cache, _ = model_lib.forward(params, cfg, token[:, None], position[:, None], running[:, None], cache,
                                              injection=jax.tree.map(lambda x: x[cell], cell_injection),
-                                             layout=layout, adapter=adapter)
+                                             layout=layout, adapter=adapter, prefix=prefix_cache)
         following = generate_lib.next_tokens(logits[:, 0], sampling, step + 1)
         token = jnp.where(running, following, token)
         step = jnp.where(running, step + 1, step)
         position = jnp.where(running, position + 1, position)
-        cache = dataclasses.replace(cache, length=jnp.int32(prefix_len))
+        cache = dataclasses.replace(cache, length=jnp.int32(0))
         return layout.constrain_cache(cache), slot_trial, step, token, position, running, next_trial, out, lengths
 
     zeros = jnp.zeros((B,), jnp.int32)

@@ -191,19 +191,32 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def _attention(cfg: ModelConfig, q, k_cache, v_cache, mask):
+def _attention(cfg: ModelConfig, q, k_cache, v_cache, mask, prefix_kv=None):
     """q: [B, T, H, hd]; k_cache: [B, K, hd, S]; v_cache: [B, K, S, hd]; mask: [B, T, S] bool
-    -> [B, T, H, hd]."""
+    -> [B, T, H, hd]. prefix_kv: optional (k [K, hd, P], v [K, P, hd]), columns that precede every
+    row's cache and every query sees (a shared prefix): one softmax over [prefix | cache], the
+    prefix's keys and values read once for the whole batch."""
     B, T, H, hd = q.shape
     prec = _precision(q.dtype)
     K, G = cfg.n_kv_heads, cfg.q_per_kv  # q head h uses kv head h // G
     # The G query heads and T queries of a KV head are the rows of one matmul against its cache.
     q = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
-    scores = jnp.einsum("bkmd,bkds->bkms", q, k_cache, precision=prec) * (hd ** -0.5)
-    scores = scores.reshape(B, K, G, T, -1).astype(jnp.float32)
+    scores = jnp.einsum("bkmd,bkds->bkms", q, k_cache, precision=prec)
+    if prefix_kv is not None:
+        # Against the shared prefix every row's queries of a KV head are the rows of one matmul
+        # (M = B*G*T), not B matrix-vector products over B copies of it.
+        prefix_scores = jnp.einsum("bkmd,kdp->bkmp", q, prefix_kv[0], precision=prec)
+        scores = jnp.concatenate([prefix_scores, scores], axis=-1)
+        mask = jnp.concatenate([jnp.ones(mask.shape[:2] + (prefix_kv[0].shape[-1],), bool), mask], axis=-1)
+    scores = (scores * (hd ** -0.5)).reshape(B, K, G, T, -1).astype(jnp.float32)
     scores = jnp.where(mask[:, None, None, :, :], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype).reshape(B, K, G * T, -1)
-    out = jnp.einsum("bkms,bksd->bkmd", probs, v_cache, precision=prec)
+    if prefix_kv is None:
+        out = jnp.einsum("bkms,bksd->bkmd", probs, v_cache, precision=prec)
+    else:
+        P = prefix_kv[1].shape[1]
+        out = (jnp.einsum("bkmp,kpd->bkmd", probs[..., :P], prefix_kv[1], precision=prec)
+               + jnp.einsum("bkms,bksd->bkmd", probs[..., P:], v_cache, precision=prec))
     return out.reshape(B, K, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
 
@@ -256,7 +269,7 @@ def _write_cache(k_all, v_all, k, v, index, start):
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
             token_valid: jax.Array, cache: KVCache, *, layout, return_residuals: bool = False,
             injection: Optional[Injection] = None, last_only: bool = False,
-            adapter: Optional[adapters_lib.Adapter] = None):
+            adapter: Optional[adapters_lib.Adapter] = None, prefix: Optional[KVCache] = None):
     """Run `tokens` [B, T] through the model, appending them to `cache` at slot `cache.length`.
 
     positions: [B, T] RoPE positions (pad tokens: any value); token_valid: [B, T] bool.
@@ -273,6 +286,10 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     adapter: optional `adapters.Adapter` (shaped for `cfg`): LoRA on its target projections and
     its residual bias, added after the layer's MLP and before the injection (docs/adapters.md). Its
     per-layer slices ride in the scan with the layer weights. None traces the plain model.
+    prefix: optional batch-1 cache (`prefill_prefix`) of tokens that come before every row's
+    `cache` columns (a prompt prefix every row shares): every query attends to all of it, and its
+    keys and values are read once for the batch instead of from per-row copies (the sweep
+    engine's slots). `positions` count from the prefix's start.
     """
     B, T = tokens.shape
     dtype = params.embed.dtype
@@ -289,15 +306,15 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
 
     def layer_step(carry, xs):
         h, k_all, v_all = carry
-        layer, index = xs[0], xs[1]
-        ad = xs[2] if adapter is not None else None  # this layer's adapter slices
+        layer, index, ad = xs["layer"], xs["index"], xs["adapter"]  # ad: this layer's adapter slices
         x = rms_norm(h, layer.attn_norm, cfg.rms_norm_eps)
         q = apply_rope(_projection("wq", "btd,hdk->bthk", x, layer, prec, ad), cos, sin)
         k = apply_rope(_projection("wk", "btd,hdk->bthk", x, layer, prec, ad), cos, sin)
         v = _projection("wv", "btd,hdk->bthk", x, layer, prec, ad)
         # The whole cache rides in the carry and is updated in place at this layer's index.
         k_all, v_all = _write_cache(k_all, v_all, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), index, start)
-        attn = _attention(cfg, q, k_all[index], v_all[index], mask)
+        prefix_kv = None if xs["prefix"] is None else (xs["prefix"][0][0], xs["prefix"][1][0])
+        attn = _attention(cfg, q, k_all[index], v_all[index], mask, prefix_kv)
         h = h + _projection("wo", "bthk,hkd->btd", attn, layer, prec, ad)
         mlp_out = _mlp(rms_norm(h, layer.mlp_norm, cfg.rms_norm_eps), layer, ad)
         h = h + mlp_out
@@ -309,9 +326,9 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
         return (h, k_all, v_all), (h if return_residuals else None)
 
     h = layout.pin(params.embed[tokens], "hidden")
-    (h, k_all, v_all), residuals = jax.lax.scan(
-        layer_step, (h, cache.k, cache.v),
-        (params.layers, jnp.arange(cfg.n_layers)) + (() if adapter is None else (adapter,)))
+    xs = {"layer": params.layers, "index": jnp.arange(cfg.n_layers), "adapter": adapter,
+          "prefix": None if prefix is None else (prefix.k, prefix.v)}
+    (h, k_all, v_all), residuals = jax.lax.scan(layer_step, (h, cache.k, cache.v), xs)
     if last_only:
         h = h[:, -1:]
     h = rms_norm(h, params.final_norm, cfg.rms_norm_eps)
@@ -319,6 +336,19 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     logits = layout.pin(linear("btd,dv->btv", h, head, params.lm_head_scale, prec).astype(jnp.float32), "logits")
     new_cache = KVCache(k=k_all, v=v_all, valid=cache_valid, length=start + T)
     return logits, new_cache, residuals
+
+
+def prefill_prefix(params: Params, cfg: ModelConfig, tokens: jax.Array, *, layout,
+                   adapter: Optional[adapters_lib.Adapter] = None) -> Optional[KVCache]:
+    """The batch-1 cache of `tokens` [1, P] (a prefix every row shares, no injection), for
+    `forward(..., prefix=)`; None when P is 0."""
+    length = tokens.shape[1]
+    if not length:
+        return None
+    cache = init_cache(cfg, 1, length, params.embed.dtype)
+    _, cache, _ = forward(params, cfg, tokens, jnp.arange(length)[None], jnp.ones((1, length), bool), cache,
+                          layout=layout, last_only=True, adapter=adapter)
+    return cache
 
 
 def prompt_positions(token_valid: jax.Array) -> jax.Array:

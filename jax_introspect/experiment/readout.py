@@ -89,25 +89,16 @@ def _readout(params, cfg, prefix, tokens, valid, injection, lens_layer, word_ids
              layout, top_k):
     """Per row: p_yes, p_no [B]; the lens at layer lens_layer[b]: top-k (probs, ids) [B, k], the best
     probability among word_ids[b] [B], its token [B] and its rank [B] (1 = top). The rows' shared
-    prefix [1, Lp] (before any injection) is run once and its cache broadcast, as the sweep engine
-    prefills cells (`engine._prefill_cells`); `tokens` [B, Ls] are the rows' suffixes, left-padded."""
+    prefix [1, Lp] (before any injection) is run once and every row attends to its cache, as the
+    sweep engine prefills cells (`engine._prefill_cells`); `tokens` [B, Ls] are the rows' suffixes,
+    left-padded."""
     batch, suffix_len = tokens.shape
-    prefix_len = prefix.shape[1]
-    dtype = params.embed.dtype
-    cache = model_lib.init_cache(cfg, 1, prefix_len, dtype)
-    if prefix_len:
-        _, cache, _ = model_lib.forward(params, cfg, prefix, jnp.arange(prefix_len)[None],
-                                        jnp.ones((1, prefix_len), bool), cache, layout=layout, last_only=True,
-                                        adapter=adapter)
-    L, K, hd = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
-    cache = model_lib.KVCache(k=jnp.broadcast_to(cache.k, (L, batch, K, hd, prefix_len)),
-                              v=jnp.broadcast_to(cache.v, (L, batch, K, prefix_len, hd)),
-                              valid=jnp.ones((batch, prefix_len), bool), length=jnp.int32(prefix_len))
-    cache = layout.constrain_cache(model_lib.extend_cache(cache, suffix_len))
-    positions = prefix_len + model_lib.prompt_positions(valid)
+    prefix_cache = model_lib.prefill_prefix(params, cfg, prefix, layout=layout, adapter=adapter)
+    cache = layout.constrain_cache(model_lib.init_cache(cfg, batch, suffix_len, params.embed.dtype))
+    positions = prefix.shape[1] + model_lib.prompt_positions(valid)
     logits, _, residuals = model_lib.forward(params, cfg, tokens, positions, valid, cache, layout=layout,
                                              return_residuals=True, injection=injection, last_only=True,
-                                             adapter=adapter)
+                                             adapter=adapter, prefix=prefix_cache)
     probs = jax.nn.softmax(logits[:, -1].astype(jnp.float32), axis=-1)
     p_yes = jnp.sum(probs * yes_mask, axis=-1)
     p_no = jnp.sum(probs * no_mask, axis=-1)
