@@ -15,7 +15,7 @@ has a scale is part of the parameter pytree's structure, so it is fixed at trace
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import flax.struct
 import jax
@@ -267,7 +267,7 @@ def _write_cache(k_all, v_all, k, v, index, start):
 # --- the decoder ------------------------------------------------------------------------------
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
-            token_valid: jax.Array, cache: KVCache, *, layout, return_residuals: bool = False,
+            token_valid: jax.Array, cache: KVCache, *, layout, return_residuals: Union[bool, str] = False,
             injection: Optional[Injection] = None, last_only: bool = False,
             adapter: Optional[adapters_lib.Adapter] = None, prefix: Optional[KVCache] = None):
     """Run `tokens` [B, T] through the model, appending them to `cache` at slot `cache.length`.
@@ -277,7 +277,9 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     output of the chosen layer to valid tokens at positions >= the row's start.
     Returns (logits float32 [B, T, V], updated cache, residuals [L, B, T, D] or None). The
     residuals are the raw residual stream after each decoder layer (before the final norm),
-    injection included.
+    injection included; return_residuals="last": at the last column only, [L, B, 1, D] (a
+    readout at the first answer token needs no others, and all columns of every layer are the
+    largest temporary of a long prompt's forward).
     layout: the `sharding.Layout` it runs on (one device: a 1x1 mesh); the hidden state, KV cache
     and logits are pinned to its shardings (`with_sharding_constraint`) so GSPMD keeps the
     intended layout.
@@ -323,7 +325,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
         if injection is not None:
             h = h + inject.residual_delta(injection, index, positions, token_valid, mlp_out, h)
         h, k_all, v_all = layout.pin(h, "hidden"), layout.pin(k_all, "cache_k"), layout.pin(v_all, "cache_v")
-        return (h, k_all, v_all), (h if return_residuals else None)
+        kept = h[:, -1:] if return_residuals == "last" else h
+        return (h, k_all, v_all), (kept if return_residuals else None)
 
     h = layout.pin(params.embed[tokens], "hidden")
     xs = {"layer": params.layers, "index": jnp.arange(cfg.n_layers), "adapter": adapter,

@@ -78,6 +78,26 @@ def test_the_sweep_engine_compiles_for_the_slice_and_reads_weight_stacks_in_plac
     assert memory.temp < 2 * (slots_cache + store), (memory, slots_cache, store)
 
 
+def test_the_readout_keeps_one_residual_column_per_layer(slice_layout):
+    """The first-answer-token readout's forward (experiment/readout.py) on the slice, with the
+    replication's window (no shared prefix: a 192-token suffix per row), 32 rows: it keeps each
+    layer's residual at the last position only. Keeping every position's
+    ([16, 32, 192, 4096] bf16 = 0.81 GB per chip here, the hidden state being whole on every chip)
+    measured XLA temp 1.04 GB, one column 0.24 GB; for the 405B's 126 layers at d_model 16384 it
+    would be 25 GB per chip, more than a v6e chip's HBM less its weights. The bound, half the
+    all-position residuals, fails on that."""
+    from jax_introspect.experiment import readout
+    cfg, layout, _ = slice_layout
+    run_cfg = layout.run_config(cfg)
+    params = compile_only.abstract_params(run_cfg, layout, jnp.bfloat16)
+    compiled = readout.compile_for(params, run_cfg, layout, rows=32, prefix_len=0, suffix_len=192)
+    assert not compile_only.stacked_weight_copies(compiled.as_text(), params)
+    memory = compile_only.ProgramMemory.of(compiled)
+    all_positions = cfg.n_layers * 32 * 192 * cfg.d_model * 2
+    print("readout", compile_only.describe(memory), f"all-position residuals {all_positions / 1e9:.2f} GB")
+    assert memory.temp < all_positions / 2, (memory, all_positions)
+
+
 def test_extraction_prefill_reads_weight_stacks_in_place(slice_layout):
     cfg, layout, _ = slice_layout
     run_cfg = layout.run_config(cfg)

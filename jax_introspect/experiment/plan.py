@@ -353,10 +353,24 @@ def compile_engine(sl: Slice, slots: int, trials: int, prefix_len: int, suffix_l
         "sweep engine", sl,
         lambda: co.compile_engine(sl.params, sl.run_config, sl.layout, rows, trials, prefix_len, suffix_len,
                                   max_new_tokens),
-        rows, prefix_len + suffix_len, max_new_tokens, kv_cache=sl.kv_cache(rows, prefix_len + suffix_len + max_new_tokens),
+        rows, prefix_len + suffix_len, max_new_tokens,
+        # The slots hold their suffix and answer columns; the prefix is one batch-1 cache (a whole
+        # row on every chip of the data axis: what `data` rows' cache puts on each).
+        kv_cache=sl.kv_cache(rows, suffix_len + max_new_tokens) + sl.kv_cache(sl.data, prefix_len),
         progress=progress,
         note=f"{trials} trials per call, a {prefix_len}-token shared prefix + {suffix_len}-token cell suffixes: the "
-             "program a sweep runs (engine='shared'); XLA temp holds copies of the slots' KV cache")
+             "program a sweep runs (engine='shared')")
+
+
+def compile_readout(sl: Slice, rows: int, prefix_len: int, suffix_len: int, progress=None) -> Program:
+    """The first-answer-token readout's forward (`readout._readout`) on `rows` rows."""
+    from jax_introspect.experiment import readout
+    rows = sl.rows(rows)
+    return compile_program(
+        "readout", sl, lambda: readout.compile_for(sl.params, sl.run_config, sl.layout, rows, prefix_len, suffix_len),
+        rows, prefix_len + suffix_len, 0, progress=progress,
+        note=f"a {prefix_len}-token shared prefix + {suffix_len}-token suffixes: p_yes/p_no and the logit lens "
+             "after each generation call (readout=True)")
 
 
 def compile_extraction(sl: Slice, batch: int, prompt_len: int, progress=None, note: str = "") -> Program:
@@ -521,6 +535,9 @@ class ArmPlan:
     # [(slots, trials per call, prefix length, suffix width)] of every engine call (engine='shared',
     # the sweep's default: these are the programs it runs); empty for engine='plain'.
     engine_calls: list = dataclasses.field(default_factory=list)
+    # [(rows, prefix length, suffix width)] of the first-answer-token readout's forward after each
+    # call (readout=True, the default; experiment/readout.py); empty with readout=False.
+    readout_calls: list = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"protocols": self.protocols, "batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens,
@@ -528,7 +545,8 @@ class ArmPlan:
                 "prompt_buckets": sorted({p for _, p in self.batches}), "extraction_calls": len(self.extraction),
                 "extraction_widths": sorted({w for _, w in self.extraction}), "vector_method": self.vector_method,
                 "grader": self.grader, "engine_calls": len(self.engine_calls),
-                "engine_shapes": sorted(set(self.engine_calls))}
+                "engine_shapes": sorted(set(self.engine_calls)),
+                "readout_shapes": sorted(set(self.readout_calls))}
 
 
 def _chat_lengths(tokenizer, texts: Sequence[str], system_header: bool, prefix: str) -> list[int]:
@@ -590,7 +608,8 @@ def plan_arms(arms, model: Model, dtype: str, numerics: str, prompt_len: Optiona
         plans.append(ArmPlan(protocols=lengths, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
                              trials=len(trials), batches=batches, extraction=extraction,
                              vector_method=config.vector_method, grader=grader_specs(config),
-                             engine_calls=engine_calls(config, trials, prompts, lengths)))
+                             engine_calls=engine_calls(config, trials, prompts, lengths),
+                             readout_calls=readout_calls(config, trials, prompts, lengths)))
     if any(config.engine == "shared" for config, *_ in planned) and model.tokenizer is None:
         notes.append("no tokenizer: the sweep engine's calls planned without a shared prefix (every prompt token "
                      "in the cells' suffixes), its largest case")
@@ -601,19 +620,35 @@ def engine_calls(config, trials: Sequence, prompts: Optional[dict], lengths: dic
     """[(slots, trials per call, prefix length, suffix width)] of the sweep engine's calls, as
     `sweep.run_sweep` makes them (`sweep._calls`) and `engine.plan_work` shapes them; without the
     prompts' tokens (no tokenizer) no prefix is shared."""
-    from jax_introspect import engine
     from jax_introspect.experiment import sweep
     if config.engine != "shared":
         return []
-    calls = []
+    return [(config.batch_size, sweep.call_size(config), *shape)
+            for shape in _call_shapes(config, trials, prompts, lengths)]
+
+
+def _call_shapes(config, trials: Sequence, prompts: Optional[dict], lengths: dict) -> list:
+    """[(prefix length, suffix width)] of each generation call's prompts (`sweep._calls`), split as
+    `engine.plan_work` splits them; without the prompts' tokens (no tokenizer) no prefix is shared."""
+    from jax_introspect import engine
+    from jax_introspect.experiment import sweep
+    shapes = []
     for call in sweep._calls(list(trials), config):
         if prompts is None:
-            shape = (0, engine.suffix_width([lengths[t.protocol] for t in call]))
+            shapes.append((0, engine.suffix_width([lengths[t.protocol] for t in call])))
         else:
             infos = [sweep.prompt_of(prompts, t) for t in call]
-            shape = engine.call_shape([i.ids for i in infos], [i.start for i in infos])
-        calls.append((config.batch_size, sweep.call_size(config), *shape))
-    return calls
+            shapes.append(engine.call_shape([i.ids for i in infos], [i.start for i in infos]))
+    return shapes
+
+
+def readout_calls(config, trials: Sequence, prompts: Optional[dict], lengths: dict) -> list:
+    """[(rows, prefix length, suffix width)] of the readout forward after each generation call
+    (`readout.Readout`: `batch_size` rows, the call's prompts split as the engine splits them);
+    empty with readout=False."""
+    if not config.readout:
+        return []
+    return [(config.batch_size, *shape) for shape in _call_shapes(config, trials, prompts, lengths)]
 
 
 # --- a self-hosted judge -----------------------------------------------------------------------
@@ -919,6 +954,9 @@ def make_plan(model: str, topology: str, mesh: str = "1x-1", batch: int = 32, pr
     engine_shapes = sorted({(*call, a.max_new_tokens) for a in arm_plans for call in a.engine_calls})
     for slots, trials, prefix_len, suffix_len, n in engine_shapes:
         programs.append(compile_engine(sl, slots, trials, prefix_len, suffix_len, n, progress=progress))
+    # The readout's forward after each call (readout=True, the default).
+    for rows, prefix_len, suffix_len in sorted({c for a in arm_plans for c in a.readout_calls}):
+        programs.append(compile_readout(sl, rows, prefix_len, suffix_len, progress=progress))
     # Vector extraction.
     if extraction:
         if sweep is None:

@@ -97,12 +97,12 @@ def _readout(params, cfg, prefix, tokens, valid, injection, lens_layer, word_ids
     cache = layout.constrain_cache(model_lib.init_cache(cfg, batch, suffix_len, params.embed.dtype))
     positions = prefix.shape[1] + model_lib.prompt_positions(valid)
     logits, _, residuals = model_lib.forward(params, cfg, tokens, positions, valid, cache, layout=layout,
-                                             return_residuals=True, injection=injection, last_only=True,
+                                             return_residuals="last", injection=injection, last_only=True,
                                              adapter=adapter, prefix=prefix_cache)
     probs = jax.nn.softmax(logits[:, -1].astype(jnp.float32), axis=-1)
     p_yes = jnp.sum(probs * yes_mask, axis=-1)
     p_no = jnp.sum(probs * no_mask, axis=-1)
-    h = residuals[lens_layer, jnp.arange(batch), -1]  # [B, D]: after the chosen layer, at the last position
+    h = residuals[lens_layer, jnp.arange(batch), 0]  # [B, D]: after the chosen layer, at the last position
     h = model_lib.rms_norm(h[:, None], params.final_norm, cfg.rms_norm_eps)
     head = params.embed.T if params.lm_head is None else params.lm_head
     lens = model_lib.linear("btd,dv->btv", h, head, params.lm_head_scale, model_lib._precision(h.dtype))
@@ -114,6 +114,22 @@ def _readout(params, cfg, prefix, tokens, valid, injection, lens_layer, word_ids
     word_token = jnp.take_along_axis(word_ids, best[:, None], axis=1)[:, 0]
     word_rank = 1 + jnp.sum(lens_probs > word_prob[:, None], axis=-1)
     return p_yes, p_no, top_probs, top_ids, word_prob, word_token, word_rank
+
+
+def compile_for(params, cfg, layout, rows: int, prefix_len: int, suffix_len: int, top_k: int = 10):
+    """`_readout` compiled for `layout`'s devices from abstract inputs (`params` may be abstract: a
+    TPU plan, `experiment/plan.py`): `rows` forwards, a `prefix_len`-token shared prefix and
+    `suffix_len`-token suffixes, no adapter."""
+    from jax_introspect import compile_only as co
+    from jax_introspect import inject
+    rep = layout.replicated
+    return _readout.lower(
+        params, cfg, co.abstract((1, prefix_len), jnp.int32, rep),
+        co.abstract((rows, suffix_len), jnp.int32, layout.of("tokens")),
+        co.abstract((rows, suffix_len), jnp.bool_, layout.of("tokens")),
+        co.like(inject.none(rows, cfg.d_model), layout.injection()), co.abstract((rows,), jnp.int32, rep),
+        co.abstract((rows, WORD_FORMS), jnp.int32, rep), co.abstract((cfg.vocab_size,), jnp.float32, rep),
+        co.abstract((cfg.vocab_size,), jnp.float32, rep), None, layout=layout, top_k=top_k).compile()
 
 
 @dataclasses.dataclass(frozen=True)
