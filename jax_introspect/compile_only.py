@@ -257,31 +257,40 @@ def compile_generation(params, cfg: ModelConfig, layout, batch: int, prompt_len:
 
 
 def engine_inputs(cfg: ModelConfig, layout, slots: int, trials: int, prefix_len: int, suffix_len: int,
-                  n_eos: int = 2) -> tuple:
+                  n_eos: int = 2, lens_width: int = 0) -> tuple:
     """The arguments of `engine.run` after (params, cfg), as `LanguageModel.generate_shared` places
     them: the cells (room for one per trial, whole blocks of `slots`) split over the data axis, the
-    rest replicated."""
+    rest replicated; the readout's per-cell inputs (`engine.cell_readout_inputs`) with `lens_width`
+    lens layers per cell (0: no readout)."""
+    from jax_introspect import lens
     cells = -(-trials // slots) * slots
     rep = layout.replicated
     scalar = abstract((), jnp.int32, rep)
     sample = generate_lib.sampling(trials, keys=np.zeros((trials, 2), np.uint32))
+    readout = None if not lens_width else (
+        abstract((cells, lens_width), jnp.int32, rep), abstract((cells, lens.WORD_FORMS), jnp.int32, rep),
+        abstract((cfg.vocab_size,), jnp.float32, rep), abstract((cfg.vocab_size,), jnp.float32, rep))
     return (abstract((1, prefix_len), jnp.int32, rep),
             abstract((cells, suffix_len), jnp.int32, layout.of("tokens")),
             abstract((cells, suffix_len), jnp.bool_, layout.of("tokens")),
             like(inject_lib.none(cells, cfg.d_model), layout.injection()),
             abstract((cells,), jnp.int32, rep), scalar, abstract((trials,), jnp.int32, rep),
-            like(sample, jax.tree.map(lambda _: rep, sample)), scalar, abstract((n_eos,), jnp.int32, rep), scalar)
+            like(sample, jax.tree.map(lambda _: rep, sample)), scalar, abstract((n_eos,), jnp.int32, rep), scalar,
+            readout)
 
 
 def compile_engine(params, cfg: ModelConfig, layout, slots: int, trials: int, prefix_len: int, suffix_len: int,
-                   max_new_tokens: int, refill_min: Optional[int] = None, adapter=None):
+                   max_new_tokens: int, refill_min: Optional[int] = None, adapter=None, lens_width: int = 0,
+                   top_k: int = 0):
     """The sweep engine's program (`engine.run`: `slots` rows decoding, `trials` per call, a shared
-    prefix of `prefix_len` tokens, cell suffixes of `suffix_len`) compiled for `layout`'s devices."""
+    prefix of `prefix_len` tokens, cell suffixes of `suffix_len`; the first-answer-token readout of
+    `lens_width` lens layers and `top_k` per cell, 0: none) compiled for `layout`'s devices."""
     from jax_introspect import engine
-    lowered = engine.run.lower(params, cfg, *engine_inputs(cfg, layout, slots, trials, prefix_len, suffix_len),
+    lowered = engine.run.lower(params, cfg, *engine_inputs(cfg, layout, slots, trials, prefix_len, suffix_len,
+                                                           lens_width=lens_width),
                                max_new_tokens=max_new_tokens, slots=slots,
                                refill_min=max(1, slots // 8) if refill_min is None else refill_min, layout=layout,
-                               adapter=adapter)
+                               adapter=adapter, readout_top_k=top_k)
     return lowered.compile()
 
 

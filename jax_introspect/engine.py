@@ -35,6 +35,7 @@ import numpy as np
 
 from jax_introspect import generate as generate_lib
 from jax_introspect import inject as inject_lib
+from jax_introspect import lens as lens_lib
 from jax_introspect import model as model_lib
 from jax_introspect.config import ModelConfig
 
@@ -134,16 +135,82 @@ def plan_work(prompt_ids: Sequence[Sequence[int]], injection: inject_lib.Injecti
                 n_cells=n_cells, trial_cell=trial_cell, n_trials=n)
 
 
+@dataclasses.dataclass(frozen=True)
+class ReadoutRequest:
+    """The first-answer-token readout (`lens.answer_readout`) a call's trials ask for, computed in
+    each cell's prefill from the logits and residuals it already has (a trial's first token is drawn
+    from its cell's last-position logits: the readout is a property of the cell, not of the key)."""
+    yes_ids: Sequence[int]  # the yes-like first tokens: p_yes sums their probabilities
+    no_ids: Sequence[int]
+    lens_layers: Sequence[Sequence[int]]  # per trial: the layers whose lens it records (empty: none)
+    word_ids: Sequence[Sequence[int]]  # per trial: its injected word's first tokens (empty: none)
+    lens_width: int  # lens layers computed per cell (M: one program per width; a cell needs the union of its trials')
+    top_k: int
+
+
+def cell_readout_inputs(request: ReadoutRequest, work: Work, vocab_size: int) -> tuple[tuple, list]:
+    """The readout's per-cell inputs of `work`'s cells: ((lens layers [C, M], word ids [C, WORD_FORMS],
+    yes mask [V], no mask [V]), each real cell's lens layers in order). A cell's lens layers are the
+    union of its trials' (controls of several layers share the clean cell), padded with its first."""
+    cells, width = work.cell_tokens.shape[0], request.lens_width
+    layers = [[] for _ in range(work.n_cells)]
+    words = [None] * work.n_cells
+    for trial, cell in enumerate(work.trial_cell[:work.n_trials]):
+        layers[cell] += [layer for layer in request.lens_layers[trial] if layer not in layers[cell]]
+        if request.word_ids[trial]:
+            if words[cell] not in (None, tuple(request.word_ids[trial])):
+                raise ValueError(f"trials of one cell name different words' tokens: {words[cell]} and "
+                                 f"{tuple(request.word_ids[trial])}")
+            words[cell] = tuple(request.word_ids[trial])
+    if any(len(cell) > width for cell in layers):
+        raise ValueError(f"a cell's trials ask for the lens at {max(layers, key=len)}: more than lens_width={width}")
+    lens_layers = np.zeros((cells, width), np.int32)
+    word_ids = np.zeros((cells, lens_lib.WORD_FORMS), np.int32)
+    for c in range(work.n_cells):
+        row = layers[c] or [0]
+        lens_layers[c] = (row + row[:1] * width)[:width]
+        word = list(words[c] or [0])
+        word_ids[c] = (word + word[:1] * lens_lib.WORD_FORMS)[:lens_lib.WORD_FORMS]
+    masks = []
+    for ids in (request.yes_ids, request.no_ids):
+        mask = np.zeros(vocab_size, np.float32)
+        mask[list(ids)] = 1.0
+        masks.append(mask)
+    return (lens_layers, word_ids, *masks), layers
+
+
+def trial_readouts(request: ReadoutRequest, work: Work, cell_layers: list, outputs: dict) -> list:
+    """Per trial of `work` (host side, `outputs` from `run`): {"p_yes", "p_no", "lens": [{"layer",
+    "top_ids", "top_probs", "word_token", "word_prob", "word_rank"} per requested layer, in its order]}
+    (the word's fields only for a trial with word ids)."""
+    out = []
+    for trial, cell in enumerate(work.trial_cell[:work.n_trials]):
+        lenses = []
+        for layer in request.lens_layers[trial]:
+            m = cell_layers[cell].index(layer)
+            entry = {"layer": int(layer), "top_ids": outputs["top_ids"][cell, m].tolist(),
+                     "top_probs": [float(p) for p in outputs["top_probs"][cell, m]]}
+            if request.word_ids[trial]:
+                entry.update(word_token=int(outputs["word_token"][cell, m]),
+                             word_prob=float(outputs["word_prob"][cell, m]),
+                             word_rank=int(outputs["word_rank"][cell, m]))
+            lenses.append(entry)
+        out.append({"p_yes": float(outputs["p_yes"][cell]), "p_no": float(outputs["p_no"][cell]), "lens": lenses})
+    return out
+
+
 def _rows(tree, start, size):
     """Rows [start, start + size) of every array of `tree` (axis 0)."""
     return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, 0), tree)
 
 
-def _prefill_cells(params, cfg, prefix, cell_tokens, cell_valid, cell_injection, n_cells, *, block, layout, adapter):
+def _prefill_cells(params, cfg, prefix, cell_tokens, cell_valid, cell_injection, n_cells, readout=None, *, block,
+                   layout, adapter, top_k=0):
     """The shared prefix once, then every real cell's suffix after it, `block` cells at a time (a
     loop over ceil(n_cells / block) blocks: padding cells cost nothing). Returns the prefix cache
-    [.., 1, .., Lp] (None when Lp is 0), the cells' suffix caches (k and v [L, C, K, Ls, hd]) and
-    their first-answer-token logits [C, V]."""
+    [.., 1, .., Lp] (None when Lp is 0), the cells' suffix caches (k and v [L, C, K, Ls, hd]), their
+    first-answer-token logits [C, V] and, with `readout` (`cell_readout_inputs`' arrays), each
+    cell's `lens.answer_readout` ({name: [C, ...]}; None without)."""
     prefix_len = prefix.shape[1]
     cells, suffix_len = cell_tokens.shape
     dtype = params.embed.dtype
@@ -154,37 +221,56 @@ def _prefill_cells(params, cfg, prefix, cell_tokens, cell_valid, cell_injection,
     store_k = jnp.zeros((L, cells, K, suffix_len, hd), dtype)
     store_v = jnp.zeros((L, cells, K, suffix_len, hd), dtype)
     store_logits = jnp.zeros((cells, cfg.vocab_size), jnp.float32)
+    store_readout = None
+    if readout is not None:
+        lens_layers, word_ids, yes_mask, no_mask = readout
+        width = lens_layers.shape[1]
+        store_readout = {"p_yes": jnp.zeros((cells,), jnp.float32), "p_no": jnp.zeros((cells,), jnp.float32),
+                         "top_probs": jnp.zeros((cells, width, top_k), jnp.float32),
+                         "top_ids": jnp.zeros((cells, width, top_k), jnp.int32),
+                         "word_prob": jnp.zeros((cells, width), jnp.float32),
+                         "word_token": jnp.zeros((cells, width), jnp.int32),
+                         "word_rank": jnp.zeros((cells, width), jnp.int32)}
 
     def one_block(i, store):
-        store_k, store_v, store_logits = store
+        store_k, store_v, store_logits, store_readout = store
         first = i * block
         tokens, valid = _rows(cell_tokens, first, block), _rows(cell_valid, first, block)
         cache = layout.constrain_cache(model_lib.init_cache(cfg, block, suffix_len, dtype))
         positions = prefix_len + model_lib.prompt_positions(valid)
-        logits, cache, _ = model_lib.forward(params, cfg, tokens, positions, valid, cache,
-                                             injection=_rows(cell_injection, first, block), layout=layout,
-                                             last_only=True, adapter=adapter, prefix=prefix_cache)
+        logits, cache, residuals = model_lib.forward(
+            params, cfg, tokens, positions, valid, cache, injection=_rows(cell_injection, first, block),
+            layout=layout, last_only=True, adapter=adapter, prefix=prefix_cache,
+            return_residuals="last" if readout is not None else False)
         store_k = jax.lax.dynamic_update_slice_in_dim(store_k, cache.k.swapaxes(3, 4), first, 1)
         store_v = jax.lax.dynamic_update_slice_in_dim(store_v, cache.v, first, 1)
         store_logits = jax.lax.dynamic_update_slice_in_dim(store_logits, logits[:, -1], first, 0)
-        return store_k, store_v, store_logits
+        if readout is not None:
+            values = lens_lib.answer_readout(params, cfg, logits[:, -1], residuals[:, :, 0],
+                                             _rows(lens_layers, first, block), _rows(word_ids, first, block),
+                                             yes_mask, no_mask, top_k=top_k)
+            store_readout = {name: jax.lax.dynamic_update_slice_in_dim(store_readout[name], values[name], first, 0)
+                             for name in store_readout}
+        return store_k, store_v, store_logits, store_readout
 
     blocks = (n_cells + block - 1) // block
-    store = jax.lax.fori_loop(0, blocks, one_block, (store_k, store_v, store_logits))
-    return prefix_cache, store
+    *store, store_readout = jax.lax.fori_loop(0, blocks, one_block, (store_k, store_v, store_logits, store_readout))
+    return prefix_cache, tuple(store), store_readout
 
 
 def _run(params: model_lib.Params, cfg: ModelConfig, prefix, cell_tokens, cell_valid, cell_injection, cell_length,
-         n_cells, trial_cell, trial_sampling: generate_lib.Sampling, n_trials, eos_ids, pad_id, *,
-         max_new_tokens: int, slots: int, refill_min: int, layout, adapter=None):
+         n_cells, trial_cell, trial_sampling: generate_lib.Sampling, n_trials, eos_ids, pad_id, readout=None, *,
+         max_new_tokens: int, slots: int, refill_min: int, layout, adapter=None, readout_top_k: int = 0):
     """Generate every trial; returns (tokens [N, max_new_tokens], lengths [N]) as `generate_tokens`
-    does for its rows (a row stops after its first EOS, which it keeps; the rest is pad_id)."""
+    does for its rows (a row stops after its first EOS, which it keeps; the rest is pad_id), and
+    each cell's first-answer-token readout ({name: [C, ...]}, `_prefill_cells`; None without
+    `readout`)."""
     suffix_len = cell_tokens.shape[1]
     trials = trial_cell.shape[0]
     B = slots
-    prefix_cache, (store_k, store_v, store_logits) = _prefill_cells(
-        params, cfg, prefix, cell_tokens, cell_valid, cell_injection, n_cells, block=B, layout=layout,
-        adapter=adapter)
+    prefix_cache, (store_k, store_v, store_logits), cell_readout = _prefill_cells(
+        params, cfg, prefix, cell_tokens, cell_valid, cell_injection, n_cells, readout, block=B, layout=layout,
+        adapter=adapter, top_k=readout_top_k)
     # Each slot: [its cell's suffix | generated], after the shared prefix's columns (`prefix_cache`).
     gen_start = suffix_len
     cache = layout.constrain_cache(model_lib.init_cache(cfg, B, suffix_len + max_new_tokens, params.embed.dtype))
@@ -254,8 +340,9 @@ def _run(params: model_lib.Params, cfg: ModelConfig, prefix, cell_tokens, cell_v
              jnp.full((trials, max_new_tokens), pad_id, jnp.int32), jnp.zeros((trials,), jnp.int32))
     state = jax.lax.while_loop(pending, one_step, state)
     out, lengths = state[7], state[8]
-    return tuple(jax.lax.with_sharding_constraint(x, layout.replicated) for x in (out, lengths))
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, layout.replicated),
+                        (out, lengths, cell_readout))
 
 
 # Static: the model config, the shapes' meaning and the layout; everything per trial is traced.
-run = jax.jit(_run, static_argnames=("cfg", "max_new_tokens", "slots", "refill_min", "layout"))
+run = jax.jit(_run, static_argnames=("cfg", "max_new_tokens", "slots", "refill_min", "layout", "readout_top_k"))

@@ -28,6 +28,7 @@ class Generation:
     text: str  # decoded generated tokens, without the EOS token
     finished: bool  # True if an EOS token ended it
     logits: Optional[np.ndarray] = None  # [len(token_ids), vocab] float32, when asked for
+    readout: Optional[dict] = None  # the first answer token's readout, when asked for (`engine.trial_readouts`)
 
 
 def _prefill_impl(params, cfg, tokens, token_valid, injection, return_residuals, layout, adapter=None):
@@ -238,7 +239,7 @@ class LanguageModel:
                         injection: Optional[inject_lib.Injection] = None, temperature=0.0, top_p=1.0,
                         seed: int = 0, trial_ids: Optional[Sequence[str]] = None, *, slots: int = 32,
                         trials: Optional[int] = None, refill_min: Optional[int] = None, share_prefix: bool = True,
-                        share_cells: bool = True) -> list[Generation]:
+                        share_cells: bool = True, readout=None) -> list[Generation]:
         """`generate`'s trials (same arguments, same texts: each trial's tokens depend only on its
         key, its prompt and its injection) through the sweep engine (`engine.py`): the prompts'
         shared prefix before any injection prefilled once, each distinct (prompt, injection)
@@ -247,7 +248,8 @@ class LanguageModel:
         program); `refill_min`: free slots that trigger a refill (default slots // 8, at least 1;
         a refill copies the new trials' cell caches into their slots; `slots`: no refill until every
         slot is free, i.e. batches); `share_prefix` / `share_cells` False: no shared prefix / one cell
-        per trial (for measuring what each saves; the texts are the same)."""
+        per trial (for measuring what each saves; the texts are the same); `readout`: an
+        `engine.ReadoutRequest`, computed in the cells' prefill into each Generation's `readout`."""
         from jax_introspect import engine
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
@@ -277,11 +279,20 @@ class LanguageModel:
         rest = lay.put((work.prefix, work.cell_length, np.int32(work.n_cells), work.trial_cell, sample,
                         np.int32(work.n_trials), eos, np.int32(self._pad_id())), lay.replicated)
         prefix, cell_length, n_cells, trial_cell, sample, n_trials, eos_ids, pad_id = rest
-        out, lengths = engine.run(
+        readout_inputs, cell_layers = (None, None) if readout is None else engine.cell_readout_inputs(
+            readout, work, self.config.vocab_size)
+        out, lengths, cell_readout = engine.run(
             self.params, self.run_config, prefix, *cells, cell_length, n_cells, trial_cell, sample, n_trials, eos_ids,
-            pad_id, max_new_tokens=max_new_tokens, slots=slots,
-            refill_min=max(1, slots // 8) if refill_min is None else refill_min, layout=lay, adapter=self.adapter)
-        return self._generations(prompt_ids, sharding_lib.to_host(out)[:n], sharding_lib.to_host(lengths)[:n], eos)
+            pad_id, lay.put(readout_inputs, lay.replicated), max_new_tokens=max_new_tokens, slots=slots,
+            refill_min=max(1, slots // 8) if refill_min is None else refill_min, layout=lay, adapter=self.adapter,
+            readout_top_k=0 if readout is None else readout.top_k)
+        generations = self._generations(prompt_ids, sharding_lib.to_host(out)[:n], sharding_lib.to_host(lengths)[:n],
+                                        eos)
+        if readout is None:
+            return generations
+        values = engine.trial_readouts(readout, work, cell_layers, jax.tree.map(
+            lambda x: np.asarray(sharding_lib.to_host(x)), cell_readout))
+        return [dataclasses.replace(g, readout=r) for g, r in zip(generations, values)]
 
     def chat(self, question: str, max_new_tokens: int = 64, **chat_kw) -> str:
         """One user turn, answered greedily."""

@@ -136,15 +136,41 @@ def test_p_yes_and_logit_lens_equal_hf_transformers(sweep_run):
     assert moved == 8, "the injection must move p_yes well beyond the tolerance (else the check is vacuous)"
 
 
+def _readouts(rows):
+    return {r["trial_id"]: r["readout"] for r in rows}
+
+
 def test_readout_is_the_same_for_both_engines_and_compiles_once(sweep_run):
-    """The readout depends on the prompt and injection alone: equal record by record for the sweep
-    engine and plain batches; one compiled readout program for all calls of both (same row count)."""
+    """The readout depends on the prompt and injection alone: equal record by record (float32) for
+    the sweep engine, which computes it in its cell prefill (no forward of its own), and plain
+    batches, which run one; one compiled readout program for all calls of the plain path."""
     _, _, _, records, _, compiles = sweep_run
-    def by_id(rows):
-        return {r["trial_id"]: r["readout"] for r in rows}
-    assert by_id(records["shared"]) == by_id(records["plain"])
+    assert _readouts(records["shared"]) == _readouts(records["plain"])
     assert len(records["shared"]) == 2 * 2 * 2 + 2
+    assert {r["timing"]["readout_forwards"] for r in records["shared"]} == {0}
+    assert min(r["timing"]["readout_forwards"] for r in records["plain"]) >= 1
     assert compiles == 1
+
+
+def test_controls_per_layer_share_the_clean_cell_with_each_layers_lens(sweep_run, tmp_path):
+    """With controls_per_layer every control is the clean model: the engine prefills one clean cell
+    for all of them, whose lens runs at the union of their layers; each control records its own
+    layer's, equal to the plain path's forward at that layer."""
+    from configs.sweeps import quickstart
+    from jax_introspect.experiment import sweep
+    _, lm, _, _, _, _ = sweep_run
+    config = quickstart.get_config().replace(
+        words=["Dust"], layers=[0, 1], strengths=[8.0], trials_per_cell=1, control_trials=2, controls_per_layer=True,
+        max_new_tokens=2, batch_size=4, batches_per_call=2, baseline_words=["Desks", "Sand"], readout_top_k=8)
+    records = {}
+    for engine in ("shared", "plain"):
+        sweep.run_sweep(lm, config.replace(engine=engine), str(tmp_path / engine), progress=False)
+        with open(tmp_path / engine / "trials.jsonl") as f:
+            records[engine] = [json.loads(line) for line in f]
+    controls = [r for r in records["shared"] if r["kind"] != "injected"]
+    assert sorted(r["layer"] for r in controls) == [0, 0, 1, 1]
+    assert all([lens["layer"] for lens in r["readout"]["lens"]] == [r["layer"]] for r in controls)
+    assert _readouts(records["shared"]) == _readouts(records["plain"])
 
 
 def test_older_records_without_readout_still_read(tmp_path):

@@ -126,8 +126,8 @@ def test_plan_figures_are_what_the_compiled_programs_say(tmp_path):
 
 def test_sweep_plan_takes_the_run_from_the_config(tmp_path):
     """With a sweep config: the protocol prompts measured by the Llama-3 tokenizer (as the sweep
-    plans them), its trials and generate calls, the sweep engine's call, the readout's forward, the
-    extraction batches, a self-hosted judge (on one chip) and a training step, each compiled."""
+    plans them), its trials and generate calls, the sweep engine's call (the readout in its cell
+    prefill; plain batches' own readout forward planned alike), the extraction batches, a self-hosted judge (on one chip) and a training step, each compiled."""
     from jax_introspect import tokenizer as tokenizer_lib
     from jax_introspect.experiment import sweep
     from jax_introspect.experiment.sweep_config import SweepConfig
@@ -145,21 +145,24 @@ def test_sweep_plan_takes_the_run_from_the_config(tmp_path):
     assert plan.sweep["trials"] == len(expected.trials) == 2 * 2 * 5 + 7
     assert plan.sweep["generate_calls"] == -(-len(expected.trials) // 16)
     names = [p.name for p in plan.programs]
-    assert names == ["generation", "sweep engine", "readout", "vector extraction", f"judge (llm:{judge})",
+    assert names == ["generation", "sweep engine", "vector extraction", f"judge (llm:{judge})",
                      "train step (sft, lora)"]
-    gen, engine_program, readout_program, ext, judged, step = plan.programs
+    gen, engine_program, ext, judged, step = plan.programs
     assert (gen.batch, gen.prompt_len, gen.max_new_tokens) == (16, 192, 24)
     # The engine (the sweep's default): one call of 16 x 4 trials; the prefix is every token before
     # Lindsey's window, the cells' suffix the rest of the prompt, rounded up to 32.
     start = expected.prompts["lindsey_injected_thought"].start
+    # The first-answer-token readout (readout=True, the default) in its cell prefill: a lens at each
+    # of the 2 layers per cell (the clean cell serves the shared controls), top 10.
+    suffix = -(-(172 - start) // 32) * 32
     assert plan.sweep["engine_calls"] == 1 and plan.sweep["arms"][0]["engine_shapes"] == [
-        (16, 64, start, -(-(172 - start) // 32) * 32)]
+        (16, 64, start, suffix, 2, 10)]
     assert (engine_program.batch, engine_program.prompt_len, engine_program.max_new_tokens) == (
-        16, start + 32, 24) and engine_program.fits
-    # The first-answer-token readout (readout=True, the default) after the call: its rows, split alike.
-    assert plan.sweep["arms"][0]["readout_shapes"] == [(16, start, -(-(172 - start) // 32) * 32)]
-    assert (readout_program.batch, readout_program.prompt_len, readout_program.max_new_tokens) == (
-        16, start + 32, 0) and readout_program.fits
+        16, start + 32, 24) and engine_program.fits and "2 lens layers per cell" in engine_program.note
+    assert plan.sweep["arms"][0]["readout_shapes"] == []
+    # Plain batches run a readout forward of their own after each batch: its rows, split alike.
+    assert plan_lib.readout_calls(arm.replace(engine="plain"), expected.trials, expected.prompts, {}) == [
+        (16, start, suffix), (16, start, suffix)]
     # 3 concept words, then 100 baseline words in batches of 16: the largest call has 16 rows
     assert ext.batch == 16 and plan.sweep["arms"][0]["extraction_calls"] == 1 + 7
     # the judge: 8 trials x 4 grader prompts per call, on one chip, 256 new tokens

@@ -42,7 +42,6 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jax_introspect import compile_only as co
 from jax_introspect import config as config_lib
@@ -346,20 +345,22 @@ def compile_generation(sl: Slice, batch: int, prompt_len: int, max_new_tokens: i
 
 
 def compile_engine(sl: Slice, slots: int, trials: int, prefix_len: int, suffix_len: int, max_new_tokens: int,
-                   progress=None) -> Program:
-    """The sweep engine's program (`engine.run`) for calls of `trials` on `slots` rows."""
+                   lens_width: int = 0, top_k: int = 0, progress=None) -> Program:
+    """The sweep engine's program (`engine.run`) for calls of `trials` on `slots` rows, with the
+    first-answer-token readout of `lens_width` lens layers per cell (0: none)."""
     rows = sl.rows(slots)
     return compile_program(
         "sweep engine", sl,
         lambda: co.compile_engine(sl.params, sl.run_config, sl.layout, rows, trials, prefix_len, suffix_len,
-                                  max_new_tokens),
+                                  max_new_tokens, lens_width=lens_width, top_k=top_k),
         rows, prefix_len + suffix_len, max_new_tokens,
         # The slots hold their suffix and answer columns; the prefix is one batch-1 cache (a whole
         # row on every chip of the data axis: what `data` rows' cache puts on each).
         kv_cache=sl.kv_cache(rows, suffix_len + max_new_tokens) + sl.kv_cache(sl.data, prefix_len),
         progress=progress,
         note=f"{trials} trials per call, a {prefix_len}-token shared prefix + {suffix_len}-token cell suffixes: the "
-             "program a sweep runs (engine='shared')")
+             "program a sweep runs (engine='shared')" + (f"; the readout in the cell prefill ({lens_width} lens "
+                                                         "layers per cell)" if lens_width else ""))
 
 
 def compile_readout(sl: Slice, rows: int, prefix_len: int, suffix_len: int, progress=None) -> Program:
@@ -532,11 +533,12 @@ class ArmPlan:
     extraction: list  # [(rows, width)] of every lm.residuals call
     vector_method: str
     grader: dict  # protocol -> grader spec
-    # [(slots, trials per call, prefix length, suffix width)] of every engine call (engine='shared',
-    # the sweep's default: these are the programs it runs); empty for engine='plain'.
+    # [(slots, trials per call, prefix length, suffix width, lens width, top_k)] of every engine call
+    # (engine='shared', the sweep's default: these are the programs it runs; the first-answer-token
+    # readout in its cell prefill, lens width 0 with readout=False); empty for engine='plain'.
     engine_calls: list = dataclasses.field(default_factory=list)
-    # [(rows, prefix length, suffix width)] of the first-answer-token readout's forward after each
-    # call (readout=True, the default; experiment/readout.py); empty with readout=False.
+    # [(rows, prefix length, suffix width)] of the first-answer-token readout's own forward after each
+    # plain batch (engine='plain', readout=True; experiment/readout.py); empty otherwise.
     readout_calls: list = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -608,7 +610,8 @@ def plan_arms(arms, model: Model, dtype: str, numerics: str, prompt_len: Optiona
         plans.append(ArmPlan(protocols=lengths, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
                              trials=len(trials), batches=batches, extraction=extraction,
                              vector_method=config.vector_method, grader=grader_specs(config),
-                             engine_calls=engine_calls(config, trials, prompts, lengths),
+                             engine_calls=engine_calls(config, trials, prompts, lengths,
+                                                       resolve_layers(config.layers, model.config.n_layers)),
                              readout_calls=readout_calls(config, trials, prompts, lengths)))
     if any(config.engine == "shared" for config, *_ in planned) and model.tokenizer is None:
         notes.append("no tokenizer: the sweep engine's calls planned without a shared prefix (every prompt token "
@@ -616,14 +619,16 @@ def plan_arms(arms, model: Model, dtype: str, numerics: str, prompt_len: Optiona
     return plans, notes
 
 
-def engine_calls(config, trials: Sequence, prompts: Optional[dict], lengths: dict) -> list:
-    """[(slots, trials per call, prefix length, suffix width)] of the sweep engine's calls, as
-    `sweep.run_sweep` makes them (`sweep._calls`) and `engine.plan_work` shapes them; without the
-    prompts' tokens (no tokenizer) no prefix is shared."""
-    from jax_introspect.experiment import sweep
+def engine_calls(config, trials: Sequence, prompts: Optional[dict], lengths: dict, layers: Sequence[int]) -> list:
+    """[(slots, trials per call, prefix length, suffix width, lens width, top_k)] of the sweep
+    engine's calls, as `sweep.run_sweep` makes them (`sweep._calls`) and `engine.plan_work` shapes
+    them (the readout's lens width as `readout.lens_width` gives it for `layers`; 0 and 0 with
+    readout=False); without the prompts' tokens (no tokenizer) no prefix is shared."""
+    from jax_introspect.experiment import readout, sweep
     if config.engine != "shared":
         return []
-    return [(config.batch_size, sweep.call_size(config), *shape)
+    reads = (readout.lens_width(layers, trials), config.readout_top_k) if config.readout else (0, 0)
+    return [(config.batch_size, sweep.call_size(config), *shape, *reads)
             for shape in _call_shapes(config, trials, prompts, lengths)]
 
 
@@ -643,10 +648,10 @@ def _call_shapes(config, trials: Sequence, prompts: Optional[dict], lengths: dic
 
 
 def readout_calls(config, trials: Sequence, prompts: Optional[dict], lengths: dict) -> list:
-    """[(rows, prefix length, suffix width)] of the readout forward after each generation call
-    (`readout.Readout`: `batch_size` rows, the call's prompts split as the engine splits them);
-    empty with readout=False."""
-    if not config.readout:
+    """[(rows, prefix length, suffix width)] of the readout's own forward after each plain batch
+    (`readout.Readout.attach`: `batch_size` rows, the call's prompts split as the engine splits
+    them); empty with readout=False, or with the engine (it reads in its cell prefill)."""
+    if not config.readout or config.engine == "shared":
         return []
     return [(config.batch_size, *shape) for shape in _call_shapes(config, trials, prompts, lengths)]
 
@@ -952,9 +957,10 @@ def make_plan(model: str, topology: str, mesh: str = "1x-1", batch: int = 32, pr
     # The sweep engine's programs (engine='shared', the default): what a sweep compiles and runs; the
     # plain generation programs above give the projections and the largest batch.
     engine_shapes = sorted({(*call, a.max_new_tokens) for a in arm_plans for call in a.engine_calls})
-    for slots, trials, prefix_len, suffix_len, n in engine_shapes:
-        programs.append(compile_engine(sl, slots, trials, prefix_len, suffix_len, n, progress=progress))
-    # The readout's forward after each call (readout=True, the default).
+    for slots, trials, prefix_len, suffix_len, lens_width, top_k, n in engine_shapes:
+        programs.append(compile_engine(sl, slots, trials, prefix_len, suffix_len, n, lens_width, top_k,
+                                       progress=progress))
+    # The readout's own forward after each plain batch (engine='plain', readout=True).
     for rows, prefix_len, suffix_len in sorted({c for a in arm_plans for c in a.readout_calls}):
         programs.append(compile_readout(sl, rows, prefix_len, suffix_len, progress=progress))
     # Vector extraction.

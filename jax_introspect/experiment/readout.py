@@ -1,8 +1,8 @@
 """Readouts below the threshold of words, at the first answer token of every trial.
 
 A trial's first answer token is chosen from the logits at the last prompt position: they depend
-only on the trial's prompt and injection, not on its sampling key. So one extra batched forward per
-distinct (prompt, injection) of a generation call gives, for every trial of it:
+only on the trial's prompt and injection, not on its sampling key. So the forward of each distinct
+(prompt, injection) of a generation call gives, for every trial of it:
 
 - `p_yes` / `p_no`: the total softmax probability (float32) of the tokenizer's yes-like / no-like
   first tokens (`answer_token_sets`: the single-token encodings of "Yes", " Yes", "yes", " yes",
@@ -16,10 +16,13 @@ distinct (prompt, injection) of a generation call gives, for every trial of it:
   layer; a control's at each layer of the sweep (its own with `controls_per_layer`), so the report
   can ask whether a word's token is in the top-k without the injection.
 
-The forward runs the rows' shared prefix (the prompt before any injection) once and each row's
-suffix from its cache, as the sweep engine prefills its cells (`engine.plan_work`); it is one
-compiled program per (rows, prefix, suffix bucket): rows are padded to a fixed count
-(`batch_size`) with strength-0 rows.
+The sweep engine (`engine.py`, the default) has that forward already: it prefills each cell once,
+and computes the readout there (`lens.answer_readout` on the cell's last-position logits and
+residuals; `Readout.request` / `Readout.fill`): no extra forward. Plain batches (`engine="plain"`)
+run one of their own per distinct (prompt, injection, lens layer) (`Readout.attach`): the rows'
+shared prefix (the prompt before any injection) once and each row's suffix from its cache, split
+as the engine splits its cells (`engine.plan_work`); one compiled program per (rows, prefix,
+suffix bucket): rows are padded to a fixed count (`batch_size`) with strength-0 rows.
 """
 from __future__ import annotations
 
@@ -33,8 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_introspect import lens as lens_lib
 from jax_introspect import model as model_lib
 from jax_introspect import sharding as sharding_lib
+from jax_introspect.lens import WORD_FORMS
 
 YES_FORMS = ("Yes", "yes", "YES")
 NO_FORMS = ("No", "no", "NO")
@@ -81,17 +86,13 @@ def word_token_ids(tokenizer, word: str) -> list:
     return ids
 
 
-WORD_FORMS = 4  # word_token_ids gives at most this many
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "layout", "top_k"))
 def _readout(params, cfg, prefix, tokens, valid, injection, lens_layer, word_ids, yes_mask, no_mask, adapter, *,
              layout, top_k):
-    """Per row: p_yes, p_no [B]; the lens at layer lens_layer[b]: top-k (probs, ids) [B, k], the best
-    probability among word_ids[b] [B], its token [B] and its rank [B] (1 = top). The rows' shared
-    prefix [1, Lp] (before any injection) is run once and every row attends to its cache, as the
-    sweep engine prefills cells (`engine._prefill_cells`); `tokens` [B, Ls] are the rows' suffixes,
-    left-padded."""
+    """Per row: `lens.answer_readout` with one lens layer (lens_layer[b]) ({name: [B, 1, ...]}). The
+    rows' shared prefix [1, Lp] (before any injection) is run once and every row attends to its
+    cache, as the sweep engine prefills cells (`engine._prefill_cells`, which computes the same
+    readout there); `tokens` [B, Ls] are the rows' suffixes, left-padded."""
     batch, suffix_len = tokens.shape
     prefix_cache = model_lib.prefill_prefix(params, cfg, prefix, layout=layout, adapter=adapter)
     cache = layout.constrain_cache(model_lib.init_cache(cfg, batch, suffix_len, params.embed.dtype))
@@ -99,21 +100,8 @@ def _readout(params, cfg, prefix, tokens, valid, injection, lens_layer, word_ids
     logits, _, residuals = model_lib.forward(params, cfg, tokens, positions, valid, cache, layout=layout,
                                              return_residuals="last", injection=injection, last_only=True,
                                              adapter=adapter, prefix=prefix_cache)
-    probs = jax.nn.softmax(logits[:, -1].astype(jnp.float32), axis=-1)
-    p_yes = jnp.sum(probs * yes_mask, axis=-1)
-    p_no = jnp.sum(probs * no_mask, axis=-1)
-    h = residuals[lens_layer, jnp.arange(batch), 0]  # [B, D]: after the chosen layer, at the last position
-    h = model_lib.rms_norm(h[:, None], params.final_norm, cfg.rms_norm_eps)
-    head = params.embed.T if params.lm_head is None else params.lm_head
-    lens = model_lib.linear("btd,dv->btv", h, head, params.lm_head_scale, model_lib._precision(h.dtype))
-    lens_probs = jax.nn.softmax(lens[:, 0].astype(jnp.float32), axis=-1)
-    top_probs, top_ids = jax.lax.top_k(lens_probs, top_k)
-    word_probs = jnp.take_along_axis(lens_probs, word_ids, axis=1)  # [B, WORD_FORMS]
-    best = jnp.argmax(word_probs, axis=-1)
-    word_prob = jnp.take_along_axis(word_probs, best[:, None], axis=1)[:, 0]
-    word_token = jnp.take_along_axis(word_ids, best[:, None], axis=1)[:, 0]
-    word_rank = 1 + jnp.sum(lens_probs > word_prob[:, None], axis=-1)
-    return p_yes, p_no, top_probs, top_ids, word_prob, word_token, word_rank
+    return lens_lib.answer_readout(params, cfg, logits[:, -1], residuals[:, :, 0], lens_layer[:, None], word_ids,
+                                   yes_mask, no_mask, top_k=top_k)
 
 
 def compile_for(params, cfg, layout, rows: int, prefix_len: int, suffix_len: int, top_k: int = 10):
@@ -147,12 +135,15 @@ class ReadoutRow:
 
 
 class Readout:
-    """The readout of a sweep: the tokenizer's token sets, one padded row count, top_k."""
+    """The readout of a sweep: the tokenizer's token sets, one padded row count, top_k, the sweep's
+    layers (a control's lens runs at each; `lens_width`: lens layers the engine computes per cell)."""
 
-    def __init__(self, lm, rows_per_forward: int, top_k: int):
+    def __init__(self, lm, rows_per_forward: int, top_k: int, layers: Sequence[int] = (), lens_width: int = 1):
         self.lm = lm
         self.sets = answer_token_sets(lm.tokenizer)
         self.top_k = int(top_k)
+        self.layers = [int(layer) for layer in layers]
+        self.lens_width = int(lens_width)
         data = lm.layout.data_size
         self.rows = -(-int(rows_per_forward) // data) * data
         vocab = lm.config.vocab_size
@@ -177,6 +168,52 @@ class Readout:
         if word not in self._word_ids:
             self._word_ids[word] = tuple(word_token_ids(self.lm.tokenizer, word))
         return self._word_ids[word]
+
+    def lens_layers(self, trial) -> list:
+        """The layers whose lens `trial` records: an injected trial's own; a control's, or every
+        layer of the sweep (shared controls); none for Lindsey's other experiments (no yes/no
+        question: their records keep no readout)."""
+        if trial.prompt_key is not None:
+            return []
+        if trial.kind == "injected" or trial.layer is not None:
+            return [int(trial.layer)]
+        return list(self.layers)
+
+    def request(self, trials: list):
+        """The engine's `ReadoutRequest` for one call's `trials` (`lm.generate_shared(readout=)`)."""
+        from jax_introspect import engine
+        return engine.ReadoutRequest(
+            yes_ids=self.sets["yes"]["ids"], no_ids=self.sets["no"]["ids"],
+            lens_layers=[self.lens_layers(t) for t in trials],
+            word_ids=[self.word_ids(t.word) if t.kind == "injected" and t.prompt_key is None else () for t in trials],
+            lens_width=self.lens_width, top_k=self.top_k)
+
+    def _finish(self, raw: dict, word_ids: tuple) -> dict:
+        """A record's readout from the numbers (`engine.trial_readouts`' form): the lens' top tokens
+        decoded; an injected trial's word fields (with the ids they were chosen among)."""
+        tok = self.lm.tokenizer
+        lenses = []
+        for entry in raw["lens"]:
+            lens = {"layer": entry["layer"], "top_ids": entry["top_ids"],
+                    "top_tokens": [tok.decode([int(t)]) for t in entry["top_ids"]], "top_probs": entry["top_probs"]}
+            if word_ids:
+                lens.update(word_token_ids=list(word_ids), word_token=entry["word_token"],
+                            word_prob=entry["word_prob"], word_rank=entry["word_rank"])
+            lenses.append(lens)
+        return {"p_yes": raw["p_yes"], "p_no": raw["p_no"], "lens": lenses}
+
+    def fill(self, records: list, trials: list, generations: list) -> list:
+        """`records` with the readouts the engine computed in its cell prefill (`generations` from
+        `lm.generate_shared(readout=self.request(trials))`): no forward of its own."""
+        out = []
+        for record, trial, generation in zip(records, trials, generations):
+            if not self.lens_layers(trial):
+                out.append(record)
+                continue
+            readout = self._finish(generation.readout, self.word_ids(trial.word) if trial.kind == "injected" else ())
+            timing = dict(record.timing, readout_seconds=0.0, readout_forwards=0)  # inside the generation call
+            out.append(dataclasses.replace(record, readout=readout, timing=timing))
+        return out
 
     def run(self, rows: list) -> list:
         """One result dict per ReadoutRow (rows beyond `self.rows` run in further forwards)."""
@@ -213,31 +250,23 @@ class Readout:
             (work.prefix, lens_layer, words, self.yes_mask, self.no_mask), lay.replicated)
         outputs = _readout(lm.params, lm.run_config, prefix, tokens, valid, injection, lens_layer, words, yes_mask,
                            no_mask, lm.adapter, layout=lay, top_k=self.top_k)
-        p_yes, p_no, top_probs, top_ids, word_prob, word_token, word_rank = (
-            np.asarray(sharding_lib.to_host(x))[:n] for x in outputs)
-        tok = lm.tokenizer
-        results = []
-        for i, r in enumerate(rows):
-            lens = {"layer": int(r.lens_layer), "top_ids": top_ids[i].tolist(),
-                    "top_tokens": [tok.decode([int(t)]) for t in top_ids[i]],
-                    "top_probs": [float(p) for p in top_probs[i]]}
-            if r.word_ids:
-                lens.update(word_token_ids=list(r.word_ids), word_token=int(word_token[i]),
-                            word_prob=float(word_prob[i]), word_rank=int(word_rank[i]))
-            results.append({"p_yes": float(p_yes[i]), "p_no": float(p_no[i]), "lens": lens})
-        return results
+        v = {name: np.asarray(sharding_lib.to_host(x))[:n] for name, x in outputs.items()}
+        return [self._finish({"p_yes": float(v["p_yes"][i]), "p_no": float(v["p_no"][i]), "lens": [
+            {"layer": int(r.lens_layer), "top_ids": v["top_ids"][i, 0].tolist(),
+             "top_probs": [float(p) for p in v["top_probs"][i, 0]], "word_token": int(v["word_token"][i, 0]),
+             "word_prob": float(v["word_prob"][i, 0]), "word_rank": int(v["word_rank"][i, 0])}]}, r.word_ids)
+                for i, r in enumerate(rows)]
 
-    def attach(self, records: list, trials: list, prompts: dict, concept, layers: Sequence[int]) -> list:
-        """`records` (of `trials`, in order) with their `readout` filled: one forward row per distinct
-        (prompt, injection, lens layer). A control's lens runs at every layer of `layers` (its own
-        with per-layer controls)."""
+    def attach(self, records: list, trials: list, prompts: dict, concept) -> list:
+        """`records` (of `trials`, in order) with their `readout` filled by forwards of its own (plain
+        batches; the engine computes it in its cell prefill: `fill`): one forward row per distinct
+        (prompt, injection, lens layer)."""
         began = time.time()
         self._vectors.clear()
         keys, distinct = [], {}
         for t in trials:
-            if t.prompt_key is not None:
-                # Lindsey's other experiments (per-pair prompts, windows with an end:
-                # protocols/experiments.py) ask no yes/no question: their records keep no readout.
+            lens_layers = self.lens_layers(t)
+            if not lens_layers:
                 keys.append(None)
                 continue
             info = prompts[t.protocol]
@@ -246,7 +275,6 @@ class Readout:
                 row_keys = [ReadoutRow(tuple(info.ids), t.layer, float(t.strength), (t.word, t.layer), info.start,
                                        info.norm_match, t.layer, self.word_ids(t.word))]
             else:
-                lens_layers = [t.layer] if t.layer is not None else list(layers)
                 row_keys = [ReadoutRow(tuple(info.ids), 0, 0.0, None, info.start, info.norm_match, layer, ())
                             for layer in lens_layers]
             for key in row_keys:
@@ -263,18 +291,27 @@ class Readout:
                 continue
             first = values[distinct[row_keys[0]]]
             readout = {"p_yes": first["p_yes"], "p_no": first["p_no"],
-                       "lens": [values[distinct[k]]["lens"] for k in row_keys]}
+                       "lens": [values[distinct[k]]["lens"][0] for k in row_keys]}
             # the cost beside the generation's (timing varies run to run; the readout does not)
             timing = dict(record.timing, readout_seconds=seconds, readout_forwards=-(-len(distinct) // self.rows))
             out.append(dataclasses.replace(record, readout=readout, timing=timing))
         return out
 
 
-def record_readout(lm, config, folder: Optional[str]):
-    """The sweep's Readout (None when `config.readout` is off); its metadata written to readout.json."""
+def lens_width(layers: Sequence[int], trials: Sequence) -> int:
+    """Lens layers the sweep engine computes per cell for a sweep of `trials` at `layers`: a call's
+    controls all sample from one clean cell (also with `controls_per_layer`), whose lens they need at
+    every layer; an injected cell needs its own layer's."""
+    has_controls = any(t.kind != "injected" and t.prompt_key is None for t in trials)
+    return max(1, len(layers)) if has_controls else 1
+
+
+def record_readout(lm, config, folder: Optional[str], layers: Sequence[int] = (), trials: Sequence = ()):
+    """The sweep's Readout (None when `config.readout` is off) for `trials` at `layers`; its metadata
+    written to readout.json."""
     if not config.readout:
         return None
-    readout = Readout(lm, config.batch_size, config.readout_top_k)
+    readout = Readout(lm, config.batch_size, config.readout_top_k, layers, lens_width(layers, trials))
     if folder:
         from jax_introspect.experiment.files import atomic_write_json
         atomic_write_json(os.path.join(folder, READOUT_FILE), readout.metadata(), indent=1, sort_keys=True)

@@ -346,32 +346,39 @@ def _records(batch: list[Trial], generations, config: SweepConfig, prompts: dict
         for t, g in zip(batch, generations)]
 
 
-def generate_batch(lm, batch: list[Trial], config: SweepConfig, prompts: dict[str, PromptInfo], concept, cfg_hash: str):
-    """Generate one batch with plain batched generation; returns its records with empty grades. The
-    batch is padded with clean rows to `batch_size` so every batch has the same shape."""
+def generate_batch(lm, batch: list[Trial], config: SweepConfig, prompts: dict[str, PromptInfo], concept, cfg_hash: str,
+                   reader=None):
+    """Generate one batch with plain batched generation; returns its records with empty grades (and
+    `reader`'s readout, a forward of its own). The batch is padded with clean rows to `batch_size`
+    so every batch has the same shape."""
     rows = batch + [batch[-1]] * (config.batch_size - len(batch))
     began = time.time()
     generations = lm.generate([prompt_of(prompts, t).ids for t in rows], max_new_tokens=config.max_new_tokens,
                               injection=_injection(lm, rows, prompts, concept, len(batch)),
                               temperature=config.temperature, top_p=config.top_p,
                               seed=config.seed, trial_ids=[t.trial_id for t in rows])[:len(batch)]
-    return _measured(lm, batch, generations, _records(batch, generations, config, prompts, cfg_hash, began), prompts,
-                     concept, config)
+    records = _records(batch, generations, config, prompts, cfg_hash, began)
+    if reader is not None:
+        records = reader.attach(records, batch, prompts, concept)
+    return _measured(lm, batch, generations, records, prompts, concept, config)
 
 
 def generate_call(lm, trials: list[Trial], config: SweepConfig, prompts: dict[str, PromptInfo], concept,
-                  cfg_hash: str):
+                  cfg_hash: str, reader=None):
     """Generate one engine call's trials (one protocol's; `engine.py`): the same texts as
     `generate_batch`, with the shared prefix and each cell prefilled once and finished slots
-    refilled. Calls are padded to `call_size(config)` trials, so they share one compiled program."""
+    refilled; `reader`'s readout computed in the cells' prefill. Calls are padded to
+    `call_size(config)` trials, so they share one compiled program."""
     began = time.time()
     generations = lm.generate_shared([prompt_of(prompts, t).ids for t in trials], max_new_tokens=config.max_new_tokens,
                                      injection=_injection(lm, trials, prompts, concept, len(trials)),
                                      temperature=config.temperature, top_p=config.top_p, seed=config.seed,
                                      trial_ids=[t.trial_id for t in trials], slots=config.batch_size,
-                                     trials=call_size(config))
-    return _measured(lm, trials, generations, _records(trials, generations, config, prompts, cfg_hash, began), prompts,
-                     concept, config)
+                                     trials=call_size(config), readout=reader and reader.request(trials))
+    records = _records(trials, generations, config, prompts, cfg_hash, began)
+    if reader is not None:
+        records = reader.fill(records, trials, generations)
+    return _measured(lm, trials, generations, records, prompts, concept, config)
 
 
 def _measured(lm, trials: list[Trial], generations, records: list, prompts: dict, concept, config) -> list:
@@ -531,15 +538,13 @@ def _run(lm, plan: SweepPlan, out: str, store: Optional[results.ResultsStore], p
             store.clear_ungraded()
     calls = _calls(pending, config)
     generate = generate_batch if config.engine == "plain" else generate_call
-    reader = readout.record_readout(lm, config, out if store else None) if calls else None
+    reader = readout.record_readout(lm, config, out if store else None, plan.layers, plan.trials) if calls else None
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(pending), desc="trials", unit="trial")
     for number, call in enumerate(calls):
-        records = generate(lm, call, config, plan.prompts, concept, config_hash)
-        if reader is not None:
-            records = reader.attach(records, call, plan.prompts, concept, plan.layers)
+        records = generate(lm, call, config, plan.prompts, concept, config_hash, reader)
         left_ungraded += grade_and_store(records, graders, store)
         if bar is not None:
             bar.update(len(call))
