@@ -169,13 +169,8 @@ def cell_readout_inputs(request: ReadoutRequest, work: Work, vocab_size: int) ->
     for c in range(work.n_cells):
         row = layers[c] or [0]
         lens_layers[c] = (row + row[:1] * width)[:width]
-        word = list(words[c] or [0])
-        word_ids[c] = (word + word[:1] * lens_lib.WORD_FORMS)[:lens_lib.WORD_FORMS]
-    masks = []
-    for ids in (request.yes_ids, request.no_ids):
-        mask = np.zeros(vocab_size, np.float32)
-        mask[list(ids)] = 1.0
-        masks.append(mask)
+        word_ids[c] = lens_lib.padded_word_ids(words[c] or ())
+    masks = (lens_lib.token_mask(request.yes_ids, vocab_size), lens_lib.token_mask(request.no_ids, vocab_size))
     return (lens_layers, word_ids, *masks), layers
 
 

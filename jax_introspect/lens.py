@@ -7,10 +7,25 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_introspect import model as model_lib
 
 WORD_FORMS = 4  # a word's first tokens: "Word", " Word", "word", " word" (repeats dropped, padded)
+
+
+def padded_word_ids(ids) -> list:
+    """A word's first tokens padded to WORD_FORMS with its first (a repeat changes no maximum); [0] * WORD_FORMS
+    for none (a control: its word fields are not recorded)."""
+    ids = list(ids) or [0]
+    return (ids + ids[:1] * WORD_FORMS)[:WORD_FORMS]
+
+
+def token_mask(ids, vocab_size: int) -> np.ndarray:
+    """[V] float32: 1 at `ids`, 0 elsewhere (p_yes sums the softmax under it)."""
+    mask = np.zeros(vocab_size, np.float32)
+    mask[list(ids)] = 1.0
+    return mask
 
 
 def answer_readout(params, cfg, last_logits, last_residuals, lens_layers, word_ids, yes_mask, no_mask, *, top_k: int):

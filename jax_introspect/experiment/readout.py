@@ -147,10 +147,8 @@ class Readout:
         data = lm.layout.data_size
         self.rows = -(-int(rows_per_forward) // data) * data
         vocab = lm.config.vocab_size
-        self.yes_mask = np.zeros(vocab, np.float32)
-        self.yes_mask[self.sets["yes"]["ids"]] = 1.0
-        self.no_mask = np.zeros(vocab, np.float32)
-        self.no_mask[self.sets["no"]["ids"]] = 1.0
+        self.yes_mask = lens_lib.token_mask(self.sets["yes"]["ids"], vocab)
+        self.no_mask = lens_lib.token_mask(self.sets["no"]["ids"], vocab)
         self._word_ids = {}
         self._vectors = {}  # (word, layer) -> concept vector of the rows being read (`attach` fills it)
 
@@ -240,8 +238,7 @@ class Readout:
         work = engine.plan_work(ids, injection, lm._pad_id(), slots=self.rows, trials=self.rows, share_cells=False)
         if work.cell_tokens.max() >= lm.config.vocab_size or work.cell_tokens.min() < 0:
             raise ValueError(f"token ids must lie in [0, {lm.config.vocab_size})")
-        words = np.array([(list(r.word_ids) + [r.word_ids[0] if r.word_ids else 0] * WORD_FORMS)[:WORD_FORMS]
-                          for r in padded], np.int32)
+        words = np.array([lens_lib.padded_word_ids(r.word_ids) for r in padded], np.int32)
         lens_layer = np.array([r.lens_layer for r in padded], np.int32)
         lay = lm.layout
         tokens, valid, injection = lay.put((work.cell_tokens, work.cell_valid, work.cell_injection),
