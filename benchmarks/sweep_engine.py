@@ -3,7 +3,7 @@ same loop in nnsight, side by side in one run (SmolLM2-135M float32, 2 CPU cores
 part of the engine saves.
 
     python -m benchmarks.sweep_engine [--runs=3] [--grids=quickstart,grid] [--protocols=lindsey,replication] \
-        [--ablations=quickstart]
+        [--ablations=quickstart] [--batch_size=N]
 
 Grids (the trials of `sweep.plan_trials`, temperature 1, top_p 1, the heuristic grader):
 - quickstart: configs/sweeps/quickstart.py (6 words, 2 layers, 3 strengths, 6 trials per cell,
@@ -27,6 +27,8 @@ holding the sweep's vectors (extracted once beforehand, so no arm pays for extra
   same HF model): one `with model.generate(...)` per cell whose intervention (`nnsight_inject`)
   edits the decoder layer's output at every step (`tracer.all()`), as the hooks do; tests/
   test_nnsight_arm.py checks it against `launch/gpu_reference.Injection`.
+- 1 new token (engine and HF loop): the same sweep with max_new_tokens 1, so that each arm splits
+  into decode and the rest, and the engine's ceiling (HF loop / engine decode) is measured.
 Throughput = trials / seconds: "generation" sums the calls' own time (records' timing; the HF and
 nnsight loops' calls), "whole" is run_sweep's wall time (grading and files included). Medians of the runs.
 """
@@ -47,6 +49,9 @@ from benchmarks import common
 
 GRIDS = ("quickstart", "grid")
 LOOPS = ("HF loop", "nnsight loop")  # arms outside run_sweep: no grading, files or texts to compare
+# The same sweep with one new token per trial (prefill, first token, readout, grading, files): with
+# the full arm's time it splits each arm into decode and the rest (`decode_split`).
+ONE_TOKEN = {"engine": "engine, 1 new token", "HF loop": "HF loop, 1 new token"}
 PROTOCOLS = {"lindsey": "lindsey_injected_thought", "replication": "replication_405b_injected_thought"}
 ENGINE_ARMS = {  # name -> (config engine, generate_shared keyword overrides)
     "engine": ("shared", {}),
@@ -57,7 +62,9 @@ ENGINE_ARMS = {  # name -> (config engine, generate_shared keyword overrides)
 }
 
 
-def grid_config(grid: str, protocol: str):
+def grid_config(grid: str, protocol: str, batch_size: Optional[int] = None):
+    """The sweep config of `grid` with `protocol`; `batch_size` (engine slots, plain batches)
+    overrides the grid's."""
     from configs.sweeps import quickstart
     from jax_introspect.experiment.sweep_config import SweepConfig
     if grid == "quickstart":
@@ -66,7 +73,8 @@ def grid_config(grid: str, protocol: str):
         config = SweepConfig(words=SweepConfig().words[:8], layers=(0.3, 0.45, 0.6, 0.75),
                              strengths=(1.0, 2.0, 4.0, 8.0), trials_per_cell=1, cell_per_word=True,
                              control_trials=32, max_new_tokens=32, batch_size=32)
-    return config.replace(protocols=(PROTOCOLS[protocol],), temperature=1.0, top_p=1.0, grader="heuristic")
+    config = config.replace(protocols=(PROTOCOLS[protocol],), temperature=1.0, top_p=1.0, grader="heuristic")
+    return config if batch_size is None else config.replace(batch_size=batch_size)
 
 
 def _model_for(lm, overrides: dict, slots: int):
@@ -218,34 +226,54 @@ def run_nnsight(nn_model, lm, config, plan, concept) -> dict:
                       config, plan, concept)
 
 
-def run_grid(lm, model, nn_model, grid: str, protocol: str, runs: int, ablations: bool = True) -> dict:
+def run_grid(lm, model, nn_model, grid: str, protocol: str, runs: int, ablations: bool = True,
+             batch_size: Optional[int] = None) -> dict:
     from jax_introspect.experiment import sweep
-    config = grid_config(grid, protocol)
+    config = grid_config(grid, protocol, batch_size)
     plan = sweep.plan_sweep(config, lm.config, lm.tokenizer, lm.path, str(lm.dtype))
     scratch = tempfile.mkdtemp(prefix="bench_engine_vectors_")
     vectors_file = os.path.join(scratch, sweep.VECTORS_FILE)
     concept = sweep.extract_vectors(lm, plan, vectors_file, progress=False)
     engine_arms = {n: a for n, a in ENGINE_ARMS.items() if ablations or not n.startswith("engine, ")}
-    arms = {name: [] for name in list(engine_arms) + ["HF loop", "nnsight loop"]}
+    arms = {name: [] for name in list(engine_arms) + ["HF loop", "nnsight loop"] + list(ONE_TOKEN.values())}
+    one_token = config.replace(max_new_tokens=1)
     load_before = common.load_average()[0]
     for r in range(runs + 1):  # run 0 compiles every program: not counted
         for name, (engine, overrides) in engine_arms.items():
             result = run_arm(_model_for(lm, overrides, config.batch_size), config.replace(engine=engine), vectors_file)
             if r:
                 arms[name].append(result)
+        short = run_arm(lm, one_token, vectors_file)  # run 0 compiles its programs too
         if r:
+            arms[ONE_TOKEN["engine"]].append(short)
             arms["HF loop"].append(run_hf(model, lm, config, plan, concept))
             arms["nnsight loop"].append(run_nnsight(nn_model, lm, config, plan, concept))
+            arms[ONE_TOKEN["HF loop"]].append(run_hf(model, lm, one_token, plan, concept))
         common.log(f"{grid}/{protocol} run {r}: " + ", ".join(
             f"{n} {a[-1]['wall']:.1f}s" for n, a in arms.items() if a) + f"; load {common.load_text()}")
     shutil.rmtree(scratch, ignore_errors=True)
     reference = arms["plain batches"][0]["texts"]
     same = {name: all(a["texts"] == reference for a in results) for name, results in arms.items()
-            if name not in LOOPS}
+            if name not in LOOPS and name not in ONE_TOKEN.values()}
     return dict(grid=grid, protocol=protocol, config=config, arms=arms, same_texts=same, trials=len(plan.trials),
                 prompt_tokens=len(plan.prompts[config.protocols[0]].ids),
                 window_start=plan.prompts[config.protocols[0]].start,
                 load=(load_before, common.load_average()[0]))
+
+
+def decode_split(arms: dict) -> dict:
+    """Median seconds of decode (the full arm less its 1-new-token twin: every step after the first
+    token) and of the rest, for the engine (whole run_sweep) and the HF loop (its generate calls);
+    `ceiling`: the HF loop's seconds over the engine's decode alone, the ratio the engine would reach
+    if prefill, readout, grading and files took no time; `step_ratio`: HF decode / engine decode (the
+    same new tokens; the HF loop's also decode rows that already ended)."""
+    med = common.median
+    split = {}
+    for name, short in ONE_TOKEN.items():
+        total, rest = med([a["wall"] for a in arms[name]]), med([a["wall"] for a in arms[short]])
+        split[name] = dict(total=total, rest=rest, decode=total - rest)
+    engine, hf = split["engine"], split["HF loop"]
+    return dict(split, ceiling=hf["total"] / engine["decode"], step_ratio=hf["decode"] / engine["decode"])
 
 
 def length_distribution(n_tokens: Sequence[int], max_new: int) -> str:
@@ -286,6 +314,8 @@ def markdown(results: list, replication_note: str, nnsight_version: str) -> str:
                   f"{length_distribution(arms['engine'][0]['n_tokens'], cfg.max_new_tokens)}.", ""]
         rows = []
         for name, rs in arms.items():
+            if name in ONE_TOKEN.values():
+                continue
             gen = [res["trials"] / a.get("generation", a["wall"]) for a in rs]
             whole = [res["trials"] / a["wall"] for a in rs]
             rows.append([name, f"{med(gen):.2f} ({min(gen):.2f}-{max(gen):.2f})",
@@ -294,6 +324,13 @@ def markdown(results: list, replication_note: str, nnsight_version: str) -> str:
                          "-" if name in LOOPS else ("yes" if res["same_texts"][name] else "**no**")])
         lines += [common.table(["arm", "trials/s, generation", "trials/s, whole", "vs HF loop", "texts = plain's"],
                                rows, "lrrrl"), ""]
+        split = decode_split(arms)
+        e, h = split["engine"], split["HF loop"]
+        lines += [f"Decode vs the rest (medians; the same sweep with 1 new token per trial gives the rest): engine "
+                  f"{e['decode']:.1f} s decode + {e['rest']:.1f} s rest (prefill, first token, readout, grading, "
+                  f"files) = {e['total']:.1f} s; HF loop {h['decode']:.1f} s decode + {h['rest']:.1f} s prefill and "
+                  f"first token = {h['total']:.1f} s. HF decode / engine decode = {split['step_ratio']:.2f}x; "
+                  f"**ceiling** with everything but decode free: HF loop / engine decode = {split['ceiling']:.2f}x.", ""]
     if replication_note:
         lines += [f"Answer lengths of the public 405B replication's responses: {replication_note}.", ""]
     return "\n".join(lines)
@@ -305,6 +342,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--grids", default=",".join(GRIDS))
     parser.add_argument("--protocols", default=",".join(PROTOCOLS))
     parser.add_argument("--ablations", default="quickstart", help="grids whose sweeps also run the ablations")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="engine slots and plain batch size instead of the grid's (the HF and nnsight loops "
+                             "batch each (layer, strength) cell's trials, whatever this is)")
     parser.add_argument("--checkpoint", default=None)
     args = parser.parse_args(argv)
     common.quiet_libraries()
@@ -315,7 +355,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     model, hf_tokenizer = common.load_hf_smollm2()
     nn_model = wrap_nnsight(model, hf_tokenizer)
     warm_nnsight(nn_model)
-    results = [run_grid(lm, model, nn_model, grid, protocol, args.runs, ablations=grid in args.ablations.split(","))
+    results = [run_grid(lm, model, nn_model, grid, protocol, args.runs, ablations=grid in args.ablations.split(","),
+                        batch_size=args.batch_size)
                for grid in args.grids.split(",") for protocol in args.protocols.split(",")]
     note = replication_lengths(os.path.join(common.REPO, "..", "shared", "data",
                                             "replication_405b_layer84_canonical.judged.json"))
