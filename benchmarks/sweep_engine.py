@@ -3,7 +3,7 @@ same loop in nnsight, side by side in one run (SmolLM2-135M float32, 2 CPU cores
 part of the engine saves.
 
     python -m benchmarks.sweep_engine [--runs=3] [--grids=quickstart,grid] [--protocols=lindsey,replication] \
-        [--ablations=quickstart] [--batch_size=N]
+        [--ablations=quickstart]
 
 Grids (the trials of `sweep.plan_trials`, temperature 1, top_p 1, the heuristic grader):
 - quickstart: configs/sweeps/quickstart.py (6 words, 2 layers, 3 strengths, 6 trials per cell,
@@ -52,6 +52,7 @@ LOOPS = ("HF loop", "nnsight loop")  # arms outside run_sweep: no grading, files
 # The same sweep with one new token per trial (prefill, first token, readout, grading, files): with
 # the full arm's time it splits each arm into decode and the rest (`decode_split`).
 ONE_TOKEN = {"engine": "engine, 1 new token", "HF loop": "HF loop, 1 new token"}
+NOT_COMPARED = set(LOOPS) | set(ONE_TOKEN.values())  # arms whose texts are not compared with plain's
 PROTOCOLS = {"lindsey": "lindsey_injected_thought", "replication": "replication_405b_injected_thought"}
 ENGINE_ARMS = {  # name -> (config engine, generate_shared keyword overrides)
     "engine": ("shared", {}),
@@ -62,9 +63,7 @@ ENGINE_ARMS = {  # name -> (config engine, generate_shared keyword overrides)
 }
 
 
-def grid_config(grid: str, protocol: str, batch_size: Optional[int] = None):
-    """The sweep config of `grid` with `protocol`; `batch_size` (engine slots, plain batches)
-    overrides the grid's."""
+def grid_config(grid: str, protocol: str):
     from configs.sweeps import quickstart
     from jax_introspect.experiment.sweep_config import SweepConfig
     if grid == "quickstart":
@@ -73,8 +72,7 @@ def grid_config(grid: str, protocol: str, batch_size: Optional[int] = None):
         config = SweepConfig(words=SweepConfig().words[:8], layers=(0.3, 0.45, 0.6, 0.75),
                              strengths=(1.0, 2.0, 4.0, 8.0), trials_per_cell=1, cell_per_word=True,
                              control_trials=32, max_new_tokens=32, batch_size=32)
-    config = config.replace(protocols=(PROTOCOLS[protocol],), temperature=1.0, top_p=1.0, grader="heuristic")
-    return config if batch_size is None else config.replace(batch_size=batch_size)
+    return config.replace(protocols=(PROTOCOLS[protocol],), temperature=1.0, top_p=1.0, grader="heuristic")
 
 
 def _model_for(lm, overrides: dict, slots: int):
@@ -226,10 +224,9 @@ def run_nnsight(nn_model, lm, config, plan, concept) -> dict:
                       config, plan, concept)
 
 
-def run_grid(lm, model, nn_model, grid: str, protocol: str, runs: int, ablations: bool = True,
-             batch_size: Optional[int] = None) -> dict:
+def run_grid(lm, model, nn_model, grid: str, protocol: str, runs: int, ablations: bool = True) -> dict:
     from jax_introspect.experiment import sweep
-    config = grid_config(grid, protocol, batch_size)
+    config = grid_config(grid, protocol)
     plan = sweep.plan_sweep(config, lm.config, lm.tokenizer, lm.path, str(lm.dtype))
     scratch = tempfile.mkdtemp(prefix="bench_engine_vectors_")
     vectors_file = os.path.join(scratch, sweep.VECTORS_FILE)
@@ -254,7 +251,7 @@ def run_grid(lm, model, nn_model, grid: str, protocol: str, runs: int, ablations
     shutil.rmtree(scratch, ignore_errors=True)
     reference = arms["plain batches"][0]["texts"]
     same = {name: all(a["texts"] == reference for a in results) for name, results in arms.items()
-            if name not in LOOPS and name not in ONE_TOKEN.values()}
+            if name not in NOT_COMPARED}
     return dict(grid=grid, protocol=protocol, config=config, arms=arms, same_texts=same, trials=len(plan.trials),
                 prompt_tokens=len(plan.prompts[config.protocols[0]].ids),
                 window_start=plan.prompts[config.protocols[0]].start,
@@ -342,9 +339,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--grids", default=",".join(GRIDS))
     parser.add_argument("--protocols", default=",".join(PROTOCOLS))
     parser.add_argument("--ablations", default="quickstart", help="grids whose sweeps also run the ablations")
-    parser.add_argument("--batch_size", type=int, default=None,
-                        help="engine slots and plain batch size instead of the grid's (the HF and nnsight loops "
-                             "batch each (layer, strength) cell's trials, whatever this is)")
     parser.add_argument("--checkpoint", default=None)
     args = parser.parse_args(argv)
     common.quiet_libraries()
@@ -355,8 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     model, hf_tokenizer = common.load_hf_smollm2()
     nn_model = wrap_nnsight(model, hf_tokenizer)
     warm_nnsight(nn_model)
-    results = [run_grid(lm, model, nn_model, grid, protocol, args.runs, ablations=grid in args.ablations.split(","),
-                        batch_size=args.batch_size)
+    results = [run_grid(lm, model, nn_model, grid, protocol, args.runs, ablations=grid in args.ablations.split(","))
                for grid in args.grids.split(",") for protocol in args.protocols.split(",")]
     note = replication_lengths(os.path.join(common.REPO, "..", "shared", "data",
                                             "replication_405b_layer84_canonical.judged.json"))
