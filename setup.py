@@ -41,7 +41,7 @@ setup(
         # pulls a multi-GB CUDA build. torch + transformers serve parity tests only.
         "test": [
             "pytest",
-            "pytest-xdist",
+            "pytest-xdist>=3.8",  # launch/run_tests.sh: --no-loadscope-reorder (3.8.0)
             "psutil",
             "torch==2.13.0",
             "transformers>=5",

@@ -10,4 +10,4 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
   ($SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null) \
     || echo "warning: could not install chromium; tests/test_inspect_viewer.py will fail" >&2
 fi
-python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile --durations=15 tests "$@"
+python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder --durations=15 tests "$@"

@@ -26,3 +26,19 @@ def tiny_models(tmp_path_factory):
             cache[name] = hf_reference.build_and_convert(name, root)
         return cache[name]
     return get
+
+
+# Test files by their time on CI (2 workers, 2026-12-01), longest first. launch/run_tests.sh runs
+# pytest-xdist with --dist loadfile --no-loadscope-reorder: files go to the workers in collection
+# order, so the longest start first and the short ones even out the end (xdist's own order, by test
+# count, left the TPU compile files, few tests but minutes each, to run last on one worker).
+LONGEST_FIRST = ("test_tpu_plan.py", "test_tpu_compile.py", "test_parity.py", "test_replication_vectors.py",
+                 "test_reliability_sweep.py", "test_adapters.py", "test_smollm2.py", "test_sweep.py",
+                 "test_lindsey_experiments.py", "test_multihost.py", "test_injection.py", "test_sharding.py",
+                 "test_grading.py", "test_training.py", "test_fp8.py", "test_replication_judge.py",
+                 "test_engine.py", "test_report.py", "test_model_parity.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))  # stable: files stay whole
