@@ -3,7 +3,7 @@ same loop in nnsight, side by side in one run (SmolLM2-135M float32, 2 CPU cores
 part of the engine saves.
 
     python -m benchmarks.sweep_engine [--runs=3] [--grids=quickstart,grid] [--protocols=lindsey,replication] \
-        [--ablations=quickstart]
+        [--ablations=quickstart] [--ablation_arms="engine, no depth sharing"] [--prefill_blocks=8,16]
 
 Grids (the trials of `sweep.plan_trials`, temperature 1, top_p 1, the heuristic grader):
 - quickstart: configs/sweeps/quickstart.py (6 words, 2 layers, 3 strengths, 6 trials per cell,
@@ -16,9 +16,11 @@ injected at every position: nothing before the injection to share, so its saving
 
 Arms, interleaved run by run (run r does every arm once), each timed on a fresh results folder
 holding the sweep's vectors (extracted once beforehand, so no arm pays for extraction):
-- engine: `run_sweep` with engine 'shared' (the default); its ablations (on the `--ablations` grids): no slot refill
-  (refill_min = slots: a refill waits for every slot, i.e. batches), no shared prefix, no per-cell
-  prefill (every trial its own prefill);
+- engine: `run_sweep` with engine 'shared' (the default); its ablations (on the `--ablations` grids;
+  `--ablation_arms`: which): no slot refill (refill_min = slots: a refill waits for every slot, i.e.
+  batches), no shared prefix, no per-cell prefill (every trial its own prefill), no depth sharing
+  (every cell prefilled from layer 0); with `--prefill_blocks`, the engine with its cells prefilled
+  that many at a time (the sweep config's `prefill_block`; the engine arm: its default);
 - plain: `run_sweep` with engine 'plain' (one `generate` per batch);
 - HF loop: what an HF-hooks user writes: one `generate` per (layer, strength) cell on its trials
   (per-row vectors, `launch/gpu_reference.Injection`), one call for the controls; same prompt ids,
@@ -54,13 +56,19 @@ LOOPS = ("HF loop", "nnsight loop")  # arms outside run_sweep: no grading, files
 ONE_TOKEN = {"engine": "engine, 1 new token", "HF loop": "HF loop, 1 new token"}
 NOT_COMPARED = set(LOOPS) | set(ONE_TOKEN.values())  # arms whose texts are not compared with plain's
 PROTOCOLS = {"lindsey": "lindsey_injected_thought", "replication": "replication_405b_injected_thought"}
-ENGINE_ARMS = {  # name -> (config engine, generate_shared keyword overrides)
-    "engine": ("shared", {}),
-    "engine, no refill": ("shared", {"refill_min": None}),  # None here: filled with the slot count
-    "engine, no shared prefix": ("shared", {"share_prefix": False}),
-    "engine, no per-cell prefill": ("shared", {"share_cells": False}),
-    "plain batches": ("plain", {}),
+ENGINE_ARMS = {  # name -> (sweep config overrides, generate_shared keyword overrides)
+    "engine": ({}, {}),
+    "engine, no refill": ({}, {"refill_min": None}),  # None here: filled with the slot count
+    "engine, no shared prefix": ({}, {"share_prefix": False}),
+    "engine, no per-cell prefill": ({}, {"share_cells": False}),
+    "engine, no depth sharing": ({}, {"share_depth": False}),
+    "plain batches": ({"engine": "plain"}, {}),
 }
+
+
+def block_arm(block: int) -> str:
+    """The engine arm with cells prefilled `block` at a time (`--prefill_blocks`)."""
+    return f"engine, prefill block {block}"
 
 
 def grid_config(grid: str, protocol: str):
@@ -224,20 +232,23 @@ def run_nnsight(nn_model, lm, config, plan, concept) -> dict:
                       config, plan, concept)
 
 
-def run_grid(lm, model, nn_model, grid: str, protocol: str, runs: int, ablations: bool = True) -> dict:
+def run_grid(lm, model, nn_model, grid: str, protocol: str, runs: int, ablations: Sequence[str] = (),
+             prefill_blocks: Sequence[int] = ()) -> dict:
     from jax_introspect.experiment import sweep
     config = grid_config(grid, protocol)
     plan = sweep.plan_sweep(config, lm.config, lm.tokenizer, lm.path, str(lm.dtype))
     scratch = tempfile.mkdtemp(prefix="bench_engine_vectors_")
     vectors_file = os.path.join(scratch, sweep.VECTORS_FILE)
     concept = sweep.extract_vectors(lm, plan, vectors_file, progress=False)
-    engine_arms = {n: a for n, a in ENGINE_ARMS.items() if ablations or not n.startswith("engine, ")}
+    engine_arms = {n: a for n, a in ENGINE_ARMS.items() if n in ablations or not n.startswith("engine, ")}
+    engine_arms.update({block_arm(b): ({"prefill_block": b}, {}) for b in prefill_blocks})
     arms = {name: [] for name in list(engine_arms) + ["HF loop", "nnsight loop"] + list(ONE_TOKEN.values())}
     one_token = config.replace(max_new_tokens=1)
     load_before = common.load_average()[0]
     for r in range(runs + 1):  # run 0 compiles every program: not counted
-        for name, (engine, overrides) in engine_arms.items():
-            result = run_arm(_model_for(lm, overrides, config.batch_size), config.replace(engine=engine), vectors_file)
+        for name, (config_overrides, overrides) in engine_arms.items():
+            result = run_arm(_model_for(lm, overrides, config.batch_size), config.replace(**config_overrides),
+                             vectors_file)
             if r:
                 arms[name].append(result)
         short = run_arm(lm, one_token, vectors_file)  # run 0 compiles its programs too
@@ -339,6 +350,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--grids", default=",".join(GRIDS))
     parser.add_argument("--protocols", default=",".join(PROTOCOLS))
     parser.add_argument("--ablations", default="quickstart", help="grids whose sweeps also run the ablations")
+    parser.add_argument("--ablation_arms", default="",
+                        help="comma-separated ablations to run on the --ablations grids (default: every one)")
+    parser.add_argument("--prefill_blocks", default="",
+                        help="comma-separated cell-prefill blocks (divisors of the grids' batch), extra engine arms")
     parser.add_argument("--checkpoint", default=None)
     args = parser.parse_args(argv)
     common.quiet_libraries()
@@ -349,7 +364,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     model, hf_tokenizer = common.load_hf_smollm2()
     nn_model = wrap_nnsight(model, hf_tokenizer)
     warm_nnsight(nn_model)
-    results = [run_grid(lm, model, nn_model, grid, protocol, args.runs, ablations=grid in args.ablations.split(","))
+    blocks = [int(b) for b in args.prefill_blocks.split(",") if b]
+    chosen = [name.strip() for name in args.ablation_arms.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in ENGINE_ARMS or not name.startswith("engine, ")]
+    if unknown:
+        parser.error(f"--ablation_arms: no ablation {unknown}; choose from "
+                     f"{[n for n in ENGINE_ARMS if n.startswith('engine, ')]}")
+    ablations = chosen or [n for n in ENGINE_ARMS if n.startswith("engine, ")]
+    results = [run_grid(lm, model, nn_model, grid, protocol, args.runs,
+                        ablations=ablations if grid in args.ablations.split(",") else (), prefill_blocks=blocks)
                for grid in args.grids.split(",") for protocol in args.protocols.split(",")]
     note = replication_lengths(os.path.join(common.REPO, "..", "shared", "data",
                                             "replication_405b_layer84_canonical.judged.json"))

@@ -56,6 +56,7 @@ class Work:
     n_cells: int  # real cells (the rest of C is padding, never computed)
     trial_cell: np.ndarray  # [N] int32
     n_trials: int  # real trials (the rest of N is padding, never run)
+    share_depth: bool = False  # one prompt for every cell: layers below a cell's injection come from the clean prompt's
 
 
 def _cell_key(ids: Sequence[int], injection: inject_lib.Injection, row: int) -> tuple:
@@ -95,12 +96,42 @@ def call_shape(prompt_ids: Sequence[Sequence[int]], starts) -> tuple[int, int]:
     return prefix_len, suffix_width([len(p) - prefix_len for p in prompt_ids])
 
 
+# Tokens a cell-prefill block should hold at least: each block reads every weight once, so fewer
+# tokens per block leave a TPU's matrix units waiting on HBM; more rows than that only pad (a call's
+# last block is filled with padding cells, which are computed). On the CPU, blocks of 8 x 172 tokens
+# ran at 530 tokens/s against 448 at 32 x 172 (docs/performance.md section 7).
+PREFILL_BLOCK_TOKENS = 1024
+
+
+def prefill_block(slots: int, suffix_width: int, data: int = 1) -> int:
+    """The cells a prefill block holds by default: the fewest (a divisor of `slots` and a multiple
+    of the mesh's data axis) whose suffixes hold PREFILL_BLOCK_TOKENS tokens; `slots` if none."""
+    for block in range(data, slots + 1, data):
+        if slots % block == 0 and block * suffix_width >= PREFILL_BLOCK_TOKENS:
+            return block
+    return slots
+
+
+def shares_depth(prompt_ids: Sequence[Sequence[int]]) -> bool:
+    """Whether a call's cells can share depth: one prompt for every trial (a sweep's call of one
+    protocol), so a cell's layers below its injection layer are the clean prompt's."""
+    return all(list(p) == list(prompt_ids[0]) for p in prompt_ids)
+
+
+def _first_layer(injection: inject_lib.Injection, row: int, n_layers: int) -> int:
+    """The first layer whose output a row's injection changes (its layer; the clean model: none)."""
+    return int(injection.layer[row]) if float(injection.strength[row]) else n_layers
+
+
 def plan_work(prompt_ids: Sequence[Sequence[int]], injection: inject_lib.Injection, pad_id: int, *,
-              slots: int, trials: Optional[int] = None, share_prefix: bool = True, share_cells: bool = True) -> Work:
+              slots: int, trials: Optional[int] = None, share_prefix: bool = True, share_cells: bool = True,
+              share_depth: bool = True) -> Work:
     """The cells of `prompt_ids` x `injection` (one row per trial), the shared prefix, and the
     padding: trials to `trials` (default: their number), cells to `trials` rounded up to a
-    multiple of `slots`. `share_prefix` / `share_cells` False turn those savings off (the same
-    texts; benchmarks/sweep_engine.py measures what each saves)."""
+    multiple of `slots`. With one prompt for every trial (`shares_depth`) the cells are ordered by
+    their injection layer (the clean cell last), so that a prefill block starts at its cells'
+    lowest layer. `share_prefix` / `share_cells` / `share_depth` False turn those savings off (the
+    same texts; benchmarks/sweep_engine.py measures what each saves)."""
     n = len(prompt_ids)
     trials = n if trials is None else trials
     if trials < n:
@@ -114,6 +145,13 @@ def plan_work(prompt_ids: Sequence[Sequence[int]], injection: inject_lib.Injecti
             first_row.append(i)
         cell_of.append(keys[key])
     n_cells = len(first_row)
+    share_depth = share_depth and shares_depth(prompt_ids)
+    if share_depth:  # cells by first injected layer (a stable sort: ties keep their order)
+        n_layers = int(np.max(np.asarray(injection.layer))) + 1
+        order = sorted(range(n_cells), key=lambda c: _first_layer(injection, first_row[c], n_layers))
+        renumber = {old: new for new, old in enumerate(order)}
+        first_row = [first_row[c] for c in order]
+        cell_of = [renumber[c] for c in cell_of]
     # Room for a cell per trial (calls of one size share a program whatever their cells; padding
     # cells are never computed), in whole blocks of `slots`.
     cells = -(-trials // slots) * slots
@@ -132,7 +170,7 @@ def plan_work(prompt_ids: Sequence[Sequence[int]], injection: inject_lib.Injecti
     trial_cell[:n] = cell_of
     return Work(prefix=np.asarray([prompt_ids[0][:prefix_len]], np.int32).reshape(1, prefix_len),
                 cell_tokens=tokens, cell_valid=valid, cell_injection=cell_injection, cell_length=length,
-                n_cells=n_cells, trial_cell=trial_cell, n_trials=n)
+                n_cells=n_cells, trial_cell=trial_cell, n_trials=n, share_depth=share_depth)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,18 +237,38 @@ def _rows(tree, start, size):
     return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, 0), tree)
 
 
+def _clean_prompt(params, cfg, tokens, valid, prefix_len, prefix_cache, *, layout, adapter):
+    """The clean forward of one cell's suffix `tokens` [1, Ls] after the shared prefix: its cache
+    and its residual after every layer [L, 1, Ls, D] (what every cell of the prompt computes below
+    its injection layer)."""
+    cache = model_lib.init_cache(cfg, 1, tokens.shape[1], params.embed.dtype)
+    _, cache, residuals = model_lib.forward(
+        params, cfg, tokens, prefix_len + model_lib.prompt_positions(valid), valid, cache, layout=layout,
+        last_only=True, adapter=adapter, prefix=prefix_cache, return_residuals=True)
+    return cache, residuals
+
+
 def _prefill_cells(params, cfg, prefix, cell_tokens, cell_valid, cell_injection, n_cells, readout=None, *, block,
-                   layout, adapter, top_k=0):
+                   layout, adapter, top_k=0, share_depth=False):
     """The shared prefix once, then every real cell's suffix after it, `block` cells at a time (a
-    loop over ceil(n_cells / block) blocks: padding cells cost nothing). Returns the prefix cache
-    [.., 1, .., Lp] (None when Lp is 0), the cells' suffix caches (k and v [L, C, K, Ls, hd]), their
-    first-answer-token logits [C, V] and, with `readout` (`cell_readout_inputs`' arrays), each
-    cell's `lens.answer_readout` ({name: [C, ...]}; None without)."""
+    loop over ceil(n_cells / block) blocks: padding cells cost nothing). With `share_depth` (one
+    prompt for every cell, `plan_work`), the prompt's clean forward once, and each block starts at
+    its cells' lowest injection layer (the layers below are the clean forward's: skipped, their
+    cache copied). Returns the prefix cache [.., 1, .., Lp] (None when Lp is 0), the cells' suffix
+    caches (k and v [L, C, K, Ls, hd]), their first-answer-token logits [C, V] and, with `readout`
+    (`cell_readout_inputs`' arrays), each cell's `lens.answer_readout` ({name: [C, ...]}; None
+    without)."""
     prefix_len = prefix.shape[1]
     cells, suffix_len = cell_tokens.shape
     dtype = params.embed.dtype
     prefix_cache = model_lib.prefill_prefix(params, cfg, prefix, layout=layout, adapter=adapter)
     L, K, hd = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+    if share_depth:
+        clean_cache, clean = _clean_prompt(params, cfg, cell_tokens[:1], cell_valid[:1], prefix_len, prefix_cache,
+                                           layout=layout, adapter=adapter)
+        # A cell's first computed layer: its injection's (padding and clean cells: none, L).
+        cell_first = jnp.where((cell_injection.strength != 0) & (jnp.arange(cells) < n_cells),
+                               cell_injection.layer, L)
     # Keys stored [.., Ls, hd] like the values: a [.., hd, Ls] store pads its 32-wide minor axis to the
     # TPU's 128 lanes (4x its size) when XLA lays it out for the refill's gather.
     store_k = jnp.zeros((L, cells, K, suffix_len, hd), dtype)
@@ -233,10 +291,15 @@ def _prefill_cells(params, cfg, prefix, cell_tokens, cell_valid, cell_injection,
         tokens, valid = _rows(cell_tokens, first, block), _rows(cell_valid, first, block)
         cache = layout.constrain_cache(model_lib.init_cache(cfg, block, suffix_len, dtype))
         positions = prefix_len + model_lib.prompt_positions(valid)
+        resume = (jnp.min(_rows(cell_first, first, block)), clean) if share_depth else None
         logits, cache, residuals = model_lib.forward(
             params, cfg, tokens, positions, valid, cache, injection=_rows(cell_injection, first, block),
             layout=layout, last_only=True, adapter=adapter, prefix=prefix_cache,
-            return_residuals="last" if readout is not None else False)
+            return_residuals="last" if readout is not None else False, resume=resume)
+        if share_depth:  # the skipped layers' keys and values: the clean forward's
+            skipped = (jnp.arange(L) < resume[0])[:, None, None, None, None]
+            cache = dataclasses.replace(cache, k=jnp.where(skipped, clean_cache.k, cache.k),
+                                        v=jnp.where(skipped, clean_cache.v, cache.v))
         store_k = jax.lax.dynamic_update_slice_in_dim(store_k, cache.k.swapaxes(3, 4), first, 1)
         store_v = jax.lax.dynamic_update_slice_in_dim(store_v, cache.v, first, 1)
         store_logits = jax.lax.dynamic_update_slice_in_dim(store_logits, logits[:, -1], first, 0)
@@ -255,17 +318,23 @@ def _prefill_cells(params, cfg, prefix, cell_tokens, cell_valid, cell_injection,
 
 def _run(params: model_lib.Params, cfg: ModelConfig, prefix, cell_tokens, cell_valid, cell_injection, cell_length,
          n_cells, trial_cell, trial_sampling: generate_lib.Sampling, n_trials, eos_ids, pad_id, readout=None, *,
-         max_new_tokens: int, slots: int, refill_min: int, layout, adapter=None, readout_top_k: int = 0):
+         max_new_tokens: int, slots: int, refill_min: int, layout, adapter=None, readout_top_k: int = 0,
+         prefill_block: int = 0, share_depth: bool = False):
     """Generate every trial; returns (tokens [N, max_new_tokens], lengths [N]) as `generate_tokens`
     does for its rows (a row stops after its first EOS, which it keeps; the rest is pad_id), and
     each cell's first-answer-token readout ({name: [C, ...]}, `_prefill_cells`; None without
-    `readout`)."""
+    `readout`). `prefill_block`: cells prefilled together (a divisor of `slots`; 0: `slots`;
+    `LanguageModel.generate_shared` passes `prefill_block()`'s choice);
+    `share_depth`: `Work.share_depth` (`_prefill_cells`)."""
     suffix_len = cell_tokens.shape[1]
     trials = trial_cell.shape[0]
     B = slots
+    block = prefill_block or B
+    if B % block:
+        raise ValueError(f"prefill_block={block} must divide slots={B}")
     prefix_cache, (store_k, store_v, store_logits), cell_readout = _prefill_cells(
-        params, cfg, prefix, cell_tokens, cell_valid, cell_injection, n_cells, readout, block=B, layout=layout,
-        adapter=adapter, top_k=readout_top_k)
+        params, cfg, prefix, cell_tokens, cell_valid, cell_injection, n_cells, readout, block=block, layout=layout,
+        adapter=adapter, top_k=readout_top_k, share_depth=share_depth)
     # Each slot: [its cell's suffix | generated], after the shared prefix's columns (`prefix_cache`).
     gen_start = suffix_len
     cache = layout.constrain_cache(model_lib.init_cache(cfg, B, suffix_len + max_new_tokens, params.embed.dtype))
@@ -340,4 +409,5 @@ def _run(params: model_lib.Params, cfg: ModelConfig, prefix, cell_tokens, cell_v
 
 
 # Static: the model config, the shapes' meaning and the layout; everything per trial is traced.
-run = jax.jit(_run, static_argnames=("cfg", "max_new_tokens", "slots", "refill_min", "layout", "readout_top_k"))
+run = jax.jit(_run, static_argnames=("cfg", "max_new_tokens", "slots", "refill_min", "layout", "readout_top_k",
+                                     "prefill_block", "share_depth"))

@@ -239,7 +239,8 @@ class LanguageModel:
                         injection: Optional[inject_lib.Injection] = None, temperature=0.0, top_p=1.0,
                         seed: int = 0, trial_ids: Optional[Sequence[str]] = None, *, slots: int = 32,
                         trials: Optional[int] = None, refill_min: Optional[int] = None, share_prefix: bool = True,
-                        share_cells: bool = True, readout=None) -> list[Generation]:
+                        share_cells: bool = True, readout=None, prefill_block: int = 0,
+                        share_depth: bool = True) -> list[Generation]:
         """`generate`'s trials (same arguments, same texts: each trial's tokens depend only on its
         key, its prompt and its injection) through the sweep engine (`engine.py`): the prompts'
         shared prefix before any injection prefilled once, each distinct (prompt, injection)
@@ -247,9 +248,14 @@ class LanguageModel:
         trial. `trials`: pad the call to this many trials (calls of one size share the compiled
         program); `refill_min`: free slots that trigger a refill (default slots // 8, at least 1;
         a refill copies the new trials' cell caches into their slots; `slots`: no refill until every
-        slot is free, i.e. batches); `share_prefix` / `share_cells` False: no shared prefix / one cell
-        per trial (for measuring what each saves; the texts are the same); `readout`: an
-        `engine.ReadoutRequest`, computed in the cells' prefill into each Generation's `readout`."""
+        slot is free, i.e. batches); `share_prefix` / `share_cells` / `share_depth` False: no shared
+        prefix / one cell per trial / every cell's prefill from layer 0 (for measuring what each
+        saves; the texts are the same; depth is shared only when every trial has the same prompt);
+        `readout`: an `engine.ReadoutRequest`, computed in the cells' prefill into each Generation's
+        `readout`;
+        `prefill_block`: cells prefilled together, a divisor of `slots` (0: `engine.prefill_block`'s
+        choice for the call's suffix width; fewer rows pad less: a call's last block is filled with
+        padding cells, which are computed)."""
         from jax_introspect import engine
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
@@ -260,13 +266,16 @@ class LanguageModel:
         lay = self.layout
         if slots < 1 or slots % lay.data_size:
             raise ValueError(f"slots={slots} must be a positive multiple of the mesh's data axis ({lay.data_size})")
+        if prefill_block and (prefill_block < 0 or slots % prefill_block or prefill_block % lay.data_size):
+            raise ValueError(f"prefill_block={prefill_block} must divide slots={slots} and be a multiple of the "
+                             f"mesh's data axis ({lay.data_size}); 0 lets the engine choose")
         n = len(prompt_ids)
         if injection is None:  # the clean model: every prompt's common prefix is shared
             injection = inject_lib.make(0, 0.0, np.zeros(self.config.d_model, np.float32),
                                         start=min(map(len, prompt_ids)), batch=n)
         injection = self._injection(injection, n)
         work = engine.plan_work(prompt_ids, injection, self._pad_id(), slots=slots, trials=trials,
-                                share_prefix=share_prefix, share_cells=share_cells)
+                                share_prefix=share_prefix, share_cells=share_cells, share_depth=share_depth)
         if work.cell_tokens.max() >= self.config.vocab_size or work.cell_tokens.min() < 0:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
         sample = self._sampling(n, temperature, top_p, seed, trial_ids)
@@ -285,7 +294,9 @@ class LanguageModel:
             self.params, self.run_config, prefix, *cells, cell_length, n_cells, trial_cell, sample, n_trials, eos_ids,
             pad_id, lay.put(readout_inputs, lay.replicated), max_new_tokens=max_new_tokens, slots=slots,
             refill_min=max(1, slots // 8) if refill_min is None else refill_min, layout=lay, adapter=self.adapter,
-            readout_top_k=0 if readout is None else readout.top_k)
+            readout_top_k=0 if readout is None else readout.top_k,
+            prefill_block=prefill_block or engine.prefill_block(slots, work.cell_tokens.shape[1], lay.data_size),
+            share_depth=work.share_depth)
         generations = self._generations(prompt_ids, sharding_lib.to_host(out)[:n], sharding_lib.to_host(lengths)[:n],
                                         eos)
         if readout is None:

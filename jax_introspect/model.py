@@ -269,7 +269,8 @@ def _write_cache(k_all, v_all, k, v, index, start):
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
             token_valid: jax.Array, cache: KVCache, *, layout, return_residuals: Union[bool, str] = False,
             injection: Optional[Injection] = None, last_only: bool = False,
-            adapter: Optional[adapters_lib.Adapter] = None, prefix: Optional[KVCache] = None):
+            adapter: Optional[adapters_lib.Adapter] = None, prefix: Optional[KVCache] = None,
+            resume: Optional[tuple[jax.Array, jax.Array]] = None):
     """Run `tokens` [B, T] through the model, appending them to `cache` at slot `cache.length`.
 
     positions: [B, T] RoPE positions (pad tokens: any value); token_valid: [B, T] bool.
@@ -292,6 +293,11 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     `cache` columns (a prompt prefix every row shares): every query attends to all of it, and its
     keys and values are read once for the batch instead of from per-row copies (the sweep
     engine's slots). `positions` count from the prefix's start.
+    resume: optional (first, clean) to start at layer `first` (traced int32 scalar): `clean`
+    [L, 1, T, D] is the residual after each layer of the same tokens run without injection or
+    with one that starts at a layer >= `first` (every row's computation below `first` is the same
+    as clean's); layers below `first` are skipped, their residual taken from `clean` and their
+    cache columns left as they were (the sweep engine copies them from the clean cell's).
     """
     B, T = tokens.shape
     dtype = params.embed.dtype
@@ -324,14 +330,24 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
             h = h + adapters_lib.bias_delta(ad, h.dtype)
         if injection is not None:
             h = h + inject.residual_delta(injection, index, positions, token_valid, mlp_out, h)
-        h, k_all, v_all = layout.pin(h, "hidden"), layout.pin(k_all, "cache_k"), layout.pin(v_all, "cache_v")
+        return layout.pin(h, "hidden"), layout.pin(k_all, "cache_k"), layout.pin(v_all, "cache_v")
+
+    def step(carry, xs):
+        if resume is None:
+            h, k_all, v_all = layer_step(carry, xs)
+        else:  # a skipped layer's output is clean's (a cond: no layer computed below `first`)
+            h, k_all, v_all = jax.lax.cond(
+                xs["index"] < resume[0],
+                lambda carry, xs: (layout.pin(jnp.broadcast_to(xs["clean"], carry[0].shape), "hidden"), *carry[1:]),
+                layer_step, carry, xs)
         kept = h[:, -1:] if return_residuals == "last" else h
         return (h, k_all, v_all), (kept if return_residuals else None)
 
     h = layout.pin(params.embed[tokens], "hidden")
     xs = {"layer": params.layers, "index": jnp.arange(cfg.n_layers), "adapter": adapter,
-          "prefix": None if prefix is None else (prefix.k, prefix.v)}
-    (h, k_all, v_all), residuals = jax.lax.scan(layer_step, (h, cache.k, cache.v), xs)
+          "prefix": None if prefix is None else (prefix.k, prefix.v),
+          "clean": None if resume is None else resume[1].astype(h.dtype)}
+    (h, k_all, v_all), residuals = jax.lax.scan(step, (h, cache.k, cache.v), xs)
     if last_only:
         h = h[:, -1:]
     h = rms_norm(h, params.final_norm, cfg.rms_norm_eps)

@@ -23,15 +23,17 @@ def tiny(tmp_path_factory):
     return jax_introspect.load(str(root / "ckpt"))
 
 
-def _trials(lm, n=21, start_at_prefix=True):
-    """n trials: one shared prefix, three suffixes (3, 7, 11 tokens), three layers, controls among
-    them, four vectors, windows with and without an end, all three norm modes; cells repeat."""
+def _trials(lm, n=21, start_at_prefix=True, one_prompt=False):
+    """n trials: one shared prefix, three suffixes (3, 7, 11 tokens; `one_prompt`: the 7-token one
+    for every trial), three layers, controls among them, four vectors, windows with and without an
+    end, all three norm modes; cells repeat."""
     rs = np.random.RandomState(0)
     common = ref.bigram_batch(rs, 1, PREFIX, 256)[0].tolist()
     vectors = rs.standard_normal((4, lm.config.d_model)).astype(np.float32)
     prompts, layer, strength, start, end, norm = [], [], [], [], [], []
     for i in range(n):
-        suffix = ref.bigram_batch(np.random.RandomState(100 + i % 3), 1, 3 + (i % 3) * 4, 256)[0].tolist()
+        kind = 1 if one_prompt else i % 3
+        suffix = ref.bigram_batch(np.random.RandomState(100 + kind), 1, 3 + kind * 4, 256)[0].tolist()
         prompts.append(common + suffix)
         layer.append(i % 3)
         strength.append(0.0 if i % 5 == 0 else [1.0, 2.0, 4.0][i % 3])
@@ -76,6 +78,30 @@ def test_engine_texts_equal_plain_generation_trial_by_trial(tiny, start_at_prefi
         assert (a.token_ids, a.finished, a.text) == (b.token_ids, b.finished, b.text), f"trial {i}"
 
 
+@pytest.mark.parametrize("one_prompt", [True, False], ids=["depth_shared", "prompts_differ"])
+@pytest.mark.parametrize("start_at_prefix", [True, False], ids=["prefix_shared", "all_positions"])
+@pytest.mark.parametrize("prefill_block", [0, 2])
+def test_depth_sharing_and_smaller_prefill_blocks_give_the_same_texts(tiny, one_prompt, start_at_prefix,
+                                                                     prefill_block):
+    """One prompt for every trial (a sweep's call): cells ordered by injection layer, each prefill
+    block starting at its lowest layer from the clean prompt's forward; cells prefilled fewer at a
+    time than the slots (prefill_block 2 of 4). Sampled; the same texts as plain generation, trial
+    by trial (the three layers 0, 1, 2 of the tiny model: blocks skip 0, 1 and 2 layers, or all)."""
+    prompts, injection, ids = _trials(tiny, start_at_prefix=start_at_prefix, one_prompt=one_prompt)
+    work = engine.plan_work(prompts, injection, pad_id=0, slots=4, trials=24)
+    assert work.share_depth == one_prompt
+    if one_prompt:  # cells by first injected layer, the clean cell last
+        first = [int(work.cell_injection.layer[c]) if float(work.cell_injection.strength[c]) else 99
+                 for c in range(work.n_cells)]
+        assert first == sorted(first) and first[-1] == 99 and len(set(first)) == 4
+    plain = tiny.generate(prompts, max_new_tokens=10, injection=injection, temperature=1.0, top_p=0.9, seed=5,
+                          trial_ids=ids)
+    shared = tiny.generate_shared(prompts, max_new_tokens=10, injection=injection, temperature=1.0, top_p=0.9,
+                                  seed=5, trial_ids=ids, slots=4, trials=24, prefill_block=prefill_block)
+    for i, (a, b) in enumerate(zip(plain, shared)):
+        assert (a.token_ids, a.finished) == (b.token_ids, b.finished), f"trial {i}"
+
+
 def test_the_work_is_planned_once_per_prefix_and_cell(tiny):
     prompts, injection, _ = _trials(tiny)
     work = engine.plan_work(prompts, injection, pad_id=0, slots=4, trials=24)
@@ -105,6 +131,14 @@ def test_the_work_is_planned_once_per_prefix_and_cell(tiny):
     assert engine.call_shape(prompts, injection.start) == (work.prefix.shape[1], work.cell_tokens.shape[1])
 
 
+def test_the_default_prefill_block_is_the_fewest_cells_holding_1024_tokens():
+    # (slots, suffix width, data axis) -> the smallest divisor of slots, a multiple of the data axis,
+    # with block x width >= 1024; slots when none is.
+    cases = {(32, 192, 1): 8, (32, 32, 1): 32, (32, 1024, 1): 1, (32, 600, 2): 2, (24, 200, 1): 6,
+             (24, 200, 4): 8, (4, 32, 1): 4, (6, 100, 1): 6}
+    assert {case: engine.prefill_block(*case) for case in cases} == cases
+
+
 def test_one_compile_per_call_shape_whatever_the_injections(tiny):
     """Calls of one padded size with other trials, strengths, cells and seeds share one program."""
     prompts, injection, ids = _trials(tiny)
@@ -125,6 +159,8 @@ def test_bad_calls_are_refused_before_compute(tiny):
     prompts, injection, _ = _trials(tiny, n=6)
     with pytest.raises(ValueError, match="multiple of the mesh"):
         tiny.generate_shared(prompts, injection=injection, slots=0)
+    with pytest.raises(ValueError, match="prefill_block=3 must divide slots=4"):
+        tiny.generate_shared(prompts, injection=injection, slots=4, prefill_block=3)
     with pytest.raises(ValueError, match="do not fit"):
         tiny.generate_shared(prompts, injection=injection, slots=2, trials=4)
     with pytest.raises(ValueError, match="max_new_tokens"):

@@ -234,8 +234,10 @@ class Readout:
                                 vector=vectors, start=[r.start for r in padded],
                                 norm_match=[r.norm_match for r in padded])
         inject.validate(injection, lm.config, len(padded))
-        # The engine's split: the prefix every row shares before any injection, each row's suffix.
-        work = engine.plan_work(ids, injection, lm._pad_id(), slots=self.rows, trials=self.rows, share_cells=False)
+        # The engine's split: the prefix every row shares before any injection, each row's suffix
+        # (row i the cell i: no cells merged or reordered).
+        work = engine.plan_work(ids, injection, lm._pad_id(), slots=self.rows, trials=self.rows, share_cells=False,
+                                share_depth=False)
         if work.cell_tokens.max() >= lm.config.vocab_size or work.cell_tokens.min() < 0:
             raise ValueError(f"token ids must lie in [0, {lm.config.vocab_size})")
         words = np.array([lens_lib.padded_word_ids(r.word_ids) for r in padded], np.int32)

@@ -374,7 +374,8 @@ def generate_call(lm, trials: list[Trial], config: SweepConfig, prompts: dict[st
                                      injection=_injection(lm, trials, prompts, concept, len(trials)),
                                      temperature=config.temperature, top_p=config.top_p, seed=config.seed,
                                      trial_ids=[t.trial_id for t in trials], slots=config.batch_size,
-                                     trials=call_size(config), readout=reader and reader.request(trials))
+                                     trials=call_size(config), readout=reader and reader.request(trials),
+                                     prefill_block=config.prefill_block)
     records = _records(trials, generations, config, prompts, cfg_hash, began)
     if reader is not None:
         records = reader.fill(records, trials, generations)

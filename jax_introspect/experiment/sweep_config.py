@@ -81,6 +81,11 @@ class SweepConfig:
     batches_per_call: int = _field(4, binds=False,
                                    help="engine 'shared': trials per engine call = batch_size x this; each call's "
                                         "trials are graded and saved before the next call starts")
+    prefill_block: int = _field(0, binds=False,
+                                help="engine 'shared': cells (distinct (prompt, injection)) prefilled together, a "
+                                     "divisor of batch_size; 0: the fewest that hold 1024 prompt tokens "
+                                     "(engine.prefill_block). A call's last block is padded with cells that are "
+                                     "computed: a smaller block pads less (docs/performance.md)")
     system_header: bool = _field(True, help="the chat template's default system block")
     double_bos: bool = _field(False, bound_when_set=True,
                               help="a second BOS before every prompt, trials and vector extraction alike: what "
@@ -286,6 +291,10 @@ def validate(config: SweepConfig) -> None:
     for field in ("trials_per_cell", "batch_size", "max_new_tokens", "batches_per_call", "readout_top_k"):
         _check_number(config, field, 1, integer=True)
     _check_number(config, "control_trials", 0, integer=True)
+    _check_number(config, "prefill_block", 0, integer=True)
+    if config.prefill_block and config.batch_size % config.prefill_block:
+        raise SweepError(f"prefill_block={config.prefill_block} must divide batch_size={config.batch_size} "
+                         "(or be 0: batch_size)")
     _check_number(config, "seed", 0, integer=True)
     _check_number(config, "temperature", 0.0)
     _check_number(config, "top_p", 0.0, 1.0, low_inclusive=False)
