@@ -3,7 +3,8 @@ same loop in nnsight, side by side in one run (SmolLM2-135M float32, 2 CPU cores
 part of the engine saves.
 
     python -m benchmarks.sweep_engine [--runs=3] [--grids=quickstart,grid] [--protocols=lindsey,replication] \
-        [--ablations=quickstart] [--ablation_arms="engine, no depth sharing"] [--prefill_blocks=8,16]
+        [--ablations=quickstart] [--ablation_arms="engine, no depth sharing"] [--prefill_blocks=8,16] \
+        [--no_nnsight]
 
 Grids (the trials of `sweep.plan_trials`, temperature 1, top_p 1, the heuristic grader):
 - quickstart: configs/sweeps/quickstart.py (6 words, 2 layers, 3 strengths, 6 trials per cell,
@@ -242,7 +243,8 @@ def run_grid(lm, model, nn_model, grid: str, protocol: str, runs: int, ablations
     concept = sweep.extract_vectors(lm, plan, vectors_file, progress=False)
     engine_arms = {n: a for n, a in ENGINE_ARMS.items() if n in ablations or not n.startswith("engine, ")}
     engine_arms.update({block_arm(b): ({"prefill_block": b}, {}) for b in prefill_blocks})
-    arms = {name: [] for name in list(engine_arms) + ["HF loop", "nnsight loop"] + list(ONE_TOKEN.values())}
+    loops = ["HF loop"] + (["nnsight loop"] if nn_model is not None else [])
+    arms = {name: [] for name in list(engine_arms) + loops + list(ONE_TOKEN.values())}
     one_token = config.replace(max_new_tokens=1)
     load_before = common.load_average()[0]
     for r in range(runs + 1):  # run 0 compiles every program: not counted
@@ -255,7 +257,8 @@ def run_grid(lm, model, nn_model, grid: str, protocol: str, runs: int, ablations
         if r:
             arms[ONE_TOKEN["engine"]].append(short)
             arms["HF loop"].append(run_hf(model, lm, config, plan, concept))
-            arms["nnsight loop"].append(run_nnsight(nn_model, lm, config, plan, concept))
+            if nn_model is not None:
+                arms["nnsight loop"].append(run_nnsight(nn_model, lm, config, plan, concept))
             arms[ONE_TOKEN["HF loop"]].append(run_hf(model, lm, one_token, plan, concept))
         common.log(f"{grid}/{protocol} run {r}: " + ", ".join(
             f"{n} {a[-1]['wall']:.1f}s" for n, a in arms.items() if a) + f"; load {common.load_text()}")
@@ -354,6 +357,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="comma-separated ablations to run on the --ablations grids (default: every one)")
     parser.add_argument("--prefill_blocks", default="",
                         help="comma-separated cell-prefill blocks (divisors of the grids' batch), extra engine arms")
+    parser.add_argument("--no_nnsight", action="store_true",
+                        help="leave out the nnsight loop (on the 4x4x8 grid it ran within 3% of the HF loop)")
     parser.add_argument("--checkpoint", default=None)
     args = parser.parse_args(argv)
     common.quiet_libraries()
@@ -362,8 +367,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     lm = jax_introspect.load(common.ensure_smollm2_checkpoint(args.checkpoint or common.SMOLLM2_CHECKPOINT))
     import nnsight
     model, hf_tokenizer = common.load_hf_smollm2()
-    nn_model = wrap_nnsight(model, hf_tokenizer)
-    warm_nnsight(nn_model)
+    nn_model = None
+    if not args.no_nnsight:
+        nn_model = wrap_nnsight(model, hf_tokenizer)
+        warm_nnsight(nn_model)
     blocks = [int(b) for b in args.prefill_blocks.split(",") if b]
     chosen = [name.strip() for name in args.ablation_arms.split(",") if name.strip()]
     unknown = [name for name in chosen if name not in ENGINE_ARMS or not name.startswith("engine, ")]
@@ -376,7 +383,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                for grid in args.grids.split(",") for protocol in args.protocols.split(",")]
     note = replication_lengths(os.path.join(common.REPO, "..", "shared", "data",
                                             "replication_405b_layer84_canonical.judged.json"))
-    print(markdown(results, note, nnsight.__version__))
+    print(markdown(results, note, "not run" if args.no_nnsight else nnsight.__version__))
 
 
 if __name__ == "__main__":
