@@ -281,11 +281,11 @@ def engine_inputs(cfg: ModelConfig, layout, slots: int, trials: int, prefix_len:
 
 def compile_engine(params, cfg: ModelConfig, layout, slots: int, trials: int, prefix_len: int, suffix_len: int,
                    max_new_tokens: int, refill_min: Optional[int] = None, adapter=None, lens_width: int = 0,
-                   top_k: int = 0, prefill_block: int = 0, share_depth: bool = True):
+                   top_k: int = 0, prefill_block: int = 0, share_depth: bool = False):
     """The sweep engine's program (`engine.run`: `slots` rows decoding, `trials` per call, a shared
     prefix of `prefix_len` tokens, cell suffixes of `suffix_len` prefilled `prefill_block` at a time
     (0: `engine.prefill_block`'s choice, as `LanguageModel.generate_shared` makes it), with depth
-    shared (`share_depth`: one prompt for every trial, as a sweep's calls); the first-answer-token
+    shared (`share_depth`: a sweep's `share_depth`, for calls of one prompt); the first-answer-token
     readout of `lens_width` lens layers and `top_k` per cell, 0: none) compiled for `layout`'s
     devices."""
     from jax_introspect import engine

@@ -125,13 +125,13 @@ def _first_layer(injection: inject_lib.Injection, row: int, n_layers: int) -> in
 
 def plan_work(prompt_ids: Sequence[Sequence[int]], injection: inject_lib.Injection, pad_id: int, *,
               slots: int, trials: Optional[int] = None, share_prefix: bool = True, share_cells: bool = True,
-              share_depth: bool = True) -> Work:
+              share_depth: bool = False) -> Work:
     """The cells of `prompt_ids` x `injection` (one row per trial), the shared prefix, and the
     padding: trials to `trials` (default: their number), cells to `trials` rounded up to a
-    multiple of `slots`. With one prompt for every trial (`shares_depth`) the cells are ordered by
-    their injection layer (the clean cell last), so that a prefill block starts at its cells'
-    lowest layer. `share_prefix` / `share_cells` / `share_depth` False turn those savings off (the
-    same texts; benchmarks/sweep_engine.py measures what each saves)."""
+    multiple of `slots`. With `share_depth` and one prompt for every trial (`shares_depth`) the
+    cells are ordered by their injection layer (the clean cell last), so that a prefill block
+    starts at its cells' lowest layer. `share_prefix` / `share_cells` False turn those savings off
+    (the same texts; benchmarks/sweep_engine.py measures what each saves)."""
     n = len(prompt_ids)
     trials = n if trials is None else trials
     if trials < n:

@@ -240,7 +240,7 @@ class LanguageModel:
                         seed: int = 0, trial_ids: Optional[Sequence[str]] = None, *, slots: int = 32,
                         trials: Optional[int] = None, refill_min: Optional[int] = None, share_prefix: bool = True,
                         share_cells: bool = True, readout=None, prefill_block: int = 0,
-                        share_depth: bool = True) -> list[Generation]:
+                        share_depth: bool = False) -> list[Generation]:
         """`generate`'s trials (same arguments, same texts: each trial's tokens depend only on its
         key, its prompt and its injection) through the sweep engine (`engine.py`): the prompts'
         shared prefix before any injection prefilled once, each distinct (prompt, injection)
@@ -248,9 +248,11 @@ class LanguageModel:
         trial. `trials`: pad the call to this many trials (calls of one size share the compiled
         program); `refill_min`: free slots that trigger a refill (default slots // 8, at least 1;
         a refill copies the new trials' cell caches into their slots; `slots`: no refill until every
-        slot is free, i.e. batches); `share_prefix` / `share_cells` / `share_depth` False: no shared
-        prefix / one cell per trial / every cell's prefill from layer 0 (for measuring what each
-        saves; the texts are the same; depth is shared only when every trial has the same prompt);
+        slot is free, i.e. batches); `share_prefix` / `share_cells` False: no shared prefix / one
+        cell per trial (for measuring what each saves; the texts are the same); `share_depth`: when
+        every trial has the same prompt, each cell's layers below its injection layer come from the
+        prompt's clean forward (`engine._prefill_cells`; off by default: it adds a forward and a
+        cond per layer to the program, about 3 s of compile for SmolLM2 on the CPU);
         `readout`: an `engine.ReadoutRequest`, computed in the cells' prefill into each Generation's
         `readout`;
         `prefill_block`: cells prefilled together, a divisor of `slots` (0: `engine.prefill_block`'s

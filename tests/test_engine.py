@@ -88,7 +88,7 @@ def test_depth_sharing_and_smaller_prefill_blocks_give_the_same_texts(tiny, one_
     time than the slots (prefill_block 2 of 4). Sampled; the same texts as plain generation, trial
     by trial (the three layers 0, 1, 2 of the tiny model: blocks skip 0, 1 and 2 layers, or all)."""
     prompts, injection, ids = _trials(tiny, start_at_prefix=start_at_prefix, one_prompt=one_prompt)
-    work = engine.plan_work(prompts, injection, pad_id=0, slots=4, trials=24)
+    work = engine.plan_work(prompts, injection, pad_id=0, slots=4, trials=24, share_depth=True)
     assert work.share_depth == one_prompt
     if one_prompt:  # cells by first injected layer, the clean cell last
         first = [int(work.cell_injection.layer[c]) if float(work.cell_injection.strength[c]) else 99
@@ -97,7 +97,8 @@ def test_depth_sharing_and_smaller_prefill_blocks_give_the_same_texts(tiny, one_
     plain = tiny.generate(prompts, max_new_tokens=10, injection=injection, temperature=1.0, top_p=0.9, seed=5,
                           trial_ids=ids)
     shared = tiny.generate_shared(prompts, max_new_tokens=10, injection=injection, temperature=1.0, top_p=0.9,
-                                  seed=5, trial_ids=ids, slots=4, trials=24, prefill_block=prefill_block)
+                                  seed=5, trial_ids=ids, slots=4, trials=24, prefill_block=prefill_block,
+                                  share_depth=True)
     for i, (a, b) in enumerate(zip(plain, shared)):
         assert (a.token_ids, a.finished) == (b.token_ids, b.finished), f"trial {i}"
 

@@ -61,9 +61,7 @@ def test_the_sweep_engine_compiles_for_the_slice_and_reads_weight_stacks_in_plac
     copies of a 292-column slot cache: the while loop carried it through the refill conditional in
     another layout, and a 4x-padded copy of the store). The bound, twice the slots' cache and the
     cell store, catches any such copy. The program includes the first-answer-token readout in the
-    cell prefill, as a sweep runs it (readout=True: 4 lens layers per cell, top 10): 0.13 GB; and depth
-    sharing (a clean forward of the prompt, each prefill block starting at its lowest injection layer
-    in a cond per layer): 0.16 GB."""
+    cell prefill, as a sweep runs it (readout=True: 4 lens layers per cell, top 10): 0.13 GB."""
     cfg, layout, chip = slice_layout
     run_cfg = layout.run_config(cfg)
     params = compile_only.abstract_params(run_cfg, layout, jnp.bfloat16)

@@ -156,7 +156,7 @@ def test_sweep_plan_takes_the_run_from_the_config(tmp_path):
     # of the 2 layers per cell (the clean cell serves the shared controls), top 10.
     suffix = -(-(172 - start) // 32) * 32
     assert plan.sweep["engine_calls"] == 1 and plan.sweep["arms"][0]["engine_shapes"] == [
-        (16, 64, start, suffix, 2, 10, 0)]
+        (16, 64, start, suffix, 2, 10, 0, False)]
     assert (engine_program.batch, engine_program.prompt_len, engine_program.max_new_tokens) == (
         16, start + 32, 24) and engine_program.fits and "2 lens layers per cell" in engine_program.note
     assert plan.sweep["arms"][0]["readout_shapes"] == []

@@ -345,7 +345,8 @@ def compile_generation(sl: Slice, batch: int, prompt_len: int, max_new_tokens: i
 
 
 def compile_engine(sl: Slice, slots: int, trials: int, prefix_len: int, suffix_len: int, max_new_tokens: int,
-                   lens_width: int = 0, top_k: int = 0, prefill_block: int = 0, progress=None) -> Program:
+                   lens_width: int = 0, top_k: int = 0, prefill_block: int = 0, share_depth: bool = False,
+                   progress=None) -> Program:
     """The sweep engine's program (`engine.run`) for calls of `trials` on `slots` rows, cells
     prefilled `prefill_block` at a time (0: `engine.prefill_block`'s choice), with the
     first-answer-token readout of `lens_width` lens layers per cell (0: none)."""
@@ -354,7 +355,8 @@ def compile_engine(sl: Slice, slots: int, trials: int, prefix_len: int, suffix_l
         "sweep engine", sl,
         lambda: co.compile_engine(sl.params, sl.run_config, sl.layout, rows, trials, prefix_len, suffix_len,
                                   max_new_tokens, lens_width=lens_width, top_k=top_k,
-                                  prefill_block=sl.rows(prefill_block) if prefill_block else 0),
+                                  prefill_block=sl.rows(prefill_block) if prefill_block else 0,
+                                  share_depth=share_depth),
         rows, prefix_len + suffix_len, max_new_tokens,
         # The slots hold their suffix and answer columns; the prefix is one batch-1 cache (a whole
         # row on every chip of the data axis: what `data` rows' cache puts on each).
@@ -622,7 +624,7 @@ def plan_arms(arms, model: Model, dtype: str, numerics: str, prompt_len: Optiona
 
 
 def engine_calls(config, trials: Sequence, prompts: Optional[dict], lengths: dict, layers: Sequence[int]) -> list:
-    """[(slots, trials per call, prefix length, suffix width, lens width, top_k, prefill block)] of
+    """[(slots, trials per call, prefix length, suffix width, lens width, top_k, prefill block, share_depth)] of
     the sweep engine's calls, as `sweep.run_sweep` makes them (`sweep._calls`) and `engine.plan_work`
     shapes them (the readout's lens width as `readout.lens_width` gives it for `layers`; 0 and 0 with
     readout=False; the prefill block 0: the engine's choice); without the prompts' tokens (no tokenizer) no prefix
@@ -631,7 +633,7 @@ def engine_calls(config, trials: Sequence, prompts: Optional[dict], lengths: dic
     if config.engine != "shared":
         return []
     reads = (readout.lens_width(layers, trials), config.readout_top_k) if config.readout else (0, 0)
-    return [(config.batch_size, sweep.call_size(config), *shape, *reads, config.prefill_block)
+    return [(config.batch_size, sweep.call_size(config), *shape, *reads, config.prefill_block, config.share_depth)
             for shape in _call_shapes(config, trials, prompts, lengths)]
 
 
@@ -960,9 +962,9 @@ def make_plan(model: str, topology: str, mesh: str = "1x-1", batch: int = 32, pr
     # The sweep engine's programs (engine='shared', the default): what a sweep compiles and runs; the
     # plain generation programs above give the projections and the largest batch.
     engine_shapes = sorted({(*call, a.max_new_tokens) for a in arm_plans for call in a.engine_calls})
-    for slots, trials, prefix_len, suffix_len, lens_width, top_k, block, n in engine_shapes:
+    for slots, trials, prefix_len, suffix_len, lens_width, top_k, block, depth, n in engine_shapes:
         programs.append(compile_engine(sl, slots, trials, prefix_len, suffix_len, n, lens_width, top_k, block,
-                                       progress=progress))
+                                       depth, progress=progress))
     # The readout's own forward after each plain batch (engine='plain', readout=True).
     for rows, prefix_len, suffix_len in sorted({c for a in arm_plans for c in a.readout_calls}):
         programs.append(compile_readout(sl, rows, prefix_len, suffix_len, progress=progress))

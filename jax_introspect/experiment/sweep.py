@@ -375,7 +375,7 @@ def generate_call(lm, trials: list[Trial], config: SweepConfig, prompts: dict[st
                                      temperature=config.temperature, top_p=config.top_p, seed=config.seed,
                                      trial_ids=[t.trial_id for t in trials], slots=config.batch_size,
                                      trials=call_size(config), readout=reader and reader.request(trials),
-                                     prefill_block=config.prefill_block)
+                                     prefill_block=config.prefill_block, share_depth=config.share_depth)
     records = _records(trials, generations, config, prompts, cfg_hash, began)
     if reader is not None:
         records = reader.fill(records, trials, generations)
