@@ -10,7 +10,9 @@ for every row:
 - **One prefill per cell.** Trials with the same prompt and the same injection (the trials of one
   cell: same word, layer, strength, window; every control) have the same prefill. Each distinct
   (prompt, injection), a *cell*, is prefilled once, from the shared prefix, into a store of cell
-  caches [L, cells, K, hd, suffix] and first-token logits.
+  caches [L, cells, K, hd, suffix] and first-token logits, `prefill_block` cells at a time. With
+  `share_depth` (one prompt for every trial) a cell's layers below its injection layer are the
+  clean prompt's: computed once, and each block starts at its cells' lowest injection layer.
 - **Slot refill.** A batch of `slots` rows decodes together; when a row ends (EOS or
   max_new_tokens) its slot takes the next pending trial: the trial's cell cache is copied into
   the slot's suffix columns, its first token is sampled from the cell's logits with the trial's
@@ -56,7 +58,7 @@ class Work:
     n_cells: int  # real cells (the rest of C is padding, never computed)
     trial_cell: np.ndarray  # [N] int32
     n_trials: int  # real trials (the rest of N is padding, never run)
-    share_depth: bool = False  # one prompt for every cell: layers below a cell's injection come from the clean prompt's
+    share_depth: bool = False  # one prompt for every cell: layers below a cell's injection are the clean prompt's
 
 
 def _cell_key(ids: Sequence[int], injection: inject_lib.Injection, row: int) -> tuple:
