@@ -120,9 +120,9 @@ def shares_depth(prompt_ids: Sequence[Sequence[int]]) -> bool:
     return all(list(p) == list(prompt_ids[0]) for p in prompt_ids)
 
 
-def _first_layer(injection: inject_lib.Injection, row: int, n_layers: int) -> int:
-    """The first layer whose output a row's injection changes (its layer; the clean model: none)."""
-    return int(injection.layer[row]) if float(injection.strength[row]) else n_layers
+def _depth_order(injection: inject_lib.Injection, row: int) -> tuple:
+    """A cell's place in a depth-shared call: injected cells by their injection layer, clean ones last."""
+    return (float(injection.strength[row]) == 0.0, int(injection.layer[row]))
 
 
 def plan_work(prompt_ids: Sequence[Sequence[int]], injection: inject_lib.Injection, pad_id: int, *,
@@ -148,9 +148,8 @@ def plan_work(prompt_ids: Sequence[Sequence[int]], injection: inject_lib.Injecti
         cell_of.append(keys[key])
     n_cells = len(first_row)
     share_depth = share_depth and shares_depth(prompt_ids)
-    if share_depth:  # cells by first injected layer (a stable sort: ties keep their order)
-        n_layers = int(np.max(np.asarray(injection.layer))) + 1
-        order = sorted(range(n_cells), key=lambda c: _first_layer(injection, first_row[c], n_layers))
+    if share_depth:  # cells by injection layer, clean last (a stable sort: ties keep their order)
+        order = sorted(range(n_cells), key=lambda c: _depth_order(injection, first_row[c]))
         renumber = {old: new for new, old in enumerate(order)}
         first_row = [first_row[c] for c in order]
         cell_of = [renumber[c] for c in cell_of]
