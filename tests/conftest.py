@@ -1,15 +1,31 @@
 """Shared fixtures: tiny random Llama-3.1 checkpoints built with transformers, converted with
 `launch.convert`. transformers/torch are the independent reference throughout."""
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# One JAX persistent compilation cache for the whole run: many tests compile the same small
+# programs (a sweep's engine, extraction and judge programs on the same tiny shapes, again in each
+# resumed or repeated run), and on 2 cores XLA's compiles are most of a small sweep's time (a tiny
+# three-experiment sweep: 17 compiles, 36 of its 72 s). Set before JAX is imported, in the xdist
+# controller, so the workers and every subprocess they start (launch.sweep, ...) inherit it. What
+# the tests assert is unchanged: a cached executable is the compiled program, and the compile-count
+# tests count jit's in-memory cache (`_cache_size`), which a persistent-cache hit still fills.
+# Compile-only TPU executables cannot be loaded back (JAX: "PjRtCompiler must be constructed with a
+# Client"): those compile afresh each time (pytest.ini ignores the warning JAX gives).
+_OWN_COMPILATION_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_COMPILATION_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jax_introspect_tests_cache_")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Two workers on two cores: one torch thread each, or torch and XLA oversubscribe the CPUs.
+    # Several workers on two cores: one torch thread each, or torch and XLA oversubscribe the CPUs.
     torch.set_num_threads(1)
 
 from tests import hf_reference  # noqa: E402
@@ -42,3 +58,9 @@ LONGEST_FIRST = ("test_tpu_plan.py", "test_tpu_compile.py", "test_parity.py", "t
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))  # stable: files stay whole
+
+
+def pytest_unconfigure(config):
+    # The controller made the cache (workers inherit its path): it removes it when the run ends.
+    if _OWN_COMPILATION_CACHE and not os.environ.get("PYTEST_XDIST_WORKER"):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
