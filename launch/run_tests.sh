@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All tests, from a fresh machine: set up the venv if needed, then pytest on 3 workers.
+# All tests, from a fresh machine: set up the venv if needed, then pytest on 2 workers.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source launch/setup_env.sh
@@ -10,6 +10,4 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
   ($SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null) \
     || echo "warning: could not install chromium; tests/test_inspect_viewer.py will fail" >&2
 fi
-# 3 workers on 2 cores: with 2, the CPUs were busy 157% of 200% (subprocess start-ups, file I/O,
-# single-threaded Python between XLA calls); with 3, 190% and the same tests took 18% less time.
-python -m pytest -q -n "${PYTEST_WORKERS:-3}" --dist loadfile --no-loadscope-reorder --durations=15 tests "$@"
+python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder --durations=15 tests "$@"

@@ -25,7 +25,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Several workers on two cores: one torch thread each, or torch and XLA oversubscribe the CPUs.
+    # Two workers on two cores: one torch thread each, or torch and XLA oversubscribe the CPUs.
     torch.set_num_threads(1)
 
 from tests import hf_reference  # noqa: E402
