@@ -355,13 +355,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--protocols", default=",".join(PROTOCOLS))
     parser.add_argument("--ablations", default="quickstart", help="grids whose sweeps also run the ablations")
     parser.add_argument("--ablation_arms", default="",
-                        help="comma-separated ablations to run on the --ablations grids (default: every one)")
+                        help="comma-separated ablations to run on the --ablations grids, named without 'engine, ' "
+                             "(e.g. 'depth sharing,no refill'; default: every one)")
     parser.add_argument("--prefill_blocks", default="",
                         help="comma-separated cell-prefill blocks (divisors of the grids' batch), extra engine arms")
     parser.add_argument("--no_nnsight", action="store_true",
                         help="leave out the nnsight loop (on the 4x4x8 grid it ran within 3% of the HF loop)")
     parser.add_argument("--checkpoint", default=None)
     args = parser.parse_args(argv)
+    # Checked before any model loads. The arms' names hold a comma ("engine, no refill"), so the
+    # option names them without their "engine, " (a comma-separated list of full names cannot parse).
+    ablation_names = {n[len("engine, "):]: n for n in ENGINE_ARMS if n.startswith("engine, ")}
+    chosen = [name.strip() for name in args.ablation_arms.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in ablation_names]
+    if unknown:
+        parser.error(f"--ablation_arms: no ablation {unknown}; choose from {sorted(ablation_names)}")
+    ablations = [ablation_names[name] for name in chosen] or list(ablation_names.values())
     common.quiet_libraries()
     common.set_torch_threads()
     import jax_introspect
@@ -373,12 +382,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         nn_model = wrap_nnsight(model, hf_tokenizer)
         warm_nnsight(nn_model)
     blocks = [int(b) for b in args.prefill_blocks.split(",") if b]
-    chosen = [name.strip() for name in args.ablation_arms.split(",") if name.strip()]
-    unknown = [name for name in chosen if name not in ENGINE_ARMS or not name.startswith("engine, ")]
-    if unknown:
-        parser.error(f"--ablation_arms: no ablation {unknown}; choose from "
-                     f"{[n for n in ENGINE_ARMS if n.startswith('engine, ')]}")
-    ablations = chosen or [n for n in ENGINE_ARMS if n.startswith("engine, ")]
     results = [run_grid(lm, model, nn_model, grid, protocol, args.runs,
                         ablations=ablations if grid in args.ablations.split(",") else (), prefill_blocks=blocks)
                for grid in args.grids.split(",") for protocol in args.protocols.split(",")]
