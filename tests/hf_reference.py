@@ -1,7 +1,10 @@
 """Reference side of the parity tests: tiny random Llama-3.1 models in HF transformers (torch)."""
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -70,7 +73,34 @@ def train_on_bigrams(model, steps, seed=0):
     model.eval()
 
 
+# Deterministic builds made once per test process and copied to every later caller (a copy is the
+# same files: the builds are seeded, and the conversion of a given source is a pure function of it).
+# The tiny Llama-3 checkpoint is built by a dozen test modules and SmolLM2 converted by six; on CI's
+# 2 cores each build took 11 s and each SmolLM2 conversion 17 s.
+_BUILT = {}  # key -> (folder, what the build returned)
+_BUILD_ROOT = []  # this process's directory of builds, removed when it exits
+
+
+def _built_once(key, build):
+    """(folder, result) of `build(folder)`, run the first time this process asks for `key`."""
+    if not _BUILD_ROOT:
+        _BUILD_ROOT.append(tempfile.mkdtemp(prefix="jax_introspect_test_builds_"))
+        atexit.register(shutil.rmtree, _BUILD_ROOT[0], True)
+    if key not in _BUILT:
+        folder = os.path.join(_BUILD_ROOT[0], str(len(_BUILT)))
+        _BUILT[key] = folder, build(folder)  # a failed build raises and caches nothing
+    return _BUILT[key]
+
+
 def run_convert(source, out, dtype="float32", extra=(), check=True):
+    if source == "smollm2" and not extra and check:  # the shipped GGUF: convert once per process
+        cached, proc = _built_once(("smollm2", dtype), lambda folder: _convert(source, folder, dtype, extra, check))
+        shutil.copytree(cached, out)
+        return proc
+    return _convert(source, out, dtype, extra, check)
+
+
+def _convert(source, out, dtype, extra, check):
     cmd = [sys.executable, "-m", "launch.convert", f"--source={source}", f"--out={out}", f"--dtype={dtype}", *extra]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     if check and proc.returncode != 0:
@@ -157,6 +187,12 @@ def build_llama3_checkpoint(root):
     """A converted 2-layer tiny Llama-3.1 with the real Llama-3 vocabulary and tokenizer (what a
     sweep needs: chat template, anchors, protocol prompts). Returns the checkpoint path."""
     from jax_introspect.tokenizer import llama3_tokenizer_model_path
-    build_hf_model("gqa_untied", str(root / "hf"), vocab_size=128256, num_hidden_layers=2)
-    run_convert(str(root / "hf"), str(root / "ckpt"), extra=[f"--tokenizer={llama3_tokenizer_model_path()}"])
-    return str(root / "ckpt")
+
+    def build(folder):
+        build_hf_model("gqa_untied", os.path.join(folder, "hf"), vocab_size=128256, num_hidden_layers=2)
+        run_convert(os.path.join(folder, "hf"), os.path.join(folder, "ckpt"),
+                    extra=[f"--tokenizer={llama3_tokenizer_model_path()}"])
+    cached, _ = _built_once("llama3", build)
+    for name in ("hf", "ckpt"):
+        shutil.copytree(os.path.join(cached, name), os.path.join(root, name))
+    return os.path.join(str(root), "ckpt")
