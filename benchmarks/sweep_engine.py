@@ -3,7 +3,7 @@ same loop in nnsight, side by side in one run (SmolLM2-135M float32, 2 CPU cores
 part of the engine saves.
 
     python -m benchmarks.sweep_engine [--runs=3] [--grids=quickstart,grid] [--protocols=lindsey,replication] \
-        [--ablations=quickstart] [--ablation_arms="engine, depth sharing"] [--prefill_blocks=8,16] \
+        [--ablations=quickstart] [--ablation_arms="no depth sharing"] [--prefill_blocks=8,16] \
         [--no_nnsight]
 
 Grids (the trials of `sweep.plan_trials`, temperature 1, top_p 1, the heuristic grader):
@@ -19,9 +19,9 @@ Arms, interleaved run by run (run r does every arm once), each timed on a fresh 
 holding the sweep's vectors (extracted once beforehand, so no arm pays for extraction):
 - engine: `run_sweep` with engine 'shared' (the default); its ablations (on the `--ablations` grids;
   `--ablation_arms`: which): no slot refill (refill_min = slots: a refill waits for every slot, i.e.
-  batches), no shared prefix, no per-cell prefill (every trial its own prefill); and one that adds
-  depth sharing (the sweep config's `share_depth`: layers below each cell's injection layer from the
-  prompt's clean forward); with `--prefill_blocks`, the engine with its cells prefilled
+  batches), no shared prefix, no per-cell prefill (every trial its own prefill), no depth sharing
+  (the sweep config's `share_depth`, on by default since 2026-12-01: layers below each cell's
+  injection layer from the prompt's clean cell); with `--prefill_blocks`, the engine with its cells prefilled
   that many at a time (the sweep config's `prefill_block`; the engine arm: its default);
 - plain: `run_sweep` with engine 'plain' (one `generate` per batch);
 - HF loop: what an HF-hooks user writes: one `generate` per (layer, strength) cell on its trials
@@ -63,7 +63,7 @@ ENGINE_ARMS = {  # name -> (sweep config overrides, generate_shared keyword over
     "engine, no refill": ({}, {"refill_min": None}),  # None here: filled with the slot count
     "engine, no shared prefix": ({}, {"share_prefix": False}),
     "engine, no per-cell prefill": ({}, {"share_cells": False}),
-    "engine, depth sharing": ({"share_depth": True}, {}),
+    "engine, no depth sharing": ({"share_depth": False}, {}),
     "plain batches": ({"engine": "plain"}, {}),
 }
 

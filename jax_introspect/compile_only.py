@@ -274,7 +274,8 @@ def engine_inputs(cfg: ModelConfig, layout, slots: int, trials: int, prefix_len:
             abstract((cells, suffix_len), jnp.int32, layout.of("tokens")),
             abstract((cells, suffix_len), jnp.bool_, layout.of("tokens")),
             like(inject_lib.none(cells, cfg.d_model), layout.injection()),
-            abstract((cells,), jnp.int32, rep), scalar, abstract((trials,), jnp.int32, rep),
+            abstract((cells,), jnp.int32, rep), abstract((cells,), jnp.int32, rep), scalar,
+            abstract((trials,), jnp.int32, rep),
             like(sample, jax.tree.map(lambda _: rep, sample)), scalar, abstract((n_eos,), jnp.int32, rep), scalar,
             readout)
 

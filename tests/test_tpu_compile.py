@@ -61,12 +61,15 @@ def test_the_sweep_engine_compiles_for_the_slice_and_reads_weight_stacks_in_plac
     copies of a 292-column slot cache: the while loop carried it through the refill conditional in
     another layout, and a 4x-padded copy of the store). The bound, twice the slots' cache and the
     cell store, catches any such copy. The program includes the first-answer-token readout in the
-    cell prefill, as a sweep runs it (readout=True: 4 lens layers per cell, top 10): 0.13 GB."""
+    cell prefill, as a sweep runs it (readout=True: 4 lens layers per cell, top 10): 0.13 GB; and
+    with depth sharing, the sweep's default since 2026-12-01 (the first block keeps its clean
+    cell's residuals, [16, 1, 32, 4096], for the later blocks to resume from): 0.17 GB."""
     cfg, layout, chip = slice_layout
     run_cfg = layout.run_config(cfg)
     params = compile_only.abstract_params(run_cfg, layout, jnp.bfloat16)
     compiled = compile_only.compile_engine(params, run_cfg, layout, slots=32, trials=128, prefix_len=160,
-                                           suffix_len=32, max_new_tokens=100, lens_width=4, top_k=10)
+                                           suffix_len=32, max_new_tokens=100, lens_width=4, top_k=10,
+                                           share_depth=True)
     assert not compile_only.stacked_weight_copies(compiled.as_text(), params)
     memory = compile_only.ProgramMemory.of(compiled)
     weights = compile_only.param_bytes_per_chip(params)

@@ -150,13 +150,13 @@ def test_sweep_plan_takes_the_run_from_the_config(tmp_path):
     gen, engine_program, ext, judged, step = plan.programs
     assert (gen.batch, gen.prompt_len, gen.max_new_tokens) == (16, 192, 24)
     # The engine (the sweep's default): one call of 16 x 4 trials; the prefix is every token before
-    # Lindsey's window, the cells' suffix the rest of the prompt, rounded up to 32.
+    # Lindsey's window, the cells' suffix the rest of the prompt, rounded up to 32; depth shared.
     start = expected.prompts["lindsey_injected_thought"].start
     # The first-answer-token readout (readout=True, the default) in its cell prefill: a lens at each
     # of the 2 layers per cell (the clean cell serves the shared controls), top 10.
     suffix = -(-(172 - start) // 32) * 32
     assert plan.sweep["engine_calls"] == 1 and plan.sweep["arms"][0]["engine_shapes"] == [
-        (16, 64, start, suffix, 2, 10, 0, False)]
+        (16, 64, start, suffix, 2, 10, 0, True)]
     assert (engine_program.batch, engine_program.prompt_len, engine_program.max_new_tokens) == (
         16, start + 32, 24) and engine_program.fits and "2 lens layers per cell" in engine_program.note
     assert plan.sweep["arms"][0]["readout_shapes"] == []

@@ -86,11 +86,11 @@ class SweepConfig:
                                      "divisor of batch_size; 0: the fewest that hold 1024 prompt tokens "
                                      "(engine.prefill_block). A call's last block is padded with cells that are "
                                      "computed: a smaller block pads less (docs/performance.md)")
-    share_depth: bool = _field(False, binds=False,
-                               help="engine 'shared': each cell's layers below its injection layer taken from the "
-                                    "prompt's clean forward, once per call (the same texts; it adds about 3 s of "
-                                    "compile per program on a CPU and saves prefill in proportion to the injection "
-                                    "layers' depth; docs/performance.md)")
+    share_depth: bool = _field(True, binds=False,
+                               help="engine 'shared', calls of one prompt: each cell's layers below its injection "
+                                    "layer taken from the prompt's clean cell, computed once per call (the same "
+                                    "texts; saves prefill in proportion to the injection layers' depth, for about "
+                                    "1 s more compile per program on a CPU; docs/performance.md)")
     system_header: bool = _field(True, help="the chat template's default system block")
     double_bos: bool = _field(False, bound_when_set=True,
                               help="a second BOS before every prompt, trials and vector extraction alike: what "
