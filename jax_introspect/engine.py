@@ -12,8 +12,7 @@ for every row:
   (prompt, injection), a *cell*, is prefilled once, from the shared prefix, into a store of cell
   caches [L, cells, K, hd, suffix] and first-token logits, `prefill_block` cells at a time. With
   `share_depth` (one prompt for every trial) a cell's layers below its injection layer are the
-  clean prompt's: the clean cell (first, in the first block) gives them, and each later block
-  starts at its cells' lowest injection layer.
+  clean prompt's: computed once, and each block starts at its cells' lowest injection layer.
 - **Slot refill.** A batch of `slots` rows decodes together; when a row ends (EOS or
   max_new_tokens) its slot takes the next pending trial: the trial's cell cache is copied into
   the slot's suffix columns, its first token is sampled from the cell's logits with the trial's
@@ -60,10 +59,10 @@ class Work:
     trial_cell: np.ndarray  # [N] int32
     n_trials: int  # real trials (the rest of N is padding, never run)
     # [C] int32: the first layer each cell computes in a depth-shared call (its injection layer; the
-    # clean and padding cells: RESUME_NONE); 0 for every cell of a call that cannot share depth.
+    # clean and padding cells: RESUME_NONE, none); 0 for every cell of a call that cannot share depth.
     cell_resume: np.ndarray
     share_depth: bool = False  # asked for (static: the program's structure; `cell_resume` says what is shared)
-    depth_shared: bool = False  # this call shares depth (one prompt for every cell, its clean cell first)
+    depth_shared: bool = False  # this call shares depth (one prompt for every cell)
 
 
 def _cell_key(ids: Sequence[int], injection: inject_lib.Injection, row: int) -> tuple:
@@ -126,11 +125,10 @@ def shares_depth(prompt_ids: Sequence[Sequence[int]]) -> bool:
 
 
 def _depth_order(injection: inject_lib.Injection, row: int) -> tuple:
-    """A cell's place in a depth-shared call: the clean cell first, then by injection layer."""
-    return (float(injection.strength[row]) != 0.0, int(injection.layer[row]))
+    """A cell's place in a depth-shared call: injected cells by their injection layer, clean ones last."""
+    return (float(injection.strength[row]) == 0.0, int(injection.layer[row]))
 
 
-_ADDED_CLEAN = -1  # plan_work's mark for a clean cell that no trial asked for
 RESUME_NONE = int(np.iinfo(np.int32).max)  # `Work.cell_resume` of a cell that resumes nowhere (clamped to L)
 
 
@@ -140,10 +138,9 @@ def plan_work(prompt_ids: Sequence[Sequence[int]], injection: inject_lib.Injecti
     """The cells of `prompt_ids` x `injection` (one row per trial), the shared prefix, and the
     padding: trials to `trials` (default: their number), cells to `trials` rounded up to a
     multiple of `slots`. With `share_depth` and one prompt for every trial (`shares_depth`) the
-    clean cell comes first (a cell no trial samples from when the call has no control, if a cell's
-    room is left; else no depth sharing) and the others follow by their injection layer, so that a
-    prefill block starts at its cells' lowest layer. `share_prefix` / `share_cells` False turn those savings off
-    (the same texts; benchmarks/sweep_engine.py measures what each saves)."""
+    cells are ordered by their injection layer (the clean cell last), so that a prefill block
+    starts at its cells' lowest layer (`Work.cell_resume`). `share_prefix` / `share_cells` False
+    turn those savings off (the same texts; benchmarks/sweep_engine.py measures what each saves)."""
     n = len(prompt_ids)
     trials = n if trials is None else trials
     if trials < n:
@@ -159,20 +156,14 @@ def plan_work(prompt_ids: Sequence[Sequence[int]], injection: inject_lib.Injecti
     # Room for a cell per trial (calls of one size share a program whatever their cells; padding
     # cells are never computed), in whole blocks of `slots`.
     cells = -(-trials // slots) * slots
-    clean_rows = [r for r in first_row if float(injection.strength[r]) == 0.0]
     # Whether this call shares depth is data (`cell_resume`): calls of one sweep share one program.
-    depth_shared = share_depth and shares_depth(prompt_ids) and (bool(clean_rows) or len(first_row) < cells)
-    added_clean = depth_shared and not clean_rows
-    if added_clean:  # the clean forward the other cells resume from: a cell of its own
-        first_row.append(_ADDED_CLEAN)
+    depth_shared = share_depth and shares_depth(prompt_ids)
     n_cells = len(first_row)
-    if depth_shared:  # the clean cell first, then by injection layer (a stable sort: ties keep their order)
-        order = sorted(range(n_cells), key=lambda c: (-1,) if first_row[c] == _ADDED_CLEAN else
-                       _depth_order(injection, first_row[c]))
+    if depth_shared:  # cells by injection layer, clean last (a stable sort: ties keep their order)
+        order = sorted(range(n_cells), key=lambda c: _depth_order(injection, first_row[c]))
         renumber = {old: new for new, old in enumerate(order)}
         first_row = [first_row[c] for c in order]
         cell_of = [renumber[c] for c in cell_of]
-    first_row = [0 if r == _ADDED_CLEAN else r for r in first_row]  # any row: one prompt for all
     suffixes = [list(prompt_ids[i][prefix_len:]) for i in first_row]
     width = suffix_width([len(s) for s in suffixes])
     tokens = np.full((cells, width), pad_id, np.int32)
@@ -183,9 +174,6 @@ def plan_work(prompt_ids: Sequence[Sequence[int]], injection: inject_lib.Injecti
         valid[c, width - len(suffix):] = True
     rows = np.asarray(first_row + [first_row[0]] * (cells - n_cells))
     cell_injection = jax.tree.map(lambda x: np.asarray(x)[rows], injection)
-    if added_clean:
-        cell_injection = dataclasses.replace(cell_injection, strength=np.where(
-            np.arange(cells) == 0, np.float32(0), cell_injection.strength).astype(np.float32))
     length = np.asarray([len(prompt_ids[i]) for i in rows], np.int32)
     resume = np.zeros((cells,), np.int32)
     if depth_shared:
@@ -263,15 +251,25 @@ def _rows(tree, start, size):
     return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, 0), tree)
 
 
+def _clean_prompt(params, cfg, tokens, valid, prefix_len, prefix_cache, *, layout, adapter):
+    """The clean forward of one cell's suffix `tokens` [1, Ls] after the shared prefix: its cache
+    and its residual after every layer [L, 1, Ls, D] (what every cell of the prompt computes below
+    its injection layer)."""
+    cache = model_lib.init_cache(cfg, 1, tokens.shape[1], params.embed.dtype)
+    _, cache, residuals = model_lib.forward(
+        params, cfg, tokens, prefix_len + model_lib.prompt_positions(valid), valid, cache, layout=layout,
+        last_only=True, adapter=adapter, prefix=prefix_cache, return_residuals=True)
+    return cache, residuals
+
+
 def _prefill_cells(params, cfg, prefix, cell_tokens, cell_valid, cell_injection, cell_resume, n_cells, readout=None,
                    *, block, layout, adapter, top_k=0, share_depth=False):
     """The shared prefix once, then every real cell's suffix after it, `block` cells at a time (a
     loop over ceil(n_cells / block) blocks: padding cells cost nothing). With `share_depth` (one
-    prompt for every cell, the clean cell first: `plan_work`), the first block keeps its clean
-    cell's residual at every layer and position, which each later block resumes from at
-    its cells' lowest injection layer (`cell_resume`: `Work.cell_resume`; the layers below are
-    skipped, their cache the clean cell's).
-    Returns the prefix cache [.., 1, .., Lp] (None when Lp is 0), the cells' suffix caches (k and v
+    prompt for every cell, `plan_work`), the prompt's clean forward once, and each block starts at
+    its cells' lowest injection layer (`cell_resume`, `Work.cell_resume`: 0 in a call that cannot
+    share depth; the layers below are the clean forward's: skipped, their cache copied). Returns
+    the prefix cache [.., 1, .., Lp] (None when Lp is 0), the cells' suffix caches (k and v
     [L, C, K, Ls, hd]), their first-answer-token logits [C, V] and, with `readout`
     (`cell_readout_inputs`' arrays), each cell's `lens.answer_readout` ({name: [C, ...]}; None
     without)."""
@@ -280,6 +278,9 @@ def _prefill_cells(params, cfg, prefix, cell_tokens, cell_valid, cell_injection,
     dtype = params.embed.dtype
     prefix_cache = model_lib.prefill_prefix(params, cfg, prefix, layout=layout, adapter=adapter)
     L, K, hd = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+    if share_depth:
+        clean_cache, clean = _clean_prompt(params, cfg, cell_tokens[:1], cell_valid[:1], prefix_len, prefix_cache,
+                                           layout=layout, adapter=adapter)
     # Keys stored [.., Ls, hd] like the values: a [.., hd, Ls] store pads its 32-wide minor axis to the
     # TPU's 128 lanes (4x its size) when XLA lays it out for the refill's gather.
     store_k = jnp.zeros((L, cells, K, suffix_len, hd), dtype)
@@ -296,53 +297,40 @@ def _prefill_cells(params, cfg, prefix, cell_tokens, cell_valid, cell_injection,
                          "word_token": jnp.zeros((cells, width), jnp.int32),
                          "word_rank": jnp.zeros((cells, width), jnp.int32)}
 
-    def block_forward(first, return_residuals, resume=None):
+    def one_block(i, store):
+        store_k, store_v, store_logits, store_readout = store
+        first = i * block
         tokens, valid = _rows(cell_tokens, first, block), _rows(cell_valid, first, block)
         cache = layout.constrain_cache(model_lib.init_cache(cfg, block, suffix_len, dtype))
-        return model_lib.forward(
-            params, cfg, tokens, prefix_len + model_lib.prompt_positions(valid), valid, cache,
-            injection=_rows(cell_injection, first, block), layout=layout, last_only=True, adapter=adapter,
-            prefix=prefix_cache, return_residuals=return_residuals, resume=resume)
-
-    def stored(store, first, logits, cache, last_residuals):
-        store_k, store_v, store_logits, store_readout = store
+        positions = prefix_len + model_lib.prompt_positions(valid)
+        resume = (jnp.minimum(jnp.min(_rows(cell_resume, first, block)), L), clean) if share_depth else None
+        logits, cache, residuals = model_lib.forward(
+            params, cfg, tokens, positions, valid, cache, injection=_rows(cell_injection, first, block),
+            layout=layout, last_only=True, adapter=adapter, prefix=prefix_cache,
+            return_residuals="last" if readout is not None else False, resume=resume)
+        if share_depth:  # the skipped layers' keys and values: the clean forward's
+            skipped = (jnp.arange(L) < resume[0])[:, None, None, None, None]
+            cache = dataclasses.replace(cache, k=jnp.where(skipped, clean_cache.k, cache.k),
+                                        v=jnp.where(skipped, clean_cache.v, cache.v))
         store_k = jax.lax.dynamic_update_slice_in_dim(store_k, cache.k.swapaxes(3, 4), first, 1)
         store_v = jax.lax.dynamic_update_slice_in_dim(store_v, cache.v, first, 1)
         store_logits = jax.lax.dynamic_update_slice_in_dim(store_logits, logits[:, -1], first, 0)
         if readout is not None:
-            values = lens_lib.answer_readout(params, cfg, logits[:, -1], last_residuals,
+            values = lens_lib.answer_readout(params, cfg, logits[:, -1], residuals[:, :, 0],
                                              _rows(lens_layers, first, block), _rows(word_ids, first, block),
                                              yes_mask, no_mask, top_k=top_k)
             store_readout = {name: jax.lax.dynamic_update_slice_in_dim(store_readout[name], values[name], first, 0)
                              for name in store_readout}
         return store_k, store_v, store_logits, store_readout
 
-    store = (store_k, store_v, store_logits, store_readout)
-    if share_depth:  # the first block, the clean cell its row 0: that row's every layer at every position
-        logits, cache, (last, clean) = block_forward(0, "last+row0")
-        store = stored(store, 0, logits, cache, last[:, :, 0])
-        clean_k, clean_v = cache.k[:, :1], cache.v[:, :1]
-
-    def one_block(i, store):
-        first = i * block
-        if not share_depth:
-            logits, cache, residuals = block_forward(first, "last" if readout is not None else False)
-        else:  # from the clean cell's residual at the block's lowest injection layer
-            resume = jnp.minimum(jnp.min(_rows(cell_resume, first, block)), L)
-            logits, cache, residuals = block_forward(first, "last" if readout is not None else False,
-                                                     (resume, clean))
-            skipped = (jnp.arange(L) < resume)[:, None, None, None, None]  # their keys and values: clean's
-            cache = dataclasses.replace(cache, k=jnp.where(skipped, clean_k, cache.k),
-                                        v=jnp.where(skipped, clean_v, cache.v))
-        return stored(store, first, logits, cache, None if residuals is None else residuals[:, :, 0])
-
     blocks = (n_cells + block - 1) // block
-    *store, store_readout = jax.lax.fori_loop(1 if share_depth else 0, blocks, one_block, store)
+    *store, store_readout = jax.lax.fori_loop(0, blocks, one_block, (store_k, store_v, store_logits, store_readout))
     return prefix_cache, tuple(store), store_readout
 
 
 def _run(params: model_lib.Params, cfg: ModelConfig, prefix, cell_tokens, cell_valid, cell_injection, cell_length,
-         cell_resume, n_cells, trial_cell, trial_sampling: generate_lib.Sampling, n_trials, eos_ids, pad_id, readout=None, *,
+         cell_resume, n_cells, trial_cell, trial_sampling: generate_lib.Sampling, n_trials, eos_ids, pad_id,
+         readout=None, *,
          max_new_tokens: int, slots: int, refill_min: int, layout, adapter=None, readout_top_k: int = 0,
          prefill_block: int = 0, share_depth: bool = False):
     """Generate every trial; returns (tokens [N, max_new_tokens], lengths [N]) as `generate_tokens`
@@ -359,8 +347,7 @@ def _run(params: model_lib.Params, cfg: ModelConfig, prefix, cell_tokens, cell_v
         raise ValueError(f"prefill_block={block} must divide slots={B}")
     prefix_cache, (store_k, store_v, store_logits), cell_readout = _prefill_cells(
         params, cfg, prefix, cell_tokens, cell_valid, cell_injection, cell_resume, n_cells, readout, block=block,
-        layout=layout,
-        adapter=adapter, top_k=readout_top_k, share_depth=share_depth)
+        layout=layout, adapter=adapter, top_k=readout_top_k, share_depth=share_depth)
     # Each slot: [its cell's suffix | generated], after the shared prefix's columns (`prefix_cache`).
     gen_start = suffix_len
     cache = layout.constrain_cache(model_lib.init_cache(cfg, B, suffix_len + max_new_tokens, params.embed.dtype))

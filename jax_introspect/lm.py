@@ -251,7 +251,7 @@ class LanguageModel:
         slot is free, i.e. batches); `share_prefix` / `share_cells` False: no shared prefix / one
         cell per trial (for measuring what each saves; the texts are the same); `share_depth`: when
         every trial has the same prompt, each cell's layers below its injection layer come from the
-        prompt's clean cell (`engine._prefill_cells`; a call that cannot share runs every layer in
+        prompt's clean forward (`engine._prefill_cells`; a call that cannot share runs every layer in
         the same program; off here, on in a sweep's config: it adds a forward and a cond per layer
         to the program, about 1 s of compile for SmolLM2 on the CPU);
         `readout`: an `engine.ReadoutRequest`, computed in the cells' prefill into each Generation's
@@ -295,7 +295,8 @@ class LanguageModel:
             readout, work, self.config.vocab_size)
         out, lengths, cell_readout = engine.run(
             self.params, self.run_config, prefix, *cells, cell_length, cell_resume, n_cells, trial_cell, sample,
-            n_trials, eos_ids, pad_id, lay.put(readout_inputs, lay.replicated), max_new_tokens=max_new_tokens, slots=slots,
+            n_trials, eos_ids, pad_id, lay.put(readout_inputs, lay.replicated), max_new_tokens=max_new_tokens,
+            slots=slots,
             refill_min=max(1, slots // 8) if refill_min is None else refill_min, layout=lay, adapter=self.adapter,
             readout_top_k=0 if readout is None else readout.top_k,
             prefill_block=prefill_block or engine.prefill_block(slots, work.cell_tokens.shape[1], lay.data_size),

@@ -280,9 +280,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     residuals are the raw residual stream after each decoder layer (before the final norm),
     injection included; return_residuals="last": at the last column only, [L, B, 1, D] (a
     readout at the first answer token needs no others, and all columns of every layer are the
-    largest temporary of a long prompt's forward); "last+row0": that and every column of row 0,
-    ([L, B, 1, D], [L, 1, T, D]) (the sweep engine's first cell-prefill block, whose row 0 is the
-    clean prompt the later blocks resume from).
+    largest temporary of a long prompt's forward).
     layout: the `sharding.Layout` it runs on (one device: a 1x1 mesh); the hidden state, KV cache
     and logits are pinned to its shardings (`with_sharding_constraint`) so GSPMD keeps the
     intended layout.
@@ -342,12 +340,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
                 xs["index"] < resume[0],
                 lambda carry, xs: (layout.pin(jnp.broadcast_to(xs["clean"], carry[0].shape), "hidden"), *carry[1:]),
                 layer_step, carry, xs)
-        if return_residuals == "last+row0":
-            kept = (h[:, -1:], h[:1])
-        elif return_residuals == "last":
-            kept = h[:, -1:]
-        else:
-            kept = h
+        kept = h[:, -1:] if return_residuals == "last" else h
         return (h, k_all, v_all), (kept if return_residuals else None)
 
     h = layout.pin(params.embed[tokens], "hidden")

@@ -84,38 +84,34 @@ def test_engine_texts_equal_plain_generation_trial_by_trial(tiny, start_at_prefi
 @pytest.mark.parametrize("prefill_block", [0, 2])
 def test_depth_sharing_and_smaller_prefill_blocks_give_the_same_texts(tiny, one_prompt, start_at_prefix,
                                                                      prefill_block):
-    """One prompt for every trial (a sweep's call): the clean cell first, then cells by injection
-    layer, each later prefill block starting at its lowest layer from the clean cell's residuals;
-    cells prefilled fewer at a time than the slots (prefill_block 2 of 4). Sampled; the same texts
-    as plain generation, trial by trial (the three layers 0, 1, 2 of the tiny model: blocks skip 0,
-    1 and 2 layers)."""
+    """One prompt for every trial (a sweep's call): cells ordered by injection layer, each prefill
+    block starting at its lowest layer from the clean prompt's forward; cells prefilled fewer at a
+    time than the slots (prefill_block 2 of 4). Sampled; the same texts as plain generation, trial
+    by trial (the three layers 0, 1, 2 of the tiny model: blocks skip 0, 1 and 2 layers, or all).
+    Prompts that differ: the same program (share_depth asked for), every layer computed."""
     prompts, injection, ids = _trials(tiny, start_at_prefix=start_at_prefix, one_prompt=one_prompt)
     _check_depth_shared(tiny, prompts, injection, ids, prefill_block, one_prompt)
 
 
-def test_depth_sharing_adds_the_clean_cell_a_call_without_controls_lacks(tiny):
-    """A call of injected trials only: the clean forward the cells resume from is a cell of its own
-    (first, no trial samples from it); the same texts as plain generation."""
+def test_depth_sharing_without_controls(tiny):
+    """A call of injected trials only (no clean cell): the clean forward is there all the same."""
     prompts, injection, ids = _trials(tiny, one_prompt=True)
     injected = [i for i in range(len(prompts)) if float(injection.strength[i])]
-    prompts, ids = [prompts[i] for i in injected], [ids[i] for i in injected]
     injection = jax.tree.map(lambda x: np.asarray(x)[injected], injection)
-    work = _check_depth_shared(tiny, prompts, injection, ids, 2, True)
-    assert 0 not in work.trial_cell[:work.n_trials]  # the added clean cell
-    # No room for it (a cell per trial, trials filling the call): no depth sharing.
-    full = engine.plan_work(prompts[:4], jax.tree.map(lambda x: x[:4], injection), pad_id=0, slots=4, trials=4,
-                            share_cells=False, share_depth=True)
-    assert full.share_depth and not full.depth_shared and full.n_cells == 4
-    assert not full.cell_resume.any()  # every cell computes every layer, in the depth-sharing program
+    _check_depth_shared(tiny, [prompts[i] for i in injected], injection, [ids[i] for i in injected], 2, True)
 
 
 def _check_depth_shared(tiny, prompts, injection, ids, prefill_block, one_prompt):
     work = engine.plan_work(prompts, injection, pad_id=0, slots=4, trials=24, share_depth=True)
     assert work.share_depth and work.depth_shared == one_prompt
-    if one_prompt:  # the clean cell first, then by injected layer
-        first = [int(work.cell_injection.layer[c]) if float(work.cell_injection.strength[c]) else -1
-                 for c in range(work.n_cells)]
-        assert first == sorted(first) and first[0] == -1 and first[1] != -1 and len(set(first)) == 4
+    layer = [int(work.cell_injection.layer[c]) if float(work.cell_injection.strength[c]) else 99
+             for c in range(work.n_cells)]  # 99: the clean cell
+    if one_prompt:  # cells by first injected layer, the clean cell (if any) last; each starts at its layer
+        assert layer == sorted(layer) and len(set(layer) - {99}) == 3
+        assert work.cell_resume[:work.n_cells].tolist() == [engine.RESUME_NONE if x == 99 else x for x in layer]
+    else:  # no layer skipped
+        assert not work.cell_resume.any()
+    assert (work.cell_resume[work.n_cells:] == (engine.RESUME_NONE if one_prompt else 0)).all()  # padding cells
     plain = tiny.generate(prompts, max_new_tokens=10, injection=injection, temperature=1.0, top_p=0.9, seed=5,
                           trial_ids=ids)
     shared = tiny.generate_shared(prompts, max_new_tokens=10, injection=injection, temperature=1.0, top_p=0.9,
@@ -123,7 +119,6 @@ def _check_depth_shared(tiny, prompts, injection, ids, prefill_block, one_prompt
                                   share_depth=True)
     for i, (a, b) in enumerate(zip(plain, shared)):
         assert (a.token_ids, a.finished) == (b.token_ids, b.finished), f"trial {i}"
-    return work
 
 
 def test_the_work_is_planned_once_per_prefix_and_cell(tiny):

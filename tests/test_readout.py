@@ -140,12 +140,32 @@ def _readouts(rows):
     return {r["trial_id"]: r["readout"] for r in rows}
 
 
+ENGINES_RTOL = 1e-5  # float32: depth sharing's batch-1 clean forward moves probabilities by round-off (~6e-8)
+
+
+def _assert_readouts_agree(ours, theirs, where="readouts"):
+    """Ids, tokens, layers and ranks equal; every probability within ENGINES_RTOL of the other's."""
+    if isinstance(ours, dict):
+        assert ours.keys() == theirs.keys(), where
+        for key in ours:
+            _assert_readouts_agree(ours[key], theirs[key], f"{where}/{key}")
+    elif isinstance(ours, list):
+        assert len(ours) == len(theirs), where
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            _assert_readouts_agree(a, b, f"{where}[{i}]")
+    elif isinstance(ours, float):
+        assert isinstance(theirs, float) and abs(ours - theirs) <= ENGINES_RTOL * abs(theirs), (where, ours, theirs)
+    else:
+        assert ours == theirs, (where, ours, theirs)
+
+
 def test_readout_is_the_same_for_both_engines_and_compiles_once(sweep_run):
-    """The readout depends on the prompt and injection alone: equal record by record (float32) for
-    the sweep engine, which computes it in its cell prefill (no forward of its own), and plain
+    """The readout depends on the prompt and injection alone: the same record by record (float32:
+    ids and ranks equal, probabilities within 1e-5 relative) for the sweep engine, which computes
+    it in its cell prefill (no forward of its own; depth shared, the sweep's default), and plain
     batches, which run one; one compiled readout program for all calls of the plain path."""
     _, _, _, records, _, compiles = sweep_run
-    assert _readouts(records["shared"]) == _readouts(records["plain"])
+    _assert_readouts_agree(_readouts(records["shared"]), _readouts(records["plain"]))
     assert len(records["shared"]) == 2 * 2 * 2 + 2
     assert {r["timing"]["readout_forwards"] for r in records["shared"]} == {0}
     assert min(r["timing"]["readout_forwards"] for r in records["plain"]) >= 1
@@ -170,7 +190,7 @@ def test_controls_per_layer_share_the_clean_cell_with_each_layers_lens(sweep_run
     controls = [r for r in records["shared"] if r["kind"] != "injected"]
     assert sorted(r["layer"] for r in controls) == [0, 0, 1, 1]
     assert all([lens["layer"] for lens in r["readout"]["lens"]] == [r["layer"]] for r in controls)
-    assert _readouts(records["shared"]) == _readouts(records["plain"])
+    _assert_readouts_agree(_readouts(records["shared"]), _readouts(records["plain"]))
 
 
 def test_older_records_without_readout_still_read(tmp_path):

@@ -62,8 +62,8 @@ def test_the_sweep_engine_compiles_for_the_slice_and_reads_weight_stacks_in_plac
     another layout, and a 4x-padded copy of the store). The bound, twice the slots' cache and the
     cell store, catches any such copy. The program includes the first-answer-token readout in the
     cell prefill, as a sweep runs it (readout=True: 4 lens layers per cell, top 10): 0.13 GB; and
-    with depth sharing, the sweep's default since 2026-12-01 (the first block keeps its clean
-    cell's residuals, [16, 1, 32, 4096], for the later blocks to resume from): 0.17 GB."""
+    with depth sharing, the sweep's default since 2026-12-01 (the prompt's clean forward keeps its
+    residuals, [16, 1, 32, 4096], for the blocks to resume from)."""
     cfg, layout, chip = slice_layout
     run_cfg = layout.run_config(cfg)
     params = compile_only.abstract_params(run_cfg, layout, jnp.bfloat16)

@@ -88,7 +88,7 @@ class SweepConfig:
                                      "computed: a smaller block pads less (docs/performance.md)")
     share_depth: bool = _field(True, binds=False,
                                help="engine 'shared', calls of one prompt: each cell's layers below its injection "
-                                    "layer taken from the prompt's clean cell, computed once per call (the same "
+                                    "layer taken from the prompt's clean forward, computed once per call (the same "
                                     "texts; saves prefill in proportion to the injection layers' depth, for about "
                                     "1 s more compile per program on a CPU; docs/performance.md)")
     system_header: bool = _field(True, help="the chat template's default system block")
