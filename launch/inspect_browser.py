@@ -32,7 +32,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run
                   "--hide-scrollbars", "--remote-debugging-port=0"]
 
 
-RELOAD_AFTER_S = 20.0  # a log still "Loading log..." this long after the click is reloaded once
+RELOAD_AFTER_S = 20.0  # a log still "Loading log..." this long after the click (or last reload) is reloaded
 
 
 class BrowserError(RuntimeError):
@@ -109,15 +109,16 @@ async def _render(url: str, expect: list, timeout: float, screenshot: Optional[s
                 deadline = time.time() + timeout
                 body = ""
                 clicked = click_text is None
-                clicked_at, reloaded = None, False
+                waiting_since = None  # when the opened log was clicked or last reloaded
                 while time.time() < deadline:
                     body = await text()
-                    if (clicked_at is not None and not reloaded and "Loading log" in body
-                            and time.time() - clicked_at > RELOAD_AFTER_S):
-                        # Once (seen in CI, on a loaded machine): a log opened before the viewer was
-                        # ready stays "Loading log..."; the route is in the URL, so a reload opens it.
+                    if (waiting_since is not None and "Loading log" in body
+                            and time.time() - waiting_since > RELOAD_AFTER_S):
+                        # Seen in CI, on a loaded machine (twice in one run, once after a reload): a log
+                        # opened before the viewer was ready stays "Loading log..."; the route is in the
+                        # URL, so a reload opens it. Reload again while it stays so, until the timeout.
                         await call("Runtime.evaluate", expression="location.reload()")
-                        reloaded = True
+                        waiting_since = time.time()
                         await asyncio.sleep(1.0)
                         continue
                     if not clicked and click_text in body.split("\n"):
@@ -127,7 +128,7 @@ async def _render(url: str, expect: list, timeout: float, screenshot: Optional[s
                             f" const want = {json.dumps(click_text)};"
                             " while (w.nextNode()) { if (w.currentNode.textContent.trim() === want) {"
                             " w.currentNode.parentElement.click(); return true; } } return false; })()"))
-                        clicked, clicked_at = True, time.time()
+                        clicked, waiting_since = True, time.time()
                         await asyncio.sleep(1.0)
                         continue
                     if clicked and all(e in body for e in expect):
