@@ -34,8 +34,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run
 
 RELOAD_AFTER_S = 20.0  # a log still "Loading log..." this long after the click (or last reload) is reloaded
 # A log still "Loading log..." at the timeout, reloads included (seen in CI under load, 1 run in 2 after
-# the reloads were added): opened again in a new browser with a new profile (the viewer keeps state in
-# its profile's storage, which a reload keeps).
+# the reloads were added): opened again in a new browser with a new profile (not verified why reloads do
+# not clear it; a guess: the viewer keeps state in its profile's storage, which a reload keeps).
 FRESH_BROWSER_RETRIES = 1
 
 
