@@ -28,6 +28,27 @@ def token_mask(ids, vocab_size: int) -> np.ndarray:
     return mask
 
 
+def k_largest(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`jax.lax.top_k(x, k)` exactly (the k largest along the last axis, descending; of equal values
+    the lower index first; NaN-free input), as k passes of max and first index. XLA's TPU compiler
+    takes ~30 s for one `lax.top_k` over a 128k vocabulary, in every engine program with a readout
+    (libtpu compile-only v6e, [64, 2, 128256], top 10: 29.9 s; k passes: about 3 s); at run time
+    the passes read a few rows' probabilities k times, nothing beside the prefill before them."""
+    index = jnp.arange(x.shape[-1])
+
+    def one_pass(i, carry):  # a loop, not unrolled: 10 unrolled passes compile as slowly as the sort
+        taken, values, indices = carry
+        best = jnp.max(jnp.where(taken, -jnp.inf, x), axis=-1)
+        # The first untaken index holding the maximum (argmax of a bool: its first True).
+        first = jnp.argmax((x == best[..., None]) & ~taken, axis=-1).astype(jnp.int32)
+        return (taken | (index == first[..., None]), values.at[..., i].set(best), indices.at[..., i].set(first))
+
+    batch = x.shape[:-1]
+    _, values, indices = jax.lax.fori_loop(
+        0, k, one_pass, (jnp.zeros(x.shape, bool), jnp.zeros(batch + (k,), x.dtype), jnp.zeros(batch + (k,), jnp.int32)))
+    return values, indices
+
+
 def answer_readout(params, cfg, last_logits, last_residuals, lens_layers, word_ids, yes_mask, no_mask, *, top_k: int):
     """Per row b: p_yes / p_no [B] (float32 softmax of `last_logits` [B, V] summed over `yes_mask` /
     `no_mask` [V]); per lens m: the residual after layer lens_layers[b, m] ([B, M] int32) at the last
@@ -42,7 +63,7 @@ def answer_readout(params, cfg, last_logits, last_residuals, lens_layers, word_i
     head = params.embed.T if params.lm_head is None else params.lm_head
     lens = model_lib.linear("btd,dv->btv", h, head, params.lm_head_scale, model_lib._precision(h.dtype))
     lens_probs = jax.nn.softmax(lens.astype(jnp.float32), axis=-1)  # [B, M, V]
-    out["top_probs"], out["top_ids"] = jax.lax.top_k(lens_probs, top_k)
+    out["top_probs"], out["top_ids"] = k_largest(lens_probs, top_k)
     word_probs = jnp.take_along_axis(lens_probs, jnp.broadcast_to(word_ids[:, None], h.shape[:2] + word_ids.shape[1:]),
                                      axis=-1)  # [B, M, WORD_FORMS]
     best = jnp.argmax(word_probs, axis=-1)[..., None]

@@ -363,6 +363,37 @@ def test_nucleus_set_matches_numpy_sort():
     assert checked > 200  # the round-off allowance must stay an exception
 
 
+def test_sampled_tokens_are_jax_random_categorical_draws():
+    """`next_tokens` draws, row by row, `jax.random.categorical`'s token for the row's key folded with
+    its step (temperature-scaled logits, -inf outside the nucleus) and greedy rows take `np.argmax`'s
+    (the first of tied maxima): rows with ties at the top and -inf entries, temperatures 0 / 0.7 /
+    1.3, top_p 1 on every row (the path without the threshold search) and mixed, 3 steps, float32."""
+    rng = np.random.default_rng(3)
+    n, vocab = 24, 1000
+    logits = np.round(rng.normal(size=(n, vocab)) * 2, 1).astype(np.float32)  # rounding: many ties
+    logits[:, 0] = logits.max(axis=1)  # a tie at the top of every row
+    logits[::3, 500:] = -np.inf  # half the vocabulary masked out
+    keys = np.stack([generate_lib.trial_key(11, str(i)) for i in range(n)])
+    temperature = np.resize([0.0, 0.7, 1.3], n).astype(np.float32)
+
+    @jax.jit
+    def reference(keys, temperature, top_p, step):  # JAX's own draw, one row at a time (vmap)
+        def row(key, logits, temperature, top_p):
+            keep = generate_lib.nucleus_mask(logits, temperature, top_p)
+            return jax.random.categorical(jax.random.fold_in(key, step),
+                                          jnp.where(keep, logits / temperature, -jnp.inf))
+        return jax.vmap(row)(keys, jnp.asarray(logits), temperature, top_p)
+
+    for top_p in (np.ones(n, np.float32), np.resize([1.0, 0.9, 0.5, 0.2], n).astype(np.float32)):
+        sample = generate_lib.sampling(n, temperature, top_p, keys)
+        for step in range(3):
+            got = np.asarray(generate_lib.next_tokens(jnp.asarray(logits), sample, jnp.int32(step)))
+            want = np.where(temperature > 0, np.asarray(reference(keys, temperature, top_p, step)),
+                            np.argmax(logits, axis=-1))
+            np.testing.assert_array_equal(got, want, err_msg=f"step {step}, top_p {top_p.tolist()}")
+    assert len(set(got.tolist())) > 8  # really sampled
+
+
 def test_top_p_one_rows_draw_the_same_tokens_on_both_sampling_paths(tiny):
     """A row with top_p = 1 must draw the same token whether its batch takes the sort-free path
     (every row top_p = 1) or the nucleus path (some other row has top_p < 1)."""

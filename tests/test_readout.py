@@ -193,6 +193,22 @@ def test_controls_per_layer_share_the_clean_cell_with_each_layers_lens(sweep_run
     _assert_readouts_agree(_readouts(records["shared"]), _readouts(records["plain"]))
 
 
+def test_k_largest_is_a_stable_descending_top_k():
+    """`lens.k_largest` (the readout's top-k) against numpy's stable sort: the k largest, descending,
+    equal values in index order, -inf entries last (a row with fewer finite values than k)."""
+    import jax.numpy as jnp
+    from jax_introspect import lens
+    rng = np.random.default_rng(0)
+    x = np.round(rng.normal(size=(3, 4, 60)), 1).astype(np.float32)  # rounding: ties
+    x[0, 0, 5:] = -np.inf  # 5 finite values, k = 10
+    x[1, 2, :] = 0.25  # all equal
+    for k in (1, 3, 10):
+        values, ids = map(np.asarray, lens.k_largest(jnp.asarray(x), k))
+        order = np.argsort(-x, axis=-1, kind="stable")[..., :k]
+        np.testing.assert_array_equal(ids, order)
+        np.testing.assert_array_equal(values, np.take_along_axis(x, order, axis=-1))
+
+
 def test_older_records_without_readout_still_read(tmp_path):
     from jax_introspect.experiment import results
     record = results.TrialRecord(config_hash="h", trial_id="t", kind="control", protocol="p", word=None, layer=None,
