@@ -15,11 +15,25 @@ steps so dispatch is amortized:
   would change which token a given key draws), and greedy argmax;
 - end to end: `generate_tokens`' decode rate (batch x 20 / (t(21) - t(1)), median of
   `e2e_runs`) at top_p = 1 and at top_p = 0.9.
+
+With `--profile`, a second table: the forward step's XLA:CPU thread time by kind of op, from a
+`jax.profiler` trace of one call of the same compiled loop (`thread_time_split`): the weight
+matmuls, attention's two products, copies of one layer's weight slices out of the stacked weights
+(the scan's per-layer `dynamic_slice`: XLA:CPU gives each its own buffer) and of the layer's KV
+cache out of the stacked cache, and the rest. Two threads run at once, so the kinds can add up to
+more than the step's wall time.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import glob
+import gzip
+import json
+import math
+import re
+import tempfile
 from typing import Optional, Sequence
 
 import jax
@@ -72,6 +86,74 @@ def forward_steps(lm, batch, steps, attention=None):
     return fn, (lm.params, injection)
 
 
+KINDS = ("weight matmuls", "attention products", "weight-slice copies", "cache-slice copies", "other")
+ATTENTION_PRODUCTS = ("bkmd,bkds->bkms", "bkms,bksd->bkmd")  # model._attention's einsums
+# In XLA's optimized HLO text: a computation's header, and an instruction (name, result dims,
+# opcode, the rest of the line, where `calls=` and the metadata's `op_name` are, when present).
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.-]+) .*\{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = \w+\[([\d,]*)\]\S* ([\w-]+)\((.*)$")
+
+
+def op_kinds(hlo_text: str, weight_sizes: set, cache_sizes: set) -> dict:
+    """Instruction name -> kind (`KINDS`) in a compiled program's HLO text. A dot (or a fusion
+    around one) is an attention product when its metadata names one of `_attention`'s einsums
+    or, without metadata, when its result has 3 or more axes (the projections' are [rows, out]);
+    other instructions whose result has a layer weight's element count (the per-layer slice of
+    a stacked weight matrix) or a layer's KV-cache element count are copies of those."""
+    with_dot, computation, parsed = set(), None, []
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            computation = header.group(1)
+            continue
+        m = _INSTRUCTION.match(line)
+        if m:
+            parsed.append(m.groups())
+            if m.group(3) == "dot":
+                with_dot.add(computation)
+    kinds = {}
+    for name, dims, opcode, rest in parsed:
+        calls = re.search(r"calls=%?([\w.-]+)", rest)
+        op_name = re.search(r'op_name="([^"]*)"', rest)
+        axes = [int(d) for d in dims.split(",") if d]
+        if opcode == "dot" or (opcode == "fusion" and calls and calls.group(1) in with_dot):
+            attention = any(spec in op_name.group(1) for spec in ATTENTION_PRODUCTS) if op_name else len(axes) >= 3
+            kind = "attention products" if attention else "weight matmuls"
+        elif math.prod(axes) in weight_sizes:
+            kind = "weight-slice copies"
+        elif math.prod(axes) in cache_sizes:
+            kind = "cache-slice copies"
+        else:
+            kind = "other"
+        kinds[name] = kind
+    return kinds
+
+
+def thread_time_split(lm, batch: int, steps: int) -> dict:
+    """ms per decode step of thread time by kind (`op_kinds`), and the step's wall ms, from a
+    jax.profiler trace of one call of `forward_steps`' compiled loop."""
+    fn, args = forward_steps(lm, batch, steps)
+    compiled = fn.lower(*args).compile()
+    jax.block_until_ready(compiled(*args))
+    cfg = lm.config
+    weight_sizes = {math.prod(x.shape[1:]) for x in jax.tree.leaves(lm.params.layers) if x.ndim > 2}
+    cache_sizes = {batch * cfg.n_kv_heads * cfg.head_dim * CACHE}
+    kinds = op_kinds(compiled.as_text(), weight_sizes, cache_sizes)
+    with tempfile.TemporaryDirectory() as folder:
+        jax.profiler.start_trace(folder, create_perfetto_trace=True)
+        wall = common.time_call(lambda: jax.block_until_ready(compiled(*args)))
+        jax.profiler.stop_trace()
+        (trace,) = glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True)
+        with gzip.open(trace) as f:
+            events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    total = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("name") in kinds:
+            total[kinds[e["name"]]] += e["dur"] / 1e3  # microseconds -> ms
+    return dict(batch=batch, wall=wall * 1e3 / steps, **{k: total[k] / steps for k in KINDS})
+
+
 def sampling_steps(cfg, batch, steps, method):
     from jax_introspect import generate as generate_lib
     keys = np.stack([generate_lib.trial_key(0, str(i)) for i in range(batch)])
@@ -115,7 +197,7 @@ SAMPLERS = ("library", "nucleus", "inverse_cdf", "greedy")
 
 
 def run(batches: Sequence[int] = (1, 8, 32), runs: int = 3, steps: int = 10, checkpoint: Optional[str] = None,
-        e2e_runs: int = 2):
+        e2e_runs: int = 2, profile: bool = False):
     common.quiet_libraries()
     import jax_introspect
     lm = jax_introspect.load(common.ensure_smollm2_checkpoint(checkpoint or common.SMOLLM2_CHECKPOINT))
@@ -124,12 +206,16 @@ def run(batches: Sequence[int] = (1, 8, 32), runs: int = 3, steps: int = 10, che
     for batch in batches:
         row = dict(batch=batch, load=common.load_average()[0])
         row["forward"] = _timed(*forward_steps(lm, batch, steps), steps, runs)
-        row["forward_no_attention"] = _timed(*forward_steps(lm, batch, steps, lambda c, q, k, v, m: q), steps, runs)
+        row["forward_no_attention"] = _timed(*forward_steps(lm, batch, steps, lambda c, q, k, v, m, prefix=None: q),
+                                             steps, runs)
         for method in SAMPLERS:
             row[f"sample_{method}"] = _timed(*sampling_steps(cfg, batch, steps * 2, method), steps * 2, runs)
         row["e2e_top_p_1"] = end_to_end(lm, batch, e2e_runs, 1.0)
         row["e2e_top_p_0.9"] = end_to_end(lm, batch, e2e_runs, 0.9)
         common.log(f"batch {batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()))
+        if profile:
+            row["split"] = thread_time_split(lm, batch, steps)
+            common.log(f"batch {batch}, thread time: {row['split']}")
         rows.append(row)
     return rows
 
@@ -146,6 +232,14 @@ def markdown(rows) -> str:
         ["batch", "forward step", "of it attention", "sampling, top_p 1",
          "sampling, top_p 0.9 (nucleus bisection)", "inverse CDF (not used)", "greedy argmax",
          "decode tok/s, top_p 1", "decode tok/s, top_p 0.9", "load"], body))
+    splits = [r["split"] for r in rows if "split" in r]
+    if splits:
+        lines += ["", "#### The forward step's XLA:CPU thread time by kind of op (ms per step, one profiled call)", "",
+                  "Two threads: the kinds can add up to more than the wall time. Copies: buffers XLA:CPU makes "
+                  "of one layer's slice of the stacked weights and of the stacked KV cache at each scan step.", ""]
+        lines.append(common.table(["batch", "wall", *KINDS, "sum"], [
+            [s["batch"], f"{s['wall']:.1f}", *(f"{s[k]:.1f}" for k in KINDS), f"{sum(s[k] for k in KINDS):.1f}"]
+            for s in splits]))
     return "\n".join(lines)
 
 
@@ -154,8 +248,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="also split the forward step's thread time by kind of op (a jax.profiler trace)")
     args = parser.parse_args(argv)
-    print(markdown(run([int(b) for b in args.batches.split(",")], args.runs, checkpoint=args.checkpoint)))
+    print(markdown(run([int(b) for b in args.batches.split(",")], args.runs, checkpoint=args.checkpoint,
+                       profile=args.profile)))
 
 
 if __name__ == "__main__":
