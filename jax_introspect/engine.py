@@ -279,8 +279,14 @@ def _prefill_cells(params, cfg, prefix, cell_tokens, cell_valid, cell_injection,
     prefix_cache = model_lib.prefill_prefix(params, cfg, prefix, layout=layout, adapter=adapter)
     L, K, hd = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
     if share_depth:
-        clean_cache, clean = _clean_prompt(params, cfg, cell_tokens[:1], cell_valid[:1], prefix_len, prefix_cache,
-                                           layout=layout, adapter=adapter)
+        # Only a call that shares depth reads the clean forward (a cell resumes above layer 0); in a
+        # call whose prompts differ (every `cell_resume` 0: the same program) it is skipped.
+        clean_cache, clean = jax.lax.cond(
+            jnp.any(cell_resume > 0),
+            lambda: _clean_prompt(params, cfg, cell_tokens[:1], cell_valid[:1], prefix_len, prefix_cache,
+                                  layout=layout, adapter=adapter),
+            lambda: (model_lib.init_cache(cfg, 1, suffix_len, dtype),
+                     jnp.zeros((cfg.n_layers, 1, suffix_len, cfg.d_model), dtype)))
     # Keys stored [.., Ls, hd] like the values: a [.., hd, Ls] store pads its 32-wide minor axis to the
     # TPU's 128 lanes (4x its size) when XLA lays it out for the refill's gather.
     store_k = jnp.zeros((L, cells, K, suffix_len, hd), dtype)
