@@ -88,10 +88,6 @@ def forward_steps(lm, batch, steps, attention=None):
 
 KINDS = ("weight matmuls", "attention products", "weight-slice copies", "cache-slice copies", "other")
 ATTENTION_PRODUCTS = ("bkmd,bkds->bkms", "bkms,bksd->bkmd")  # model._attention's einsums
-# In XLA's optimized HLO text: a computation's header, and an instruction (name, result dims,
-# opcode, the rest of the line, where `calls=` and the metadata's `op_name` are, when present).
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.-]+) .*\{$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = \w+\[([\d,]*)\]\S* ([\w-]+)\((.*)$")
 
 
 def op_kinds(hlo_text: str, weight_sizes: set, cache_sizes: set) -> dict:
@@ -100,28 +96,19 @@ def op_kinds(hlo_text: str, weight_sizes: set, cache_sizes: set) -> dict:
     or, without metadata, when its result has 3 or more axes (the projections' are [rows, out]);
     other instructions whose result has a layer weight's element count (the per-layer slice of
     a stacked weight matrix) or a layer's KV-cache element count are copies of those."""
-    with_dot, computation, parsed = set(), None, []
-    for line in hlo_text.splitlines():
-        header = _COMPUTATION.match(line)
-        if header:
-            computation = header.group(1)
-            continue
-        m = _INSTRUCTION.match(line)
-        if m:
-            parsed.append(m.groups())
-            if m.group(3) == "dot":
-                with_dot.add(computation)
+    from jax_introspect import compile_only
+    parsed = list(compile_only.instructions(hlo_text))
+    with_dot = {computation for computation, *_, opcode, _ in parsed if opcode == "dot"}
     kinds = {}
-    for name, dims, opcode, rest in parsed:
-        calls = re.search(r"calls=%?([\w.-]+)", rest)
-        op_name = re.search(r'op_name="([^"]*)"', rest)
-        axes = [int(d) for d in dims.split(",") if d]
+    for _, name, _, shape, opcode, line in parsed:
+        calls = re.search(r"calls=%?([\w.-]+)", line)
+        op_name = re.search(r'op_name="([^"]*)"', line)
         if opcode == "dot" or (opcode == "fusion" and calls and calls.group(1) in with_dot):
-            attention = any(spec in op_name.group(1) for spec in ATTENTION_PRODUCTS) if op_name else len(axes) >= 3
+            attention = any(spec in op_name.group(1) for spec in ATTENTION_PRODUCTS) if op_name else len(shape) >= 3
             kind = "attention products" if attention else "weight matmuls"
-        elif math.prod(axes) in weight_sizes:
+        elif math.prod(shape) in weight_sizes:
             kind = "weight-slice copies"
-        elif math.prod(axes) in cache_sizes:
+        elif math.prod(shape) in cache_sizes:
             kind = "cache-slice copies"
         else:
             kind = "other"

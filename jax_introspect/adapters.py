@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_introspect import folders
 from jax_introspect import params as params_lib
 from jax_introspect.config import ModelConfig
 
@@ -365,13 +366,7 @@ def save(path: str, adapter: Adapter, spec: AdapterSpec, metadata: Optional[dict
             f.write(buffer.getvalue())
         with open(os.path.join(staging, SPEC_FILE), "w") as f:
             json.dump(record, f, indent=2, sort_keys=True)
-        old = None
-        if os.path.exists(path):
-            old = f"{path}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, old)
-        os.rename(staging, path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        folders.swap_in(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

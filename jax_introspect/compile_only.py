@@ -187,23 +187,29 @@ class Buffer:
         return int(np.prod(self.shape)) * _ITEMSIZE.get(self.dtype, 4)
 
 
-def buffers(hlo_text: str) -> list[Buffer]:
-    """The array results of a compiled (per-device) HLO module's instructions outside fusions, less
-    the parameters and tuple plumbing that only name other buffers (`_NOT_A_COPY`). Instructions
-    inside a fusion's computation run in registers/VMEM as the fusion runs (a slice of a re-tiled
-    stack is read tile by tile): only the fusion's own result is a buffer."""
-    fused = set(_FUSION_CALL.findall(hlo_text))
-    found, computation = [], None
+def instructions(hlo_text: str):
+    """(computation, name, dtype, shape, opcode, line) of each array-valued instruction of an HLO
+    module's text, in order."""
+    computation = None
     for line in hlo_text.splitlines():
         header = _COMPUTATION.match(line)
         if header:
             computation = header.group(1)
             continue
         m = _INSTRUCTION.match(line)
-        if m and computation not in fused and m.group(5) not in _NOT_A_COPY:
+        if m:
             name, dtype, dims, _layout, opcode = m.groups()
-            found.append(Buffer(name, opcode, dtype, tuple(int(d) for d in dims.split(",") if d)))
-    return found
+            yield computation, name, dtype, tuple(int(d) for d in dims.split(",") if d), opcode, line
+
+
+def buffers(hlo_text: str) -> list[Buffer]:
+    """The array results of a compiled (per-device) HLO module's instructions outside fusions, less
+    the parameters and tuple plumbing that only name other buffers (`_NOT_A_COPY`). Instructions
+    inside a fusion's computation run in registers/VMEM as the fusion runs (a slice of a re-tiled
+    stack is read tile by tile): only the fusion's own result is a buffer."""
+    fused = set(_FUSION_CALL.findall(hlo_text))
+    return [Buffer(name, opcode, dtype, shape) for computation, name, dtype, shape, opcode, _ in instructions(hlo_text)
+            if computation not in fused and opcode not in _NOT_A_COPY]
 
 
 @dataclasses.dataclass(frozen=True)

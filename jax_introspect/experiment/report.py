@@ -15,9 +15,9 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from typing import Optional
 
+from jax_introspect import folders
 from jax_introspect.experiment import aggregation, readout_report, render
 from jax_introspect.experiment.aggregation import aggregate
 from jax_introspect.experiment.runs import ReportError, Row, Run, load_run
@@ -140,14 +140,8 @@ def write_report(run: Run, out_dir: str, compare: Optional[Run] = None, inspect:
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the report is an ordinary folder
     try:
         _write_files(run, tmp, compare, inspect)
-        old = None
-        if os.path.exists(out_dir):
-            old = f"{out_dir}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
+        folders.swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
     return os.path.join(out_dir, REPORT_FILE)
