@@ -5,8 +5,13 @@ step and never copies a whole stack.
 The sizes are where the weight layout of checkpoint format v1 made XLA copy whole stacks (the
 same copies as the 405B on v6e-64, docs/tpu.md): Llama-3.1-8B widths, 16 layers, an MLP of 3,328
 so that a chip's slice (832 rows on 4 chips) is no multiple of the TPU's 128-wide tiles. There,
-format v1's program held 6 whole-stack copies per chip (wq 134 MB, wk and wv 34 MB each, w_gate and
-w_up 109 MB each): XLA temp 0.62 GB next to 1.19 GB of weights; with the v2 layouts none, 0.19 GB.
+format v1's generation program (32 rows x 192 prompt tokens + 100 new) held 6 whole-stack copies
+per chip (wq 134 MB, wk and wv 34 MB each, w_gate and w_up 109 MB each): XLA temp 0.62 GB next to
+1.19 GB of weights; with the v2 layouts none, 0.19 GB. The copies come from the weights' layouts,
+not from the batch: at the 8 rows x 64 tokens + 16 new compiled here (a third of the compile
+time), v1's layouts (emulated on 2026-12-02 by declaring its leaf axes in `params` and its einsum
+specs) still gave the same 6 copies and 0.37 GB of temp (FP8-dynamic: wq, w_gate and w_up, 0.12
+GB), v2 none and 0.003 GB.
 No TPU is needed; if libtpu cannot load, the test fails saying what to install.
 """
 from __future__ import annotations
@@ -37,7 +42,7 @@ def test_generation_reads_weight_stacks_in_place(slice_layout, numerics):
             weights=("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")))
     run_cfg = config.with_numerics(layout.run_config(cfg), numerics)
     params = compile_only.abstract_params(run_cfg, layout, jnp.bfloat16)
-    compiled = compile_only.compile_generation(params, run_cfg, layout, batch=32, prompt_len=192, max_new_tokens=100)
+    compiled = compile_only.compile_generation(params, run_cfg, layout, batch=8, prompt_len=64, max_new_tokens=16)
     copies = compile_only.stacked_weight_copies(compiled.as_text(), params)
     memory = compile_only.ProgramMemory.of(compiled)
     print(numerics, compile_only.describe(memory, chip), f"copies {copies}")
@@ -46,7 +51,7 @@ def test_generation_reads_weight_stacks_in_place(slice_layout, numerics):
     # Arguments are the weights plus a few KB of per-row inputs; nothing else of weight size.
     weights = compile_only.param_bytes_per_chip(params)
     assert weights <= memory.arguments <= weights + (1 << 20)
-    kv = compile_only.kv_cache_bytes_per_chip(run_cfg, layout, 32, 292, jnp.bfloat16)
+    kv = compile_only.kv_cache_bytes_per_chip(run_cfg, layout, 8, 64 + 16, jnp.bfloat16)
     assert memory.temp < kv + 0.25 * weights, (memory, kv)
 
 
