@@ -286,7 +286,7 @@ def _prefill_cells(params, cfg, prefix, cell_tokens, cell_valid, cell_injection,
             lambda: _clean_prompt(params, cfg, cell_tokens[:1], cell_valid[:1], prefix_len, prefix_cache,
                                   layout=layout, adapter=adapter),
             lambda: (model_lib.init_cache(cfg, 1, suffix_len, dtype),
-                     jnp.zeros((cfg.n_layers, 1, suffix_len, cfg.d_model), dtype)))
+                     jnp.zeros((L, 1, suffix_len, cfg.d_model), dtype)))
     # Keys stored [.., Ls, hd] like the values: a [.., hd, Ls] store pads its 32-wide minor axis to the
     # TPU's 128 lanes (4x its size) when XLA lays it out for the refill's gather.
     store_k = jnp.zeros((L, cells, K, suffix_len, hd), dtype)
