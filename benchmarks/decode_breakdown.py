@@ -62,7 +62,9 @@ def patched(module, name, value):
         setattr(module, name, original)
 
 
-def forward_steps(lm, batch, steps, attention=None):
+def forward_steps(lm, batch, steps, attention=None, warm=True):
+    """(jitted decode loop, its arguments); `warm`: called once (compiled, and traced while
+    `attention` is patched in)."""
     from jax_introspect import inject
     from jax_introspect import model as model_lib
     cfg = lm.config
@@ -82,7 +84,8 @@ def forward_steps(lm, batch, steps, attention=None):
     ctx = patched(model_lib, "_attention", attention) if attention else contextlib.nullcontext()
     with ctx:
         fn = jax.jit(run)
-        jax.block_until_ready(fn(lm.params, injection))  # trace while patched
+        if warm:
+            jax.block_until_ready(fn(lm.params, injection))  # trace while patched
     return fn, (lm.params, injection)
 
 
@@ -119,7 +122,7 @@ def op_kinds(hlo_text: str, weight_sizes: set, cache_sizes: set) -> dict:
 def thread_time_split(lm, batch: int, steps: int) -> dict:
     """ms per decode step of thread time by kind (`op_kinds`), and the step's wall ms, from a
     jax.profiler trace of one call of `forward_steps`' compiled loop."""
-    fn, args = forward_steps(lm, batch, steps)
+    fn, args = forward_steps(lm, batch, steps, warm=False)  # compiled once, here
     compiled = fn.lower(*args).compile()
     jax.block_until_ready(compiled(*args))
     cfg = lm.config
