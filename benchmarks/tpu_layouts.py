@@ -2,7 +2,12 @@
 for Llama-3.1-405B generation compiled for Cloud TPU slices on this CPU host (libtpu).
 
     python -m benchmarks.tpu_layouts [--slices=v5p:2x2x4/1x16,v5p:2x4x4/1x32,v6e:8x8/1x64,v5e:16x16/2x128]
-        [--model=llama-3.1-405b] [--batch=32 --prompt_len=192 --max_new_tokens=100] [--layers=N]
+        [--model=llama-3.1-405b] [--batch=32 --prompt_len=192 --max_new_tokens=100] [--layers=N] [--d_ff=F]
+
+tests/test_tpu_compile.py's small Llama at its shapes (v1: 6 whole-stack copies; v2: none):
+
+    python -m benchmarks.tpu_layouts --model=llama-3.1-8b --layers=16 --d_ff=3328 --slices=v6e:2x2/1x4 \
+        --batch=8 --prompt_len=64 --max_new_tokens=16
 
 Format v1 stored wq/wk/wv as [L, D, heads, hd] and w_gate/w_up as [L, D, F]; it is put back here by
 patching `params.LAYER` and the model's einsums (the checkpoint never matters: parameters are
@@ -58,6 +63,7 @@ def main():
     ap.add_argument("--slices", default="v5p:2x2x4/1x16,v5p:2x4x4/1x32,v6e:8x8/1x64,v5e:16x16/2x128")
     ap.add_argument("--model", default="llama-3.1-405b")
     ap.add_argument("--layers", type=int, default=0, help="fewer layers than the model's (0: all)")
+    ap.add_argument("--d_ff", type=int, default=0, help="another MLP width than the model's (0: its own)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--prompt_len", type=int, default=192)
     ap.add_argument("--max_new_tokens", type=int, default=100)
@@ -65,6 +71,8 @@ def main():
     cfg = config.preset(args.model)
     if args.layers:
         cfg = dataclasses.replace(cfg, n_layers=args.layers)
+    if args.d_ff:
+        cfg = dataclasses.replace(cfg, d_ff=args.d_ff)
     print(f"{args.model}: generation, bf16, batch {args.batch}, prompt {args.prompt_len} + {args.max_new_tokens} new")
     print("| slice (mesh) | arguments GB | XLA temp GB v1 -> v2 | total GB v1 -> v2 | temp / arguments v1 -> v2 "
           "| whole-stack buffers v1 | v2 | compile s v1 / v2 |")

@@ -9,9 +9,10 @@ format v1's generation program (32 rows x 192 prompt tokens + 100 new) held 6 wh
 per chip (wq 134 MB, wk and wv 34 MB each, w_gate and w_up 109 MB each): XLA temp 0.62 GB next to
 1.19 GB of weights; with the v2 layouts none, 0.19 GB. The copies come from the weights' layouts,
 not from the batch: at the 8 rows x 64 tokens + 16 new compiled here (a third of the compile
-time), v1's layouts (emulated on 2026-12-02 by declaring its leaf axes in `params` and its einsum
-specs) still gave the same 6 copies and 0.37 GB of temp (FP8-dynamic: wq, w_gate and w_up, 0.12
-GB), v2 none and 0.003 GB.
+time), v1's layouts still give the same 6 copies and 0.37 GB of temp, v2 none and 0.003 GB
+(`python -m benchmarks.tpu_layouts --model=llama-3.1-8b --layers=16 --d_ff=3328
+--slices=v6e:2x2/1x4 --batch=8 --prompt_len=64 --max_new_tokens=16`, 2026-12-02; FP8-dynamic with
+v1's layouts: wq, w_gate and w_up copied, temp 0.12 GB).
 No TPU is needed; if libtpu cannot load, the test fails saying what to install.
 """
 from __future__ import annotations
