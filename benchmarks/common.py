@@ -98,6 +98,27 @@ def time_call(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
+def profile_events(call: Callable[[], object]) -> tuple[float, list]:
+    """(wall seconds, the trace's complete events) of one `call()` under `jax.profiler`: each event
+    a dict with 'name', 'ts' and 'dur' in microseconds, and the thread 'tid'. On XLA:CPU, ops
+    that do not depend on each other run at the same time, so events can overlap."""
+    import glob
+    import gzip
+    import json
+    import tempfile
+
+    import jax
+    with tempfile.TemporaryDirectory() as folder:
+        jax.profiler.start_trace(folder, create_perfetto_trace=True)
+        wall = time_call(call)
+        jax.profiler.stop_trace()
+        (trace,) = glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True)
+        with gzip.open(trace) as f:
+            events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    return wall, [e for e in events if e.get("ph") == "X"]
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence], align: Optional[str] = None) -> str:
     """A markdown table; `align` is one character per column ('l' or 'r'), default: first column
     left, the rest right."""

@@ -28,12 +28,8 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import glob
-import gzip
-import json
 import math
 import re
-import tempfile
 from typing import Optional, Sequence
 
 import jax
@@ -129,17 +125,10 @@ def thread_time_split(lm, batch: int, steps: int) -> dict:
     weight_sizes = {math.prod(x.shape[1:]) for x in jax.tree.leaves(lm.params.layers) if x.ndim > 2}
     cache_sizes = {batch * cfg.n_kv_heads * cfg.head_dim * CACHE}
     kinds = op_kinds(compiled.as_text(), weight_sizes, cache_sizes)
-    with tempfile.TemporaryDirectory() as folder:
-        jax.profiler.start_trace(folder, create_perfetto_trace=True)
-        wall = common.time_call(lambda: jax.block_until_ready(compiled(*args)))
-        jax.profiler.stop_trace()
-        (trace,) = glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True)
-        with gzip.open(trace) as f:
-            events = json.load(f)
-    events = events["traceEvents"] if isinstance(events, dict) else events
+    wall, events = common.profile_events(lambda: jax.block_until_ready(compiled(*args)))
     total = collections.Counter()
     for e in events:
-        if e.get("ph") == "X" and e.get("name") in kinds:
+        if e.get("name") in kinds:
             total[kinds[e["name"]]] += e["dur"] / 1e3  # microseconds -> ms
     return dict(batch=batch, wall=wall * 1e3 / steps, **{k: total[k] / steps for k in KINDS})
 

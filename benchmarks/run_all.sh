@@ -58,6 +58,7 @@ run sweep 120 python -m benchmarks.sweep_grid --new_tokens=32 --runs=2
 run engine 120 python -m benchmarks.sweep_engine --runs=3
 run prefill 60 python -m benchmarks.engine_prefill --runs=3
 run breakdown 60 python -m benchmarks.decode_breakdown --batches=1,8,32 --runs=3
+run dots 60 python -m benchmarks.prefill_dots --runs=15
 run compile 0 python -m benchmarks.compile_depth --layers=4,32 --runs=3
 run conversion 0 python -m benchmarks.conversion_memory --sizes=0.5,1,2,4
 run roofline 0 python -m benchmarks.roofline
@@ -72,7 +73,7 @@ run roofline 0 python -m benchmarks.roofline
   echo "- XLA: CPU client, default threads (all cores); torch: \`torch.set_num_threads(<cores>)\`"
   echo "- 1/5/15-min load average at the start: $LOAD_START (the machine may be shared; each table gives the load around it, which counts the benchmark's own threads: about 1-2 while it runs on 2 cores)"
   echo
-  for name in throughput sweep engine prefill compile conversion breakdown; do
+  for name in throughput sweep engine prefill compile conversion breakdown dots; do
     [ "$name" = conversion ] && echo "### 4. Conversion peak RSS against checkpoint size" && echo
     cat "$WORK/$name.section"
   done

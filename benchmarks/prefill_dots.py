@@ -1,0 +1,121 @@
+"""Do the MLP's gate and up projections, stored [out, in], cost more than its down projection on
+this CPU? (SmolLM2-135M float32, 2 CPU cores.)
+
+    python -m benchmarks.prefill_dots [--runs=15] [--rows=24,1536,5504] [--batch=32] [--prompt_len=172]
+
+Two measurements:
+- the projection's dot alone, jitted, at SmolLM2's widths (576 -> 1536), float32
+  `precision="highest"` as the model runs it: `x @ W.T` with W stored [out, in] (`params.LAYER`'s
+  order) and `x @ W` with W stored [in, out], interleaved, medians of `--runs`;
+- one prefill forward ([batch, prompt_len] tokens, `lm._prefill`) under `jax.profiler`: the trace
+  events of the layer scan's gate and up dots (einsum "btd,fd->btf") and its down dot
+  ("btf,fd->btd"). Gate and up do not depend on each other, so XLA's CPU runtime may run them at
+  the same time on the two cores. The table gives each one's summed event time, how much of that
+  time the two overlap, and the wall time the pair covers.
+
+The docs' earlier reading of a trace (gate and up "at half the rate" of down because of the stored
+layout) added the two concurrent events' times; docs/performance.md has the correction and these figures.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Optional, Sequence
+
+import numpy as np
+
+from benchmarks import common
+
+D_MODEL, D_FF = 576, 1536
+GATE_UP, DOWN = "btd,fd->btf", "btf,fd->btd"  # model._mlp's einsums
+
+
+def isolated_dots(rows: Sequence[int], runs: int) -> list[list]:
+    import jax
+    import jax.numpy as jnp
+    stored = jax.jit(lambda x, w: jnp.einsum("td,fd->tf", x, w, precision="highest"))
+    transposed = jax.jit(lambda x, w: jnp.einsum("td,df->tf", x, w, precision="highest"))
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((D_FF, D_MODEL), np.float32)
+    w_out_in, w_in_out = jnp.asarray(w), jnp.asarray(np.ascontiguousarray(w.T))
+    table = []
+    for m in rows:
+        x = jnp.asarray(rng.standard_normal((m, D_MODEL), np.float32))
+        arms = {"[out, in]": (stored, w_out_in), "[in, out]": (transposed, w_in_out)}
+        seconds = {name: [] for name in arms}
+        for fn, weight in arms.values():
+            jax.block_until_ready(fn(x, weight))
+        for _ in range(runs):
+            for name, (fn, weight) in arms.items():
+                seconds[name].append(common.time_call(lambda: jax.block_until_ready(fn(x, weight))))
+        gflop = 2 * m * D_MODEL * D_FF / 1e9
+        a, b = (common.median(seconds[n]) for n in arms)
+        table.append([m, f"{a * 1e3:.2f}", f"{gflop / a:.0f}", f"{b * 1e3:.2f}", f"{gflop / b:.0f}", f"{a / b:.2f}"])
+        common.log(f"{m} rows: {table[-1]}")
+    return table
+
+
+def _scan_dots(hlo_text: str) -> dict[str, list[str]]:
+    """einsum spec -> the names of the compiled instructions that run it inside the layer scan."""
+    found = {GATE_UP: [], DOWN: []}
+    for m in re.finditer(r"%([\w.\-]+) = [^\n]*op_name=\"[^\"]*while/body[^\"]*/([\w,>\-]+)/dot_general\"", hlo_text):
+        if m.group(2) in found:
+            found[m.group(2)].append(m.group(1))
+    return found
+
+
+def _intervals(events, name: str) -> list[tuple[float, float]]:
+    return sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e["name"] == name)
+
+
+def traced_forward(batch: int, prompt_len: int) -> dict:
+    import jax
+    import jax_introspect
+    from jax_introspect import lm as lm_lib
+    lm = jax_introspect.load(common.ensure_smollm2_checkpoint())
+    tokens = np.random.default_rng(0).integers(100, 1000, (batch, prompt_len))
+    args = (lm.params, lm.run_config, *lm._on_mesh(*lm._batch(tokens.tolist()), lm._injection(None, batch)),
+            False, lm.layout, lm.adapter)
+    hlo_text = lm_lib._prefill.lower(*args).compile().as_text()
+    jax.block_until_ready(lm_lib._prefill(*args))  # compiles the same program (the jit's own cache)
+    wall, events = common.profile_events(lambda: jax.block_until_ready(lm_lib._prefill(*args)))
+    ran = {e["name"] for e in events}  # the instructions the runtime executes (not those fused into them)
+    dots = {spec: [n for n in names if n in ran] for spec, names in _scan_dots(hlo_text).items()}
+    if len(dots[GATE_UP]) != 2 or len(dots[DOWN]) != 1:
+        raise RuntimeError(f"expected 2 gate/up dots and 1 down dot among the traced ops, found {dots}")
+    gate, up = (_intervals(events, n) for n in dots[GATE_UP])
+    down = _intervals(events, dots[DOWN][0])
+    total = lambda spans: sum(b - a for a, b in spans) / 1e3  # noqa: E731 (microseconds -> ms)
+    overlap = sum(max(0.0, min(g[1], u[1]) - max(g[0], u[0])) for g, u in zip(gate, up)) / 1e3
+    union = sum(max(g[1], u[1]) - min(g[0], u[0]) for g, u in zip(gate, up)) / 1e3
+    gflop = 2 * batch * prompt_len * D_MODEL * D_FF * lm.config.n_layers / 1e9  # one projection, all layers
+    return dict(wall=wall, gate=total(gate), up=total(up), overlap=overlap, union=union, down=total(down),
+                pair_rate=2 * gflop / (union / 1e3), down_rate=gflop / (total(down) / 1e3), layers=len(gate))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--rows", default="24,1536,5504")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--prompt_len", type=int, default=172)
+    args = parser.parse_args(argv)
+    common.quiet_libraries()
+    load_before = common.load_text()
+    dots = isolated_dots([int(r) for r in args.rows.split(",")], args.runs)
+    fwd = traced_forward(args.batch, args.prompt_len)
+    print(f"### The MLP's projections: stored layout and concurrency (SmolLM2-135M widths, float32)\n\n"
+          f"Load before / after: {load_before} / {common.load_text()}.\n\n"
+          f"One projection ({D_MODEL} -> {D_FF}) alone, medians of {args.runs}, interleaved:\n")
+    print(common.table(["rows", "W [out, in] (stored): ms", "GF/s", "W [in, out]: ms", "GF/s", "stored / other"],
+                       dots))
+    print(f"\nOne traced prefill forward, [{args.batch}, {args.prompt_len}] tokens, {fwd['layers']} layers, "
+          f"wall {fwd['wall']:.2f} s (ms summed over the layers):\n")
+    print(common.table(["gate", "up", "gate and up overlap", "wall the pair covers", "down",
+                        "gate + up GF/s (over that wall)", "down GF/s"],
+                       [[f"{fwd['gate']:.0f}", f"{fwd['up']:.0f}", f"{fwd['overlap']:.0f}", f"{fwd['union']:.0f}",
+                         f"{fwd['down']:.0f}", f"{fwd['pair_rate']:.0f}", f"{fwd['down_rate']:.0f}"]]))
+
+
+if __name__ == "__main__":
+    main()
