@@ -22,6 +22,10 @@ matmuls, attention's two products, copies of one layer's weight slices out of th
 (the scan's per-layer `dynamic_slice`: XLA:CPU gives each its own buffer) and of the layer's KV
 cache out of the stacked cache, and the rest. Two threads run at once, so the kinds can add up to
 more than the step's wall time.
+
+With `--unrolled`, the forward step is also timed with the layer scan unrolled
+(`compile_depth.unrolled_scan`, patched while it is traced), and with `--profile` also split: does
+unrolling remove the per-layer copies? (On this CPU it does not: docs/performance.md.)
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, compile_depth
 from benchmarks.generation_throughput import LAYER, PROMPT_LEN, START, STRENGTH, injection_vector, prompt_ids
 
 CACHE = PROMPT_LEN + 100
@@ -176,7 +180,7 @@ SAMPLERS = ("library", "nucleus", "inverse_cdf", "greedy")
 
 
 def run(batches: Sequence[int] = (1, 8, 32), runs: int = 3, steps: int = 10, checkpoint: Optional[str] = None,
-        e2e_runs: int = 2, profile: bool = False):
+        e2e_runs: int = 2, profile: bool = False, unrolled: bool = False):
     common.quiet_libraries()
     import jax_introspect
     lm = jax_introspect.load(common.ensure_smollm2_checkpoint(checkpoint or common.SMOLLM2_CHECKPOINT))
@@ -187,6 +191,9 @@ def run(batches: Sequence[int] = (1, 8, 32), runs: int = 3, steps: int = 10, che
         row["forward"] = _timed(*forward_steps(lm, batch, steps), steps, runs)
         row["forward_no_attention"] = _timed(*forward_steps(lm, batch, steps, lambda c, q, k, v, m, prefix=None: q),
                                              steps, runs)
+        if unrolled:
+            with compile_depth.unrolled_scan():  # traced (and compiled) inside: the loop's layer scan unrolled
+                row["forward_unrolled"] = _timed(*forward_steps(lm, batch, steps), steps, runs)
         for method in SAMPLERS:
             row[f"sample_{method}"] = _timed(*sampling_steps(cfg, batch, steps * 2, method), steps * 2, runs)
         row["e2e_top_p_1"] = end_to_end(lm, batch, e2e_runs, 1.0)
@@ -195,6 +202,9 @@ def run(batches: Sequence[int] = (1, 8, 32), runs: int = 3, steps: int = 10, che
         if profile:
             row["split"] = thread_time_split(lm, batch, steps)
             common.log(f"batch {batch}, thread time: {row['split']}")
+            if unrolled:
+                with compile_depth.unrolled_scan():
+                    row["split_unrolled"] = dict(thread_time_split(lm, batch, steps), batch=f"{batch}, unrolled")
         rows.append(row)
     return rows
 
@@ -211,7 +221,13 @@ def markdown(rows) -> str:
         ["batch", "forward step", "of it attention", "sampling, top_p 1",
          "sampling, top_p 0.9 (nucleus bisection)", "inverse CDF (not used)", "greedy argmax",
          "decode tok/s, top_p 1", "decode tok/s, top_p 0.9", "load"], body))
-    splits = [r["split"] for r in rows if "split" in r]
+    if any("forward_unrolled" in r for r in rows):
+        lines += ["", "The same forward step with the layer scan unrolled (`jax.lax.scan(unroll=True)`, patched in this "
+                  "process; what a per-layer loop over the stacked weights would run), ms per step:", ""]
+        lines.append(common.table(["batch", "scanned (shipped)", "unrolled", "unrolled / scanned"], [
+            [r["batch"], f"{r['forward']:.1f}", f"{r['forward_unrolled']:.1f}", f"{r['forward_unrolled'] / r['forward']:.2f}"]
+            for r in rows if "forward_unrolled" in r]))
+    splits = [r[k] for r in rows for k in ("split", "split_unrolled") if k in r]
     if splits:
         lines += ["", "#### The forward step's XLA:CPU thread time by kind of op (ms per step, one profiled call)", "",
                   "Two threads: the kinds can add up to more than the wall time. Copies: buffers XLA:CPU makes "
@@ -229,9 +245,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--profile", action="store_true",
                         help="also split the forward step's thread time by kind of op (a jax.profiler trace)")
+    parser.add_argument("--unrolled", action="store_true",
+                        help="also time the forward step with the layer scan unrolled (are the per-layer copies gone?)")
     args = parser.parse_args(argv)
     print(markdown(run([int(b) for b in args.batches.split(",")], args.runs, checkpoint=args.checkpoint,
-                       profile=args.profile)))
+                       profile=args.profile, unrolled=args.unrolled)))
 
 
 if __name__ == "__main__":
