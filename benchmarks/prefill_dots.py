@@ -1,12 +1,13 @@
 """Do the MLP's gate and up projections, stored [out, in], cost more than its down projection on
-this CPU? (SmolLM2-135M float32, 2 CPU cores.)
+this CPU, and how fast is XLA:CPU's dot beside torch's? (SmolLM2-135M float32, 2 CPU cores.)
 
-    python -m benchmarks.prefill_dots [--runs=15] [--rows=24,1536,5504] [--batch=32] [--prompt_len=172]
+    python -m benchmarks.prefill_dots [--runs=15] [--rows=24,1152,1536,5504] [--batch=32] [--prompt_len=172]
 
 Two measurements:
 - the projection's dot alone, jitted, at SmolLM2's widths (576 -> 1536), float32
   `precision="highest"` as the model runs it: `x @ W.T` with W stored [out, in] (`params.LAYER`'s
-  order) and `x @ W` with W stored [in, out], interleaved, medians of `--runs`;
+  order) and `x @ W` with W stored [in, out], interleaved, then the same product in torch
+  (`F.linear`, HF's Linear, as many threads as XLA uses), medians of `--runs`;
 - one prefill forward ([batch, prompt_len] tokens, `lm._prefill`) under `jax.profiler`: the trace
   events of the layer scan's gate and up dots (einsum "btd,fd->btf") and its down dot
   ("btf,fd->btd"). Gate and up do not depend on each other, so XLA's CPU runtime may run them at
@@ -33,24 +34,33 @@ GATE_UP, DOWN = "btd,fd->btf", "btf,fd->btd"  # model._mlp's einsums
 def isolated_dots(rows: Sequence[int], runs: int) -> list[list]:
     import jax
     import jax.numpy as jnp
+    import torch
+    common.set_torch_threads()
     stored = jax.jit(lambda x, w: jnp.einsum("td,fd->tf", x, w, precision="highest"))
     transposed = jax.jit(lambda x, w: jnp.einsum("td,df->tf", x, w, precision="highest"))
     rng = np.random.default_rng(0)
     w = rng.standard_normal((D_FF, D_MODEL), np.float32)
-    w_out_in, w_in_out = jnp.asarray(w), jnp.asarray(np.ascontiguousarray(w.T))
+    w_out_in, w_in_out, w_torch = jnp.asarray(w), jnp.asarray(np.ascontiguousarray(w.T)), torch.from_numpy(w)
     table = []
     for m in rows:
         x = jnp.asarray(rng.standard_normal((m, D_MODEL), np.float32))
-        arms = {"[out, in]": (stored, w_out_in), "[in, out]": (transposed, w_in_out)}
+        x_torch = torch.from_numpy(np.asarray(x))
+        arms = {"[out, in]": lambda: jax.block_until_ready(stored(x, w_out_in)),
+                "[in, out]": lambda: jax.block_until_ready(transposed(x, w_in_out)),
+                "torch": lambda: torch.nn.functional.linear(x_torch, w_torch)}  # HF's Linear: W [out, in]
         seconds = {name: [] for name in arms}
-        for fn, weight in arms.values():
-            jax.block_until_ready(fn(x, weight))
-        for _ in range(runs):
-            for name, (fn, weight) in arms.items():
-                seconds[name].append(common.time_call(lambda: jax.block_until_ready(fn(x, weight))))
+        # The two XLA layouts interleaved; torch after them, not between: its OpenMP threads keep
+        # spinning for a while after each product and would slow whichever XLA call came next.
+        for group in (("[out, in]", "[in, out]"), ("torch",)):
+            for name in group:
+                arms[name]()
+            for _ in range(runs):
+                for name in group:
+                    seconds[name].append(common.time_call(arms[name]))
         gflop = 2 * m * D_MODEL * D_FF / 1e9
-        a, b = (common.median(seconds[n]) for n in arms)
-        table.append([m, f"{a * 1e3:.2f}", f"{gflop / a:.0f}", f"{b * 1e3:.2f}", f"{gflop / b:.0f}", f"{a / b:.2f}"])
+        a, b, c = (common.median(seconds[n]) for n in arms)
+        table.append([m, *(f for t in (a, b, c) for f in (f"{t * 1e3:.2f}", f"{gflop / t:.0f}")),
+                      f"{a / b:.2f}", f"{a / c:.2f}"])
         common.log(f"{m} rows: {table[-1]}")
     return table
 
@@ -96,7 +106,7 @@ def traced_forward(batch: int, prompt_len: int) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=15)
-    parser.add_argument("--rows", default="24,1536,5504")
+    parser.add_argument("--rows", default="24,1152,1536,5504")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt_len", type=int, default=172)
     args = parser.parse_args(argv)
@@ -106,9 +116,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     fwd = traced_forward(args.batch, args.prompt_len)
     print(f"### The MLP's projections: stored layout and concurrency (SmolLM2-135M widths, float32)\n\n"
           f"Load before / after: {load_before} / {common.load_text()}.\n\n"
-          f"One projection ({D_MODEL} -> {D_FF}) alone, medians of {args.runs}, interleaved:\n")
-    print(common.table(["rows", "W [out, in] (stored): ms", "GF/s", "W [in, out]: ms", "GF/s", "stored / other"],
-                       dots))
+          f"One projection ({D_MODEL} -> {D_FF}) alone, medians of {args.runs} (the two XLA layouts "
+          f"interleaved, torch after them):\n")
+    print(common.table(["rows", "W [out, in] (stored): ms", "GF/s", "W [in, out]: ms", "GF/s",
+                        "torch F.linear: ms", "GF/s", "stored / [in, out]", "stored / torch"], dots))
     print(f"\nOne traced prefill forward, [{args.batch}, {args.prompt_len}] tokens, {fwd['layers']} layers, "
           f"wall {fwd['wall']:.2f} s (ms summed over the layers):\n")
     print(common.table(["gate", "up", "gate and up overlap", "wall the pair covers", "down",
