@@ -87,7 +87,7 @@ def traced_forward(batch: int, prompt_len: int) -> dict:
     args = (lm.params, lm.run_config, *lm._on_mesh(*lm._batch(tokens.tolist()), lm._injection(None, batch)),
             False, lm.layout, lm.adapter)
     hlo_text = lm_lib._prefill.lower(*args).compile().as_text()
-    jax.block_until_ready(lm_lib._prefill(*args))  # compiles the same program (the jit's own cache)
+    jax.block_until_ready(lm_lib._prefill(*args))  # a warm-up run: the jit reuses the executable compiled above
     wall, events = common.profile_events(lambda: jax.block_until_ready(lm_lib._prefill(*args)))
     ran = {e["name"] for e in events}  # the instructions the runtime executes (not those fused into them)
     dots = {spec: [n for n in names if n in ran] for spec, names in _scan_dots(hlo_text).items()}
