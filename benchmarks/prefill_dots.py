@@ -98,7 +98,8 @@ def traced_forward(batch: int, prompt_len: int) -> dict:
     total = lambda spans: sum(b - a for a, b in spans) / 1e3  # noqa: E731 (microseconds -> ms)
     overlap = sum(max(0.0, min(g[1], u[1]) - max(g[0], u[0])) for g, u in zip(gate, up)) / 1e3
     union = sum(max(g[1], u[1]) - min(g[0], u[0]) for g, u in zip(gate, up)) / 1e3
-    gflop = 2 * batch * prompt_len * D_MODEL * D_FF * lm.config.n_layers / 1e9  # one projection, all layers
+    cfg = lm.config
+    gflop = 2 * batch * prompt_len * cfg.d_model * cfg.d_ff * cfg.n_layers / 1e9  # one projection, all layers
     return dict(wall=wall, gate=total(gate), up=total(up), overlap=overlap, union=union, down=total(down),
                 pair_rate=2 * gflop / (union / 1e3), down_rate=gflop / (total(down) / 1e3), layers=len(gate))
 
