@@ -303,11 +303,34 @@ def replication_lengths(path: str) -> str:
     from jax_introspect import tokenizer
     data = json.load(open(path))
     tok = tokenizer.from_tiktoken_model(tokenizer.llama3_tokenizer_model_path())
-    n = np.asarray([len(tok.encode(r["response"])) for r in data["results"]])
+    ids = [tok.encode(r["response"]) for r in data["results"]]
+    n = np.asarray([len(i) for i in ids])
     cap = data["max_new_tokens"]
+    cells = {}
+    for r, i in zip(data["results"], ids):
+        cells.setdefault((r["label"], r["magnitude"]), []).append(i)
+    steps, distinct = shared_decode_steps(cells.values(), cap)
     return (f"{len(n)} responses (max_new_tokens {cap}), text tokens: median {np.median(n):.0f}, p10 "
             f"{np.percentile(n, 10):.0f}, p90 {np.percentile(n, 90):.0f}; {np.mean(n < 0.95 * cap):.0%} ended "
-            f"early (under {0.95 * cap:.0f} tokens), mean {n.mean():.0f} tokens = {n.mean() / cap:.0%} of the cap")
+            f"early (under {0.95 * cap:.0f} tokens), mean {n.mean():.0f} tokens = {n.mean() / cap:.0%} of the cap. "
+            f"Decoding a cell's trials together while their sampled tokens agree (a token trie per "
+            f"(prompt, concept, magnitude) cell) would take {distinct} steps instead of {steps} "
+            f"({steps / distinct:.2f}x fewer)")
+
+
+def shared_decode_steps(cells, cap: int) -> tuple[int, int]:
+    """(decode steps of every trial on its own, distinct steps when a cell's trials share each step
+    while their tokens so far agree): each trial's tokens, plus the EOS step if it ended before
+    `cap`; a cell's trials read the same prompt and injection, so equal tokens mean equal states."""
+    steps, distinct = 0, 0
+    for trials in cells:
+        prefixes = set()
+        for tokens in trials:
+            sampled = list(tokens) + ([None] if len(tokens) < cap else [])  # None: the EOS step
+            steps += len(sampled)
+            prefixes.update(tuple(sampled[:k]) for k in range(1, len(sampled) + 1))
+        distinct += len(prefixes)
+    return steps, distinct
 
 
 def markdown(results: list, replication_note: str, nnsight_version: str) -> str:
