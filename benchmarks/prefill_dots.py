@@ -36,6 +36,20 @@ D_MODEL, D_FF = 576, 1536
 GATE_UP, DOWN = "btd,fd->btf", "btf,fd->btd"  # model._mlp's einsums
 
 
+def _xla_then_torch(arms: dict, runs: int) -> list[float]:
+    """Median seconds of each arm (a dict of calls, torch's last, named "torch"), each called once
+    first. The XLA arms run interleaved; torch after them, not between: its OpenMP threads keep
+    spinning for a while after each product and would slow whichever XLA call came next."""
+    seconds = {name: [] for name in arms}
+    for group in ([n for n in arms if n != "torch"], ["torch"]):
+        for name in group:
+            arms[name]()
+        for _ in range(runs):
+            for name in group:
+                seconds[name].append(common.time_call(arms[name]))
+    return [common.median(seconds[name]) for name in arms]
+
+
 def isolated_dots(rows: Sequence[int], runs: int) -> list[list]:
     import jax
     import jax.numpy as jnp
@@ -53,17 +67,8 @@ def isolated_dots(rows: Sequence[int], runs: int) -> list[list]:
         arms = {"[out, in]": lambda: jax.block_until_ready(stored(x, w_out_in)),
                 "[in, out]": lambda: jax.block_until_ready(transposed(x, w_in_out)),
                 "torch": lambda: torch.nn.functional.linear(x_torch, w_torch)}  # HF's Linear: W [out, in]
-        seconds = {name: [] for name in arms}
-        # The two XLA layouts interleaved; torch after them, not between: its OpenMP threads keep
-        # spinning for a while after each product and would slow whichever XLA call came next.
-        for group in (("[out, in]", "[in, out]"), ("torch",)):
-            for name in group:
-                arms[name]()
-            for _ in range(runs):
-                for name in group:
-                    seconds[name].append(common.time_call(arms[name]))
         gflop = 2 * m * D_MODEL * D_FF / 1e9
-        a, b, c = (common.median(seconds[n]) for n in arms)
+        a, b, c = _xla_then_torch(arms, runs)
         table.append([m, *(f for t in (a, b, c) for f in (f"{t * 1e3:.2f}", f"{gflop / t:.0f}")),
                       f"{a / b:.2f}", f"{a / c:.2f}"])
         common.log(f"{m} rows: {table[-1]}")
@@ -103,14 +108,7 @@ def chained_dots(rows: Sequence[int], runs: int, repeats: int) -> list[list]:
         arms = {"one call": lambda: [jax.block_until_ready(one_call(x_jax, w_jax)) for _ in range(repeats)],
                 "in one program": lambda: jax.block_until_ready(in_program(x_jax, w_jax)),
                 "torch": lambda: _torch_chain(x_torch, w_torch, repeats)}
-        seconds = {name: [] for name in arms}
-        for group in (("one call", "in one program"), ("torch",)):  # torch last, as in isolated_dots
-            for name in group:
-                arms[name]()
-            for _ in range(runs):
-                for name in group:
-                    seconds[name].append(common.time_call(arms[name]) / repeats)
-        call, program, torch_ms = (common.median(seconds[n]) * 1e3 for n in arms)
+        call, program, torch_ms = (t / repeats * 1e3 for t in _xla_then_torch(arms, runs))
         table.append([m, f"{call:.3f}", f"{program:.3f}", f"{call - program:.3f}", f"{torch_ms:.3f}",
                       f"{program / torch_ms:.2f}"])
         common.log(f"{m} rows, chained: {table[-1]}")
