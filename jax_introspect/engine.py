@@ -309,15 +309,13 @@ def _prefill_cells(params, cfg, prefix, cell_tokens, cell_valid, cell_injection,
         tokens, valid = _rows(cell_tokens, first, block), _rows(cell_valid, first, block)
         cache = layout.constrain_cache(model_lib.init_cache(cfg, block, suffix_len, dtype))
         positions = prefix_len + model_lib.prompt_positions(valid)
-        resume = (jnp.minimum(jnp.min(_rows(cell_resume, first, block)), L), clean) if share_depth else None
+        # The skipped layers' residuals, keys and values: the clean forward's.
+        resume = ((jnp.minimum(jnp.min(_rows(cell_resume, first, block)), L), clean, clean_cache) if share_depth
+                  else None)
         logits, cache, residuals = model_lib.forward(
             params, cfg, tokens, positions, valid, cache, injection=_rows(cell_injection, first, block),
             layout=layout, last_only=True, adapter=adapter, prefix=prefix_cache,
             return_residuals="last" if readout is not None else False, resume=resume)
-        if share_depth:  # the skipped layers' keys and values: the clean forward's
-            skipped = (jnp.arange(L) < resume[0])[:, None, None, None, None]
-            cache = dataclasses.replace(cache, k=jnp.where(skipped, clean_cache.k, cache.k),
-                                        v=jnp.where(skipped, clean_cache.v, cache.v))
         store_k = jax.lax.dynamic_update_slice_in_dim(store_k, cache.k.swapaxes(3, 4), first, 1)
         store_v = jax.lax.dynamic_update_slice_in_dim(store_v, cache.v, first, 1)
         store_logits = jax.lax.dynamic_update_slice_in_dim(store_logits, logits[:, -1], first, 0)

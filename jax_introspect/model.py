@@ -270,7 +270,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
             token_valid: jax.Array, cache: KVCache, *, layout, return_residuals: Union[bool, str] = False,
             injection: Optional[Injection] = None, last_only: bool = False,
             adapter: Optional[adapters_lib.Adapter] = None, prefix: Optional[KVCache] = None,
-            resume: Optional[tuple[jax.Array, jax.Array]] = None):
+            resume: Optional[tuple[jax.Array, jax.Array, KVCache]] = None):
     """Run `tokens` [B, T] through the model, appending them to `cache` at slot `cache.length`.
 
     positions: [B, T] RoPE positions (pad tokens: any value); token_valid: [B, T] bool.
@@ -293,13 +293,17 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     `cache` columns (a prompt prefix every row shares): every query attends to all of it, and its
     keys and values are read once for the batch instead of from per-row copies (the sweep
     engine's slots). `positions` count from the prefix's start.
-    resume: optional (first, clean) to start at layer `first` (traced int32 scalar): `clean`
-    [L, 1, T, D] is the residual after each layer of the same tokens run without injection or
-    with one that starts at a layer >= `first` (every row's computation below `first` is the same
-    as clean's); layers below `first` are skipped, their residual taken from `clean` and their
-    cache columns left as they were (the sweep engine copies them from the clean cell's).
+    resume: optional (first, clean, clean_cache) to start at layer `first` (traced int32 scalar):
+    `clean` [L, 1, T, D] is the residual after each layer of the same tokens run without injection
+    or with one that starts at a layer >= `first` (every row's computation below `first` is the
+    same as clean's), `clean_cache` that run's cache (batch 1, T wide); layers below `first` are
+    skipped, their residual and their keys and values taken from clean's. `cache` must be fresh
+    and T wide (the sweep engine's cell blocks: prefill into a prompt-length cache).
     """
     B, T = tokens.shape
+    if resume is not None and cache.k.shape[-1] != T:
+        raise ValueError(f"forward(resume=) prefills into a fresh cache exactly as wide as its {T} tokens, "
+                         f"got {cache.k.shape[-1]} columns")
     dtype = params.embed.dtype
     prec = _precision(dtype)
     start = cache.length
@@ -312,17 +316,19 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     mask = attention_mask(cache_valid, start, T)
     cos, sin = rope_cos_sin(rope_inverse_frequencies(cfg), positions, dtype)
 
-    def layer_step(carry, xs):
-        h, k_all, v_all = carry
-        layer, index, ad = xs["layer"], xs["index"], xs["adapter"]  # ad: this layer's adapter slices
+    def project_qkv(h, layer, ad):
+        """This layer's queries [B, T, H, hd], keys [B, K, hd, T] and values [B, K, T, hd] (the cache's layouts)."""
         x = rms_norm(h, layer.attn_norm, cfg.rms_norm_eps)
         q = apply_rope(_projection("wq", "btd,hdk->bthk", x, layer, prec, ad), cos, sin)
         k = apply_rope(_projection("wk", "btd,hdk->bthk", x, layer, prec, ad), cos, sin)
         v = _projection("wv", "btd,hdk->bthk", x, layer, prec, ad)
-        # The whole cache rides in the carry and is updated in place at this layer's index.
-        k_all, v_all = _write_cache(k_all, v_all, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), index, start)
+        return q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+
+    def attend_and_mlp(h, q, k_layer, v_layer, xs):
+        """The rest of the layer, given its queries and its cache's keys and values."""
+        layer, index, ad = xs["layer"], xs["index"], xs["adapter"]  # ad: this layer's adapter slices
         prefix_kv = None if xs["prefix"] is None else (xs["prefix"][0][0], xs["prefix"][1][0])
-        attn = _attention(cfg, q, k_all[index], v_all[index], mask, prefix_kv)
+        attn = _attention(cfg, q, k_layer, v_layer, mask, prefix_kv)
         h = h + _projection("wo", "bthk,hkd->btd", attn, layer, prec, ad)
         mlp_out = _mlp(rms_norm(h, layer.mlp_norm, cfg.rms_norm_eps), layer, ad)
         h = h + mlp_out
@@ -330,23 +336,45 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
             h = h + adapters_lib.bias_delta(ad, h.dtype)
         if injection is not None:
             h = h + inject.residual_delta(injection, index, positions, token_valid, mlp_out, h)
-        return layout.pin(h, "hidden"), layout.pin(k_all, "cache_k"), layout.pin(v_all, "cache_v")
+        return layout.pin(h, "hidden")
+
+    def layer_step(carry, xs):
+        h, k_all, v_all = carry
+        q, k, v = project_qkv(h, xs["layer"], xs["adapter"])
+        # The whole cache rides in the carry and is updated in place at this layer's index.
+        k_all, v_all = _write_cache(k_all, v_all, k, v, xs["index"], start)
+        h = attend_and_mlp(h, q, k_all[xs["index"]], v_all[xs["index"]], xs)
+        return h, layout.pin(k_all, "cache_k"), layout.pin(v_all, "cache_v")
+
+    def resumed_step(carry, xs):
+        """A layer below `first` takes clean's output and keys and values; one at or above it is
+        computed. The cache is fresh and exactly T wide (checked above), so a layer's cache columns
+        are its new keys and values: the cond carries this layer's, never the stacks (a cond that
+        passed the stacks through made XLA copy both whole at every skipped layer, on CPU and TPU)."""
+        h, k_all, v_all = carry
+
+        def computed(h):
+            q, k, v = project_qkv(h, xs["layer"], xs["adapter"])
+            return attend_and_mlp(h, q, k, v, xs), k, v
+
+        def skipped(h):
+            return (layout.pin(jnp.broadcast_to(xs["clean"], h.shape), "hidden"),
+                    *(jnp.broadcast_to(c, (B,) + c.shape[1:]).astype(k_all.dtype) for c in xs["clean_kv"]))
+
+        h, k, v = jax.lax.cond(xs["index"] < resume[0], skipped, computed, h)
+        k_all, v_all = _write_cache(k_all, v_all, k, v, xs["index"], start)
+        return h, layout.pin(k_all, "cache_k"), layout.pin(v_all, "cache_v")
 
     def step(carry, xs):
-        if resume is None:
-            h, k_all, v_all = layer_step(carry, xs)
-        else:  # a skipped layer's output is clean's (a cond: no layer computed below `first`)
-            h, k_all, v_all = jax.lax.cond(
-                xs["index"] < resume[0],
-                lambda carry, xs: (layout.pin(jnp.broadcast_to(xs["clean"], carry[0].shape), "hidden"), *carry[1:]),
-                layer_step, carry, xs)
+        h, k_all, v_all = (layer_step if resume is None else resumed_step)(carry, xs)
         kept = h[:, -1:] if return_residuals == "last" else h
         return (h, k_all, v_all), (kept if return_residuals else None)
 
     h = layout.pin(params.embed[tokens], "hidden")
     xs = {"layer": params.layers, "index": jnp.arange(cfg.n_layers), "adapter": adapter,
           "prefix": None if prefix is None else (prefix.k, prefix.v),
-          "clean": None if resume is None else resume[1].astype(h.dtype)}
+          "clean": None if resume is None else resume[1].astype(h.dtype),
+          "clean_kv": None if resume is None else (resume[2].k, resume[2].v)}
     (h, k_all, v_all), residuals = jax.lax.scan(step, (h, cache.k, cache.v), xs)
     if last_only:
         h = h[:, -1:]

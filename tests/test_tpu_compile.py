@@ -22,7 +22,7 @@ import dataclasses
 import jax.numpy as jnp
 import pytest
 
-from jax_introspect import compile_only, config, sharding
+from jax_introspect import compile_only, config, engine, sharding
 
 TOPOLOGY, MESH = "v6e:2x2", "1x4"
 
@@ -69,14 +69,25 @@ def test_the_sweep_engine_compiles_for_the_slice_and_reads_weight_stacks_in_plac
     cell store, catches any such copy. The program includes the first-answer-token readout in the
     cell prefill, as a sweep runs it (readout=True: 4 lens layers per cell, top 10): 0.13 GB; and
     with depth sharing, the sweep's default since 2026-12-01 (the prompt's clean forward keeps its
-    residuals, [16, 1, 32, 4096], for the blocks to resume from)."""
+    residuals, [16, 1, 32, 4096], for the blocks to resume from). A cell block's cache is written
+    in place: until 2026-12-02 every layer below a block's resume layer passed the block's whole
+    cache (all 16 layers) through `model.forward`'s cond, and XLA copied it at each such layer
+    (copy.654/655 here; for the 405B at layer 84 of 126, 84 copies of the block's cache per block)."""
     cfg, layout, chip = slice_layout
     run_cfg = layout.run_config(cfg)
     params = compile_only.abstract_params(run_cfg, layout, jnp.bfloat16)
     compiled = compile_only.compile_engine(params, run_cfg, layout, slots=32, trials=128, prefix_len=160,
                                            suffix_len=32, max_new_tokens=100, lens_width=4, top_k=10,
                                            share_depth=True)
-    assert not compile_only.stacked_weight_copies(compiled.as_text(), params)
+    text = compiled.as_text()
+    assert not compile_only.stacked_weight_copies(text, params)
+    # A cell block's cache (every layer's) is written in place: the layers that resume from the clean
+    # forward once passed it through a cond, and XLA copied it whole at each of them.
+    block = engine.prefill_block(32, 32, layout.data_size)
+    shard = layout.of("cache_k").shard_shape((cfg.n_layers, block, cfg.n_kv_heads, cfg.head_dim, 32))
+    block_caches = {shard, shard[:3] + shard[3:][::-1]}
+    copies = [b for b in compile_only.buffers(text) if b.opcode == "copy" and b.shape in block_caches]
+    assert not copies, f"XLA copies a cell block's whole cache: {copies}"
     memory = compile_only.ProgramMemory.of(compiled)
     weights = compile_only.param_bytes_per_chip(params)
     slots_cache = compile_only.kv_cache_bytes_per_chip(run_cfg, layout, 32, 32 + 100, jnp.bfloat16)
