@@ -359,7 +359,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
 
         def skipped(h):
             return (layout.pin(jnp.broadcast_to(xs["clean"], h.shape), "hidden"),
-                    *(jnp.broadcast_to(c, (B,) + c.shape[1:]).astype(k_all.dtype) for c in xs["clean_kv"]))
+                    *(jnp.broadcast_to(c, (B,) + c.shape[1:]) for c in xs["clean_kv"]))
 
         h, k, v = jax.lax.cond(xs["index"] < resume[0], skipped, computed, h)
         k_all, v_all = _write_cache(k_all, v_all, k, v, xs["index"], start)
