@@ -383,7 +383,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--prefill_blocks", default="",
                         help="comma-separated cell-prefill blocks (divisors of the grids' batch), extra engine arms")
     parser.add_argument("--no_nnsight", action="store_true",
-                        help="leave out the nnsight loop (on the 4x4x8 grid it ran within 3% of the HF loop)")
+                        help="leave out the nnsight loop (on the 4x4x8 grid it ran within 3%% of the HF loop)")
     parser.add_argument("--checkpoint", default=None)
     args = parser.parse_args(argv)
     # Checked before any model loads. The arms' names hold a comma ("engine, no refill"), so the
