@@ -9,8 +9,15 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _is_argparse_script(path: pathlib.Path) -> bool:
+    source = path.read_text()
+    return "__main__" in source and "argparse" in source
+
+
 BENCHMARKS = sorted(path.stem for path in (ROOT / "benchmarks").glob("*.py")
-                    if "__main__" in path.read_text() and "argparse" in path.read_text())
+                    if _is_argparse_script(path))
 
 
 def test_the_benchmarks_are_found():
